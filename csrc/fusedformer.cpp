@@ -1,0 +1,69 @@
+// Every op schema of the fusedformer namespace, in one place; the Python module fusedformer._C.
+//
+// Device bodies register elsewhere: CPU in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL), the Triton launchers
+// from kernels/ in Python. Fake kernels and autograd are registered once, in fusedformer/ops/.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/dispatch.h"
+
+TORCH_LIBRARY(fusedformer, m) {
+  // query (B, Hq, L, E), key (B, Hk, S, E), value (B, Hk, S, Ev), Hq a multiple of Hk;
+  // attn_mask broadcastable to (B, Hq, L, S): bool (True = take part) or additive in query's dtype.
+  // Returns out (B, Hq, L, Ev) in query's dtype and logsumexp (B, Hq, L) in float32 (+inf where a
+  // row has no key to attend to).
+  m.def(
+      "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, "
+      "float scale) -> (Tensor out, Tensor logsumexp)");
+  // Returns grad_query, grad_key, grad_value shaped as query, key, value.
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor logsumexp, Tensor? attn_mask, bool is_causal, float scale) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // input (*, D1..Dk) normalised over its last k = len(normalized_shape) dims; weight, bias
+  // (D1..Dk) or None. mean and rstd are (*) in float32 (float64 for float64 input).
+  m.def(
+      "layer_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor out, Tensor mean, Tensor rstd)");
+  // grad_weight and grad_bias are (D1..Dk), or empty where weight (bias) is None.
+  m.def(
+      "layer_norm_bwd(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, Tensor rstd, "
+      "Tensor? weight, Tensor? bias) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // gelu(input + bias); input (*, D), bias (D,) or None; approximate is "none" or "tanh".
+  m.def("gelu_fwd(Tensor input, Tensor? bias, str approximate) -> Tensor");
+  // grad_bias is (D,), or empty where bias is None.
+  m.def(
+      "gelu_bwd(Tensor grad_out, Tensor input, Tensor? bias, str approximate) "
+      "-> (Tensor grad_input, Tensor grad_bias)");
+}
+
+namespace {
+
+std::string cpu_capability() {
+  return fusedformer::cpu::capability_name(fusedformer::cpu::active_capability());
+}
+
+std::string best_cpu_capability() {
+  return fusedformer::cpu::capability_name(fusedformer::cpu::best_supported_capability());
+}
+
+// Lowers (or restores) the capability the CPU kernels run with; used by the tests to check every
+// build of the kernels on one machine.
+void set_cpu_capability(const std::string& name) {
+  using namespace fusedformer::cpu;
+  Capability cap;
+  if (name == "default") cap = kDefault;
+  else if (name == "avx2") cap = kAVX2;
+  else if (name == "avx512") cap = kAVX512;
+  else TORCH_CHECK(false, "set_cpu_capability: expected 'default', 'avx2' or 'avx512', got '", name, "'");
+  TORCH_CHECK(set_capability(cap), "set_cpu_capability: this CPU does not support '", name,
+              "' (best: '", capability_name(best_supported_capability()), "')");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_capability", &cpu_capability, "The CPU capability the kernels run with.");
+  m.def("best_cpu_capability", &best_cpu_capability, "The best CPU capability this CPU supports.");
+  m.def("set_cpu_capability", &set_cpu_capability, "Run the CPU kernels built for this capability.");
+}

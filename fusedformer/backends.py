@@ -1,0 +1,179 @@
+"""Which backend serves a call, and why the others could not.
+
+Each backend states what it supports as data and answers ``not_supported_reasons(request)``. A call
+walks the priority list (``cpp``, then ``triton``) and takes the first backend with no reason against
+it. When none fits, the call runs on ``reference`` with a one-time warning naming every reason;
+``FUSEDFORMER_STRICT=1`` turns that into an error. ``FUSEDFORMER_BACKEND=cpp|triton|reference`` forces
+a backend, and a forced backend that cannot serve the call raises: nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "Explanation",
+    "FallbackWarning",
+    "Request",
+    "select",
+]
+
+BACKENDS = ("cpp", "triton", "reference")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailableError(RuntimeError):
+    """No backend may serve the call the way the environment demands (forced backend, strict mode)."""
+
+
+class FallbackWarning(UserWarning):
+    """A call runs on the reference path because no fused kernel can serve it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What the backends need to know about one call (built from validated inputs)."""
+
+    op: str  # "attention", "layer_norm" or "gelu"
+    device: torch.device
+    dtype: torch.dtype
+    dropout_p: float = 0.0
+    mask_requires_grad: bool = False
+
+
+def _load_extension() -> tuple[object | None, str | None]:
+    try:
+        from fusedformer import _C  # noqa: F401  (loading it registers the ops)
+
+        return _C, None
+    except ImportError as e:  # the package imports without its extension; the cpp backend says why
+        return None, f"the C++ extension fusedformer._C did not load ({e})"
+
+
+_C, _C_ERROR = _load_extension()
+
+
+def _common_reasons(request: Request) -> list[str]:
+    reasons = []
+    if request.dtype not in FLOAT_DTYPES:
+        reasons.append(f"dtype {request.dtype} is not one of float32, float64, float16, bfloat16")
+    if request.op == "attention" and request.dropout_p > 0.0:
+        reasons.append(f"attention dropout (dropout_p={request.dropout_p}) has no fused kernel yet")
+    if request.mask_requires_grad:
+        reasons.append("attn_mask requires grad, and the fused kernels give no gradient for the mask")
+    return reasons
+
+
+class CppBackend:
+    name = "cpp"
+    SUPPORTED_DEVICES = ("cpu",)
+    SUPPORTED_DTYPES = FLOAT_DTYPES
+
+    def not_supported_reasons(self, request: Request) -> list[str]:
+        if _C is None:
+            return [_C_ERROR]
+        reasons = []
+        if request.device.type not in self.SUPPORTED_DEVICES:
+            reasons.append(f"serves CPU tensors, got {request.device.type}")
+        return reasons + _common_reasons(request)
+
+
+class TritonBackend:
+    name = "triton"
+    SUPPORTED_DEVICES = ("cuda",)
+    SUPPORTED_DTYPES = FLOAT_DTYPES
+
+    def not_supported_reasons(self, request: Request) -> list[str]:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return ["triton is not installed (pip install triton)"]
+        return ["the Triton kernels are not built yet (kernels/ is empty in this release)"]
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def not_supported_reasons(self, request: Request) -> list[str]:
+        return []
+
+
+_BACKENDS = {"cpp": CppBackend(), "triton": TritonBackend(), "reference": ReferenceBackend()}
+_PRIORITY = ("cpp", "triton")
+_warned: set[str] = set()
+
+
+@dataclasses.dataclass
+class Explanation:
+    """The backend that serves a call, and each other backend's reasons for not serving it."""
+
+    op: str
+    backend: str
+    reasons: dict[str, list[str]]
+    forced: bool = False
+
+    def __str__(self) -> str:
+        how = "forced by FUSEDFORMER_BACKEND" if self.forced else "chosen automatically"
+        lines = [f"{self.op}: served by {self.backend!r} ({how})"]
+        for name, why in self.reasons.items():
+            if name != self.backend and why:
+                lines.append(f"  {name}: " + "; ".join(why))
+        return "\n".join(lines)
+
+
+def _forced_backend() -> str | None:
+    forced = os.environ.get("FUSEDFORMER_BACKEND", "").strip().lower()
+    if not forced:
+        return None
+    if forced not in BACKENDS:
+        raise ValueError(f"FUSEDFORMER_BACKEND must be one of {', '.join(BACKENDS)}; got {forced!r}")
+    return forced
+
+
+def _strict() -> bool:
+    return os.environ.get("FUSEDFORMER_STRICT", "").strip() not in ("", "0", "false", "False")
+
+
+def explain_request(request: Request) -> Explanation:
+    """Which backend would serve ``request`` (without raising or warning)."""
+    reasons = {name: backend.not_supported_reasons(request) for name, backend in _BACKENDS.items()}
+    forced = _forced_backend()
+    if forced is not None:
+        return Explanation(request.op, forced, reasons, forced=True)
+    chosen = next((name for name in _PRIORITY if not reasons[name]), "reference")
+    return Explanation(request.op, chosen, reasons)
+
+
+def _format_reasons(reasons: dict[str, list[str]], names) -> str:
+    return "; ".join(f"{name}: " + ", ".join(reasons[name]) for name in names if reasons[name])
+
+
+def select(request: Request) -> str:
+    """The name of the backend that serves ``request``; raises or warns as the module doc says."""
+    explanation = explain_request(request)
+    name, reasons = explanation.backend, explanation.reasons
+    if explanation.forced:
+        if reasons[name]:
+            raise BackendUnavailableError(
+                f"fusedformer: FUSEDFORMER_BACKEND={name} cannot serve this {request.op} call: "
+                + "; ".join(reasons[name])
+            )
+        return name
+    if name == "reference":
+        why = _format_reasons(reasons, _PRIORITY)
+        if _strict():
+            raise BackendUnavailableError(
+                f"fusedformer: no fused kernel can serve this {request.op} call and FUSEDFORMER_STRICT=1 "
+                f"forbids the reference path ({why})"
+            )
+        message = f"fusedformer: {request.op} runs on the reference path (plain PyTorch) because {why}"
+        if message not in _warned:
+            _warned.add(message)
+            warnings.warn(message, FallbackWarning, stacklevel=3)
+    return name

@@ -1,0 +1,241 @@
+"""Scaled dot-product attention: the public function, the typed op wrappers, fake kernels, autograd.
+
+The ops (``fusedformer::attention_fwd`` / ``attention_bwd``, schemas in csrc/fusedformer.cpp) take
+4-D tensors; the public function checks its inputs, flattens the leading dims and picks a backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fusedformer import backends, reference
+
+__all__ = ["scaled_dot_product_attention", "attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256
+_FN = "fusedformer.scaled_dot_product_attention"
+
+
+# ---- typed wrappers of the ops ------------------------------------------------------------------
+
+
+def attention_fwd(
+    query: torch.Tensor,  # (B, Hq, L, E)
+    key: torch.Tensor,  # (B, Hk, S, E)
+    value: torch.Tensor,  # (B, Hk, S, Ev)
+    attn_mask: torch.Tensor | None,  # broadcastable to (B, Hq, L, S); bool (True = take part) or additive
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, Hq, L, Ev), logsumexp (B, Hq, L) float32
+    return torch.ops.fusedformer.attention_fwd.default(query, key, value, attn_mask, is_causal, scale)
+
+
+def attention_bwd(
+    grad_out: torch.Tensor,  # (B, Hq, L, Ev)
+    query: torch.Tensor,  # (B, Hq, L, E)
+    key: torch.Tensor,  # (B, Hk, S, E)
+    value: torch.Tensor,  # (B, Hk, S, Ev)
+    out: torch.Tensor,  # (B, Hq, L, Ev)
+    logsumexp: torch.Tensor,  # (B, Hq, L) float32
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # grads shaped as query, key, value
+    return torch.ops.fusedformer.attention_bwd.default(
+        grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale
+    )
+
+
+def _register() -> None:
+    @torch.library.register_fake("fusedformer::attention_fwd")
+    def _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale):
+        B, Hq, L, _ = query.shape
+        Ev = value.shape[-1]
+        out = query.new_empty((B, Hq, L, Ev))
+        lse = query.new_empty((B, Hq, L), dtype=torch.float32)
+        return out, lse
+
+    @torch.library.register_fake("fusedformer::attention_bwd")
+    def _attention_bwd_fake(grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale):
+        return (
+            query.new_empty(query.shape),
+            key.new_empty(key.shape),
+            value.new_empty(value.shape),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        query, key, value, attn_mask, is_causal, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(query, key, value, out, lse, attn_mask)
+        ctx.is_causal = is_causal
+        ctx.scale = scale
+
+    def _backward(ctx, grad_out, grad_lse):
+        # grad_lse: the logsumexp is an internal output (the public function never returns it)
+        query, key, value, out, lse, attn_mask = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = attention_bwd(grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd("fusedformer::attention_fwd", _backward, setup_context=_setup_context)
+
+
+if backends._C is not None:
+    _register()
+
+
+# ---- the public function ------------------------------------------------------------------------
+
+
+def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
+    """Raises, naming the argument, on anything the attention contract does not allow."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_FN}: expected {name} to be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{_FN}: expected {name} to be a floating-point tensor, got {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(f"{_FN}: expected {name} to have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    if not (key.dtype == value.dtype == query.dtype):
+        raise TypeError(
+            f"{_FN}: expected query, key and value of one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not (key.device == value.device == query.device):
+        raise ValueError(
+            f"{_FN}: expected query, key and value on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    if not (key.dim() == value.dim() == query.dim()):
+        raise ValueError(
+            f"{_FN}: expected query, key and value of one rank, got shapes {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    E, S = query.shape[-1], key.shape[-2]
+    if key.shape[-1] != E:
+        raise ValueError(f"{_FN}: expected key's last dim to equal query's ({E}), got key of shape {tuple(key.shape)}")
+    if value.shape[-2] != S:
+        raise ValueError(
+            f"{_FN}: expected value's dim -2 to equal key's length ({S}), got value of shape {tuple(value.shape)}"
+        )
+    for name, dim in (("query/key head dim E", E), ("value head dim Ev", value.shape[-1])):
+        if not 1 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"{_FN}: {name} must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
+        raise ValueError(
+            f"{_FN}: expected query, key and value to share their batch dims, got shapes {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if query.dim() >= 3:
+        Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if Hk != Hv:
+            raise ValueError(f"{_FN}: expected key and value with one number of heads, got {Hk} and {Hv}")
+        if Hq != Hk:
+            if not enable_gqa:
+                raise ValueError(
+                    f"{_FN}: query has {Hq} heads and key {Hk}; pass enable_gqa=True for grouped-query attention"
+                )
+            if Hq % Hk != 0:
+                raise ValueError(f"{_FN}: with enable_gqa, query's heads ({Hq}) must be a multiple of key's ({Hk})")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"{_FN}: expected attn_mask to be a Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(
+                f"{_FN}: expected attn_mask to be bool or of query's dtype {query.dtype}, got {attn_mask.dtype}"
+            )
+        if attn_mask.device != query.device:
+            raise ValueError(f"{_FN}: expected attn_mask on {query.device} like query, got {attn_mask.device}")
+        target = (*query.shape[:-1], S)
+        try:
+            if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(
+                f"{_FN}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {target}"
+            ) from None
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{_FN}: expected dropout_p in [0, 1), got {dropout_p}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{_FN}: expected scale to be a finite number or None, got {scale!r}")
+
+
+def _request(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    mask_grad = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
+    return backends.Request("attention", query.device, query.dtype, float(dropout_p), mask_grad)
+
+
+def _to_4d(t: torch.Tensor) -> torch.Tensor:
+    """(..., H, L, E) -> (B, H, L, E), a view where the strides allow."""
+    if t.dim() == 2:
+        return t.unsqueeze(0).unsqueeze(0)
+    if t.dim() == 3:
+        return t.unsqueeze(0)
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _mask_to_4d(attn_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """A mask broadcastable to (..., Hq, L, S) -> one broadcastable to (B, Hq, L, S).
+
+    Size-1 dims are kept (the kernel reads them with stride 0); only the batch dims are merged, which
+    copies the mask when several batch dims (a rank > 4 query) cannot be merged as a view.
+    """
+    m = attn_mask
+    while m.dim() < query.dim():
+        m = m.unsqueeze(0)
+    if query.dim() <= 4:
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        return m
+    batch = query.shape[:-3]
+    if all(s == 1 for s in m.shape[:-3]):
+        return m.reshape(1, *m.shape[-3:])
+    return m.expand(*batch, *m.shape[-3:]).reshape(-1, *m.shape[-3:])
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,  # (..., Hq, L, E)
+    key: torch.Tensor,  # (..., Hk, S, E)
+    value: torch.Tensor,  # (..., Hk, S, Ev)
+    attn_mask: torch.Tensor | None = None,  # broadcastable to (..., Hq, L, S)
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:  # (..., Hq, L, Ev)
+    """Fused attention with the signature and semantics of ``F.scaled_dot_product_attention``.
+
+    Args:
+        query: ``(..., Hq, L, E)``; 2-D ``(L, E)`` and 3-D ``(H, L, E)`` inputs work too.
+        key: ``(..., Hk, S, E)``; ``Hk == Hq``, or ``Hq`` a multiple of ``Hk`` with ``enable_gqa``.
+        value: ``(..., Hk, S, Ev)``; ``Ev`` may differ from ``E``; head dims 1 to 256.
+        attn_mask: broadcastable to ``(..., Hq, L, S)``: bool (True = the key takes part) or a float
+            mask in query's dtype, added to the scores. Read tile by tile, never expanded.
+        dropout_p: attention dropout; above 0 it runs on the reference path (with a warning) until a
+            fused attention dropout exists.
+        is_causal: query ``i`` sees keys ``j <= i``, aligned top-left as in torch; for L=3, S=5::
+
+                1 0 0 0 0
+                1 1 0 0 0
+                1 1 1 0 0
+
+            Unlike torch, it may be combined with ``attn_mask`` (both apply).
+        scale: the scores' factor; ``1/sqrt(E)`` when None.
+        enable_gqa: allow grouped-query attention (query head ``h`` uses key head ``h // (Hq // Hk)``).
+
+    Returns ``(..., Hq, L, Ev)`` in query's dtype. A query row whose keys are all masked out gives 0
+    (and gradient 0), never NaN. No ``(L, S)`` score matrix is ever built: the kernels stream key tiles
+    with an online softmax and save only the log-sum-exp for the backward.
+    """
+    request = _request(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    backend = backends.select(request)
+    if backend == "reference":
+        return reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+        )
+    scale_value = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    mask4 = _mask_to_4d(attn_mask, query) if attn_mask is not None else None
+    out, _ = attention_fwd(_to_4d(query), _to_4d(key), _to_4d(value), mask4, bool(is_causal), scale_value)
+    return out.reshape(*query.shape[:-1], value.shape[-1])

@@ -1,0 +1,92 @@
+"""GELU with a fused bias: the public function, the typed op wrappers, fake kernels, autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from fusedformer import backends, reference
+
+__all__ = ["gelu", "gelu_fwd", "gelu_bwd"]
+
+_FN = "fusedformer.gelu"
+
+
+def gelu_fwd(
+    input: torch.Tensor,  # (*, D)
+    bias: torch.Tensor | None,  # (D,)
+    approximate: str,  # "none" | "tanh"
+) -> torch.Tensor:  # (*, D)
+    return torch.ops.fusedformer.gelu_fwd.default(input, bias, approximate)
+
+
+def gelu_bwd(
+    grad_out: torch.Tensor,  # (*, D)
+    input: torch.Tensor,  # (*, D)
+    bias: torch.Tensor | None,  # (D,)
+    approximate: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # grad_input (*, D), grad_bias (D,) or empty
+    return torch.ops.fusedformer.gelu_bwd.default(grad_out, input, bias, approximate)
+
+
+def _register() -> None:
+    @torch.library.register_fake("fusedformer::gelu_fwd")
+    def _gelu_fwd_fake(input, bias, approximate):
+        return input.new_empty(input.shape)
+
+    @torch.library.register_fake("fusedformer::gelu_bwd")
+    def _gelu_bwd_fake(grad_out, input, bias, approximate):
+        gb = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
+        return input.new_empty(input.shape), gb
+
+    def _setup_context(ctx, inputs, output):
+        input, bias, approximate = inputs
+        ctx.save_for_backward(input, bias)
+        ctx.approximate = approximate
+
+    def _backward(ctx, grad_out):
+        input, bias = ctx.saved_tensors
+        dx, db = gelu_bwd(grad_out, input, bias, ctx.approximate)
+        return dx, db if bias is not None else None, None
+
+    torch.library.register_autograd("fusedformer::gelu_fwd", _backward, setup_context=_setup_context)
+
+
+if backends._C is not None:
+    _register()
+
+
+def _request(input, approximate="none", bias=None):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{_FN}: expected input to be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"{_FN}: expected input to be a floating-point tensor, got {input.dtype}")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{_FN}: expected approximate to be 'none' or 'tanh', got {approximate!r}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{_FN}: expected bias to be a Tensor or None, got {type(bias).__name__}")
+        if input.dim() == 0 or tuple(bias.shape) != (input.shape[-1],):
+            raise ValueError(
+                f"{_FN}: expected bias of shape (D,) with D = input's last dim, got bias {tuple(bias.shape)} "
+                f"for input {tuple(input.shape)}"
+            )
+        if bias.dtype != input.dtype:
+            raise TypeError(f"{_FN}: expected bias of dtype {input.dtype} like input, got {bias.dtype}")
+        if bias.device != input.device:
+            raise ValueError(f"{_FN}: expected bias on {input.device} like input, got {bias.device}")
+    return backends.Request("gelu", input.device, input.dtype)
+
+
+def gelu(
+    input: torch.Tensor,  # (*, D)
+    approximate: str = "none",
+    bias: torch.Tensor | None = None,  # (D,)
+) -> torch.Tensor:  # (*, D)
+    """``F.gelu(input + bias, approximate)`` in one pass; the bias add is fused in (and its gradient).
+
+    ``approximate="none"`` is the exact ``x·Φ(x)`` (erf); ``"tanh"`` is the tanh approximation.
+    """
+    request = _request(input, approximate, bias)
+    if backends.select(request) == "reference":
+        return reference.gelu(input, approximate, bias)
+    return gelu_fwd(input, bias, approximate)

@@ -1,0 +1,129 @@
+"""LayerNorm: the public function, the typed op wrappers, fake kernels, autograd."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fusedformer import backends, reference
+
+__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd"]
+
+_FN = "fusedformer.layer_norm"
+
+
+def layer_norm_fwd(
+    input: torch.Tensor,  # (*, D1..Dk)
+    normalized_shape: Sequence[int],  # (D1..Dk)
+    weight: torch.Tensor | None,  # (D1..Dk)
+    bias: torch.Tensor | None,  # (D1..Dk)
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # out (*, D1..Dk), mean (*), rstd (*)
+    return torch.ops.fusedformer.layer_norm_fwd.default(input, list(normalized_shape), weight, bias, eps)
+
+
+def layer_norm_bwd(
+    grad_out: torch.Tensor,  # (*, D1..Dk)
+    input: torch.Tensor,  # (*, D1..Dk)
+    normalized_shape: Sequence[int],
+    mean: torch.Tensor,  # (*)
+    rstd: torch.Tensor,  # (*)
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # grad_input, grad_weight, grad_bias (empty if None)
+    return torch.ops.fusedformer.layer_norm_bwd.default(
+        grad_out, input, list(normalized_shape), mean, rstd, weight, bias
+    )
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register() -> None:
+    @torch.library.register_fake("fusedformer::layer_norm_fwd")
+    def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
+        lead = input.shape[: input.dim() - len(normalized_shape)]
+        stats = _stats_dtype(input.dtype)
+        return input.new_empty(input.shape), input.new_empty(lead, dtype=stats), input.new_empty(lead, dtype=stats)
+
+    @torch.library.register_fake("fusedformer::layer_norm_bwd")
+    def _layer_norm_bwd_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
+        gw = weight.new_empty(weight.shape) if weight is not None else input.new_empty((0,))
+        gb = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
+        return input.new_empty(input.shape), gw, gb
+
+    def _setup_context(ctx, inputs, output):
+        input, normalized_shape, weight, bias, eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(input, mean, rstd, weight, bias)
+        ctx.normalized_shape = normalized_shape
+
+    def _backward(ctx, grad_out, grad_mean, grad_rstd):
+        input, mean, rstd, weight, bias = ctx.saved_tensors
+        dx, dw, db = layer_norm_bwd(grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias)
+        return dx, None, dw if weight is not None else None, db if bias is not None else None, None
+
+    torch.library.register_autograd("fusedformer::layer_norm_fwd", _backward, setup_context=_setup_context)
+
+
+if backends._C is not None:
+    _register()
+
+
+def _normalize_shape(normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    try:
+        shape = tuple(int(s) for s in normalized_shape)
+    except TypeError:
+        raise TypeError(
+            f"{_FN}: expected normalized_shape to be an int or a sequence of ints, got {normalized_shape!r}"
+        ) from None
+    return shape
+
+
+def _request(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{_FN}: expected input to be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"{_FN}: expected input to be a floating-point tensor, got {input.dtype}")
+    shape = _normalize_shape(normalized_shape)
+    if len(shape) == 0 or input.dim() < len(shape) or tuple(input.shape[-len(shape) :]) != shape:
+        raise ValueError(
+            f"{_FN}: normalized_shape {list(shape)} does not match the last dims of input of shape {tuple(input.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_FN}: expected {name} to be a Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{_FN}: expected {name} of shape {list(shape)}, got {tuple(t.shape)}")
+        if t.dtype != input.dtype:
+            raise TypeError(f"{_FN}: expected {name} of dtype {input.dtype} like input, got {t.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"{_FN}: expected {name} on {input.device} like input, got {t.device}")
+    if not eps >= 0:
+        raise ValueError(f"{_FN}: expected eps >= 0, got {eps}")
+    return backends.Request("layer_norm", input.device, input.dtype)
+
+
+def layer_norm(
+    input: torch.Tensor,  # (*, D1..Dk)
+    normalized_shape: int | Sequence[int],  # (D1..Dk)
+    weight: torch.Tensor | None = None,  # (D1..Dk)
+    bias: torch.Tensor | None = None,  # (D1..Dk)
+    eps: float = 1e-5,
+) -> torch.Tensor:  # (*, D1..Dk)
+    """``F.layer_norm``, fused: one pass over each row, statistics in float32 (float64 for float64).
+
+    Normalises over the last ``len(normalized_shape)`` dims with the biased variance, then applies the
+    optional elementwise ``weight`` and ``bias``. Returns input's shape and dtype.
+    """
+    request = _request(input, normalized_shape, weight, bias, eps)
+    if backends.select(request) == "reference":
+        return reference.layer_norm(input, normalized_shape, weight, bias, eps)
+    out, _, _ = layer_norm_fwd(input, _normalize_shape(normalized_shape), weight, bias, float(eps))
+    return out

@@ -1,0 +1,122 @@
+"""Plain-PyTorch references: the ground truth of the tests and the ``naive`` baseline of the benchmarks.
+
+They compute in float32 (float64 for float64 inputs; ``upcast=False`` keeps a half dtype, which the
+tests use as "PyTorch in the same dtype") and return the input's dtype. Attention here is the naive
+O(L·S·E)-time, O(L·S)-memory algorithm: it materialises the (..., L, S) score matrix on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["scaled_dot_product_attention", "layer_norm", "gelu", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype, upcast: bool = True) -> torch.dtype:
+    """float64 stays float64; everything else computes in float32 (or as is, with ``upcast=False``)."""
+    if dtype == torch.float64:
+        return torch.float64
+    return torch.float32 if upcast else dtype
+
+
+def causal_mask(L: int, S: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(L, S) bool, True = take part; aligned top-left as in torch: query i sees keys j <= i.
+
+    For L=3, S=5::
+
+        1 0 0 0 0
+        1 1 0 0 0
+        1 1 1 0 0
+    """
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril()
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,  # (..., Hq, L, E)
+    key: torch.Tensor,  # (..., Hk, S, E)
+    value: torch.Tensor,  # (..., Hk, S, Ev)
+    attn_mask: torch.Tensor | None = None,  # broadcastable to (..., Hq, L, S)
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    upcast: bool = True,
+) -> torch.Tensor:  # (..., Hq, L, Ev)
+    """Naive attention, ``F.scaled_dot_product_attention``'s semantics.
+
+    A bool ``attn_mask`` marks with True the keys that take part; a float one is added to the scores.
+    ``is_causal`` and ``attn_mask`` may be given together (both apply). A query row whose keys are all
+    masked out (-inf) gives 0, as torch's math backend does, never NaN.
+    """
+    dtype = compute_dtype(query.dtype, upcast)
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    L, S = q.shape[-2], k.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        groups = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., Hq, L, S): the O(L·S) buffer
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(L, S, q.device), float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(dtype)
+    probs = torch.softmax(scores, dim=-1)
+    # rows with no key to attend to: softmax gives NaN, the contract says 0
+    probs = probs.masked_fill((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    return (probs @ v).to(query.dtype)
+
+
+def layer_norm(
+    input: torch.Tensor,  # (*, D1..Dk)
+    normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+    weight: torch.Tensor | None = None,  # (D1..Dk)
+    bias: torch.Tensor | None = None,  # (D1..Dk)
+    eps: float = 1e-5,
+    *,
+    upcast: bool = True,
+) -> torch.Tensor:  # (*, D1..Dk)
+    """LayerNorm over the last ``len(normalized_shape)`` dims, biased variance, as ``F.layer_norm``."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    dims = tuple(range(-len(normalized_shape), 0))
+    dtype = compute_dtype(input.dtype, upcast)
+    x = input.to(dtype)
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(input.dtype)
+
+
+def gelu(
+    input: torch.Tensor,  # (*, D)
+    approximate: str = "none",
+    bias: torch.Tensor | None = None,  # (D,)
+    *,
+    upcast: bool = True,
+) -> torch.Tensor:  # (*, D)
+    """gelu(input + bias): exact, x·Φ(x), or the tanh approximation."""
+    dtype = compute_dtype(input.dtype, upcast)
+    x = input.to(dtype)
+    if bias is not None:
+        x = x + bias.to(dtype)
+    if approximate == "tanh":
+        y = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    elif approximate == "none":
+        y = 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    else:
+        raise ValueError(f"gelu: expected approximate to be 'none' or 'tanh', got {approximate!r}")
+    return y.to(input.dtype)

@@ -1,0 +1,1 @@
+"""Triton kernels (GPU backend), installed as fusedformer.kernels."""
