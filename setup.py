@@ -13,7 +13,7 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-COMMON_FLAGS = ["-O3", "-g0", "-std=c++17", "-fPIC", "-fno-math-errno", "-fopenmp-simd", "-Wall"]
+COMMON_FLAGS = ["-O3", "-g0", "-std=c++17", "-fPIC", "-fno-math-errno", "-fopenmp-simd", "-Wall", "-Wno-psabi"]
 # index, flags; the index is the capability's slot in KernelStub (csrc/cpu/dispatch.h)
 CPU_CAPABILITIES = {
     "default": (0, []),

@@ -57,6 +57,11 @@ def _load_extension() -> tuple[object | None, str | None]:
 
 
 _C, _C_ERROR = _load_extension()
+# Read once, here: the C++ kernels register when _C loads, and torch.compile cannot trace this query.
+_CPU_KERNELS = {
+    op: _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedformer::{op}_fwd", "CPU")
+    for op in ("attention", "layer_norm", "gelu")
+}
 
 
 def _common_reasons(request: Request) -> list[str]:
@@ -81,6 +86,8 @@ class CppBackend:
         reasons = []
         if request.device.type not in self.SUPPORTED_DEVICES:
             reasons.append(f"serves CPU tensors, got {request.device.type}")
+        if not _CPU_KERNELS.get(request.op, False):
+            reasons.append(f"fusedformer::{request.op}_fwd has no CPU kernel in this build")
         return reasons + _common_reasons(request)
 
 

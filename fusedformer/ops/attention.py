@@ -68,6 +68,7 @@ def _register() -> None:
     def _setup_context(ctx, inputs, output):
         query, key, value, attn_mask, is_causal, scale = inputs
         out, lse = output
+        ctx.mark_non_differentiable(lse)  # saved for the backward; the public function never returns it
         ctx.save_for_backward(query, key, value, out, lse, attn_mask)
         ctx.is_causal = is_causal
         ctx.scale = scale

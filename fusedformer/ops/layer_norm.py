@@ -57,6 +57,7 @@ def _register() -> None:
     def _setup_context(ctx, inputs, output):
         input, normalized_shape, weight, bias, eps = inputs
         _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)  # statistics saved for the backward, not results
         ctx.save_for_backward(input, mean, rstd, weight, bias)
         ctx.normalized_shape = normalized_shape
 
@@ -76,8 +77,10 @@ def _normalize_shape(normalized_shape) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
     try:
+        if isinstance(normalized_shape, str):
+            raise TypeError
         shape = tuple(int(s) for s in normalized_shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(
             f"{_FN}: expected normalized_shape to be an int or a sequence of ints, got {normalized_shape!r}"
         ) from None

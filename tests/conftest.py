@@ -1,0 +1,82 @@
+"""Shared test helpers: the tolerance rule, fresh random data, CPU-capability switching."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+# Per-dtype absolute floor, relative to the size of the true values: it only matters when PyTorch's own
+# error happens to be ~0 (e.g. float64, where torch and the reference round identically), never
+# where the rule's 2x/3x bound is meaningful.
+ERROR_FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
+    return (x.double() - truth.double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_error_within(
+    name: str, ours: torch.Tensor, torchs: torch.Tensor, truth: torch.Tensor, factor: float
+) -> None:
+    """Our error against the float64 truth may be at most ``factor`` x PyTorch's error in our dtype."""
+    assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err, err_torch = max_err(ours, truth), max_err(torchs, truth)
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    bound = factor * err_torch + ERROR_FLOOR[ours.dtype] * scale
+    assert err <= bound, f"{name}: error {err:.3e} > {factor}x torch's {err_torch:.3e} (+ floor) = {bound:.3e}"
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, offset=0.0, requires_grad=False) -> torch.Tensor:
+    """Fresh standard-normal data made in float64 and rounded once to ``dtype``."""
+    t = (torch.randn(*shape, dtype=torch.float64) * scale + offset).to(dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def leaf_copies(*tensors, dtype=None):
+    """Detached leaf copies (optionally cast) that require grad."""
+    return [t.detach().clone().to(dtype or t.dtype).requires_grad_(True) for t in tensors]
+
+
+@contextlib.contextmanager
+def cpu_capability(name: str):
+    from fusedformer import _C
+
+    before = _C.cpu_capability()
+    _C.set_cpu_capability(name)
+    try:
+        yield
+    finally:
+        _C.set_cpu_capability(before)
+
+
+def _supported_capabilities() -> list[str]:
+    from fusedformer import _C
+
+    order = ["default", "avx2", "avx512"]
+    return order[: order.index(_C.best_cpu_capability()) + 1]
+
+
+CAPABILITIES = _supported_capabilities()
+
+
+@pytest.fixture(params=CAPABILITIES)
+def each_cpu_capability(request):
+    """Runs the test once per CPU-capability build of the kernels that this CPU can execute."""
+    with cpu_capability(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different seed per test (fresh data), reproducible from the test's id.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield

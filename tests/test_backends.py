@@ -1,0 +1,106 @@
+"""Backend selection: explain, FUSEDFORMER_BACKEND, FUSEDFORMER_STRICT, fallback warnings, profiles."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fusedformer as ff
+from fusedformer import backends
+from tests.conftest import randn
+
+
+@pytest.fixture
+def qkv():
+    return randn(1, 2, 16, 8), randn(1, 2, 16, 8), randn(1, 2, 16, 8)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("FUSEDFORMER_BACKEND", raising=False)
+    monkeypatch.delenv("FUSEDFORMER_STRICT", raising=False)
+    backends._warned.clear()
+
+
+def test_explain_names_the_serving_backend_and_the_others_reasons(qkv):
+    e = ff.explain(ff.layer_norm, randn(4, 8), (8,))
+    assert e.backend == "cpp" and not e.forced
+    assert e.reasons["cpp"] == []
+    assert e.reasons["triton"], "triton must say why it cannot serve CPU tensors"
+    assert "layer_norm: served by 'cpp'" in str(e)
+    assert ff.explain("gelu", randn(3)).backend == "cpp"
+
+
+def test_explain_says_why_dropout_runs_on_the_reference_path(qkv):
+    e = ff.explain(ff.scaled_dot_product_attention, *qkv, dropout_p=0.1)
+    assert e.backend == "reference"
+    assert any("dropout" in r for r in e.reasons["cpp"])
+    assert "dropout" in str(e)
+
+
+def test_explain_checks_inputs_like_the_call():
+    with pytest.raises(ValueError, match="normalized_shape"):
+        ff.explain(ff.layer_norm, randn(4, 8), (7,))
+    with pytest.raises(ValueError, match="expected one of"):
+        ff.explain("softmax", randn(3))
+
+
+def test_fallback_warns_once_and_names_the_reason(qkv):
+    with pytest.warns(ff.FallbackWarning, match="dropout"):
+        ff.scaled_dot_product_attention(*qkv, dropout_p=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ff.scaled_dot_product_attention(*qkv, dropout_p=0.5)  # the same reason: no second warning
+
+
+def test_strict_turns_fallback_into_an_error(qkv, monkeypatch):
+    monkeypatch.setenv("FUSEDFORMER_STRICT", "1")
+    with pytest.raises(ff.BackendUnavailableError, match="dropout"):
+        ff.scaled_dot_product_attention(*qkv, dropout_p=0.5)
+    ff.layer_norm(randn(4, 8), (8,))  # a fused call is unaffected
+
+
+def test_forced_reference_backend_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("FUSEDFORMER_BACKEND", "reference")
+    x = randn(4, 8)
+    assert ff.explain(ff.gelu, x).backend == "reference"
+    with torch.profiler.profile() as prof:
+        ff.gelu(x)
+    assert not any(e.name.startswith("fusedformer::") for e in prof.events())
+
+
+def test_forced_backend_that_cannot_serve_raises(qkv, monkeypatch):
+    monkeypatch.setenv("FUSEDFORMER_BACKEND", "cpp")
+    with pytest.raises(ff.BackendUnavailableError, match="dropout"):
+        ff.scaled_dot_product_attention(*qkv, dropout_p=0.1)
+    monkeypatch.setenv("FUSEDFORMER_BACKEND", "triton")
+    with pytest.raises(ff.BackendUnavailableError, match="triton"):
+        ff.gelu(randn(4))
+
+
+def test_unknown_backend_name_is_an_error(monkeypatch):
+    monkeypatch.setenv("FUSEDFORMER_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FUSEDFORMER_BACKEND"):
+        ff.gelu(randn(4))
+
+
+def test_profile_shows_fused_ops_serving_the_public_api():
+    q, k, v = randn(1, 2, 64, 16), randn(1, 2, 64, 16), randn(1, 2, 64, 16)
+    x = randn(8, 32, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        ff.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = ff.gelu(ff.layer_norm(x, (32,)), bias=randn(32))
+        y.sum().backward()
+    names = {e.name for e in prof.events()}
+    for op in ("attention_fwd", "layer_norm_fwd", "layer_norm_bwd", "gelu_fwd", "gelu_bwd"):
+        assert f"fusedformer::{op}" in names, f"fusedformer::{op} did not run; ran: {sorted(names)[:20]}"
+
+
+def test_cpu_capability_is_reported_and_switchable():
+    from fusedformer import _C
+
+    assert _C.cpu_capability() in ("default", "avx2", "avx512")
+    with pytest.raises(RuntimeError, match="expected 'default'"):
+        _C.set_cpu_capability("sse9")

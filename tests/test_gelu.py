@@ -1,0 +1,128 @@
+"""fusedformer.gelu (bias fused) and the fusedformer::gelu_fwd/bwd ops against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedformer as ff
+from fusedformer import reference
+from tests.conftest import DTYPES, assert_error_within, leaf_copies, randn
+
+SHAPES = [(1,), (17, 97), (3, 5, 1025), (256, 64), (2, 33)]
+
+
+def _torch_gelu(x, approximate, bias):
+    return F.gelu(x + bias if bias is not None else x, approximate=approximate)
+
+
+def _run(fn, x, b, approximate, grad):
+    out = fn(x, approximate, b)
+    out.backward(grad)
+    return out, x.grad, (b.grad if b is not None else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gelu_matches_reference(dtype, shape, approximate, with_bias):
+    x = randn(*shape, dtype=torch.float64, scale=3.0)  # reaches the tails of erf/tanh
+    b = randn(shape[-1], dtype=torch.float64) if with_bias else None
+    grad = randn(*shape, dtype=torch.float64)
+
+    def copies(dt):
+        if b is None:
+            return leaf_copies(x, dtype=dt)[0], None
+        return tuple(leaf_copies(x, b, dtype=dt))
+
+    truth = _run(reference.gelu, *copies(torch.float64), approximate, grad)
+    ours = _run(ff.gelu, *copies(dtype), approximate, grad.to(dtype))
+    torchs = _run(_torch_gelu, *copies(dtype), approximate, grad.to(dtype))
+    for name, o, t, r, factor in zip(("out", "dx", "dbias"), ours, torchs, truth, (2, 3, 3)):
+        if r is not None:
+            assert o.dtype == dtype
+            assert_error_within(name, o, t, r, factor)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_every_capability(each_cpu_capability, approximate):
+    x, b = leaf_copies(randn(40, 333, scale=3.0), randn(333))
+    grad = randn(40, 333)
+    truth = _run(reference.gelu, *leaf_copies(x, b, dtype=torch.float64), approximate, grad.double())
+    ours = _run(ff.gelu, x, b, approximate, grad)
+    torchs = _run(_torch_gelu, *leaf_copies(x, b), approximate, grad)
+    for name, o, t, r in zip(("out", "dx", "dbias"), ours, torchs, truth):
+        assert_error_within(f"{name} [{each_cpu_capability}]", o, t, r, 3)
+
+
+def test_gelu_special_values():
+    # extreme finite inputs: the tails of erf/tanh and of the polynomial exp must not overflow to NaN
+    x = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 5.0, -5.0, 10.0, -10.0, 80.0, -80.0, 1e4, -1e4])
+    for approximate in ("none", "tanh"):
+        torch.testing.assert_close(ff.gelu(x, approximate), F.gelu(x, approximate=approximate))
+        x_ = x.clone().requires_grad_()
+        ff.gelu(x_, approximate).sum().backward()
+        assert torch.isfinite(x_.grad).all()
+    assert ff.gelu(torch.tensor([float("nan")])).isnan().all()
+    # torch's exact GELU overflows to inf at 3e38 and gives NaN at +inf; the right values are x itself
+    big = torch.tensor([3e38, float("inf")])
+    assert torch.equal(ff.gelu(big), big)
+
+
+def test_gelu_non_contiguous_and_empty():
+    x = randn(64, 40).t()
+    torch.testing.assert_close(ff.gelu(x), F.gelu(x))
+    assert ff.gelu(torch.empty(0, 8)).shape == (0, 8)
+
+
+def test_gelu_gradcheck():
+    x = randn(4, 9, dtype=torch.float64, scale=2.0, requires_grad=True)
+    b = randn(9, dtype=torch.float64, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        assert torch.autograd.gradcheck(lambda x, b: ff.gelu(x, approximate, b), (x, b))
+        assert torch.autograd.gradcheck(lambda x: ff.gelu(x, approximate), (x,))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gelu_opcheck(with_bias):
+    x = randn(6, 40, requires_grad=True)
+    b = randn(40, requires_grad=True) if with_bias else None
+    for approximate in ("none", "tanh"):
+        torch.library.opcheck(torch.ops.fusedformer.gelu_fwd.default, (x, b, approximate))
+        torch.library.opcheck(torch.ops.fusedformer.gelu_bwd.default, (randn(6, 40), x.detach(), b, approximate))
+
+
+def test_gelu_compile_fullgraph():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, b: ff.gelu(x, "tanh", b).square().sum(), fullgraph=True)
+    x, b = leaf_copies(randn(8, 48), randn(48))
+    fn(x, b).backward()
+    x2, b2 = leaf_copies(x, b)
+    _torch_gelu(x2, "tanh", b2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((randn(4, 8),), {"approximate": "fast"}, ValueError, "approximate"),
+        ((randn(4, 8),), {"bias": randn(7)}, ValueError, "bias"),
+        ((randn(4, 8),), {"bias": randn(8, dtype=torch.float64)}, TypeError, "bias"),
+        ((torch.ones(4, 8, dtype=torch.int32),), {}, TypeError, "floating-point"),
+    ],
+)
+def test_gelu_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ff.gelu(*args, **kwargs)
+
+
+def test_gelu_op_checks_its_inputs():
+    with pytest.raises(RuntimeError, match="approximate"):
+        torch.ops.fusedformer.gelu_fwd(randn(4, 8), None, "fast")
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.fusedformer.gelu_fwd(randn(4, 8), randn(3), "none")
+    with pytest.raises(RuntimeError, match="grad_out"):
+        torch.ops.fusedformer.gelu_bwd(randn(4, 7), randn(4, 8), None, "none")
