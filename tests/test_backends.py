@@ -104,3 +104,32 @@ def test_cpu_capability_is_reported_and_switchable():
     assert _C.cpu_capability() in ("default", "avx2", "avx512")
     with pytest.raises(RuntimeError, match="expected 'default'"):
         _C.set_cpu_capability("sse9")
+
+
+def test_import_and_explain_without_triton():
+    """CPU-only users may not have triton: the package imports, runs, and explain says triton is missing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, fusedformer as ff\n"
+        "x = torch.randn(4, 8)\n"
+        "ff.layer_norm(x, (8,)); ff.gelu(x)\n"
+        "print(ff.explain(ff.gelu, x))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "triton is not installed" in out.stdout
+
+
+@pytest.mark.parametrize("cap", ["default", "avx2"])
+def test_cpu_capability_from_the_environment(cap):
+    import subprocess
+    import sys
+
+    code = "from fusedformer import _C; print(_C.cpu_capability())"
+    env = {**__import__("os").environ, "FUSEDFORMER_CPU_CAPABILITY": cap}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == cap
