@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from fusedformer import backends as _backends
 from fusedformer.backends import BackendUnavailableError, Explanation, FallbackWarning
 from fusedformer.ops import attention as _attention
@@ -17,6 +19,9 @@ from fusedformer.ops import layer_norm as _layer_norm
 from fusedformer.ops.attention import scaled_dot_product_attention
 from fusedformer.ops.gelu import gelu
 from fusedformer.ops.layer_norm import layer_norm
+
+from fusedformer import nn  # noqa: E402  (the modules call the functions above)
+from fusedformer.patch import PatchReport, PatchVerificationError, patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -27,7 +32,12 @@ __all__ = [
     "explain",
     "gelu",
     "layer_norm",
+    "nn",
+    "patch",
+    "PatchReport",
+    "PatchVerificationError",
     "scaled_dot_product_attention",
+    "unpatch",
 ]
 
 _REQUESTS = {
@@ -38,13 +48,18 @@ _REQUESTS = {
 }
 
 
-def explain(fn: Callable | str, *args, **kwargs) -> Explanation:
+def explain(fn: Callable | str | torch.nn.Module, *args, **kwargs) -> Explanation:
     """Which backend would serve ``fn(*args, **kwargs)``, and why each other backend could not.
 
-    ``fn`` is a public function (``ff.scaled_dot_product_attention``, ``ff.layer_norm``, ``ff.gelu``)
-    or its name. Nothing runs; the inputs are checked as the call would check them. ``print()`` the
+    ``fn`` is a public function (``ff.scaled_dot_product_attention``, ``ff.layer_norm``, ``ff.gelu``),
+    its name, or a fused module (``ff.nn.MultiheadAttention``, ``LayerNorm``, ``GELU``) with its
+    forward's arguments. Nothing runs; the inputs are checked as the call would check them. ``print()`` the
     result for a readable report, or read ``.backend`` and ``.reasons``.
     """
+    if isinstance(fn, torch.nn.Module):
+        if not (type(fn).__module__.startswith("fusedformer.") and hasattr(fn, "explain")):
+            raise ValueError(f"fusedformer.explain: {type(fn).__name__} is not a fusedformer module")
+        return fn.explain(*args, **kwargs)
     name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
     if name not in _REQUESTS:
         raise ValueError(f"fusedformer.explain: expected one of {sorted(set(_REQUESTS))}, got {fn!r}")

@@ -21,6 +21,7 @@ __all__ = [
     "Explanation",
     "FallbackWarning",
     "Request",
+    "report_fallback",
     "select",
 ]
 
@@ -161,6 +162,27 @@ def _format_reasons(reasons: dict[str, list[str]], names) -> str:
     return "; ".join(f"{name}: " + ", ".join(reasons[name]) for name in names if reasons[name])
 
 
+def report_fallback(what: str, reason: str) -> None:
+    """Says once that ``what`` runs on the reference path because ``reason``, or raises where forbidden.
+
+    The one rule for every fallback, here and in ``fusedformer.nn``: a forced fused backend
+    (``FUSEDFORMER_BACKEND=cpp|triton``) and ``FUSEDFORMER_STRICT=1`` raise; otherwise a one-time
+    ``FallbackWarning``.
+    """
+    forced = _forced_backend()
+    if forced is not None and forced != "reference":
+        raise BackendUnavailableError(f"fusedformer: FUSEDFORMER_BACKEND={forced} cannot serve {what}: {reason}")
+    if _strict():
+        raise BackendUnavailableError(
+            f"fusedformer: no fused kernel can serve {what} and FUSEDFORMER_STRICT=1 forbids the reference path "
+            f"({reason})"
+        )
+    message = f"fusedformer: {what} runs on the reference path (plain PyTorch) because {reason}"
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, FallbackWarning, stacklevel=4)
+
+
 def select(request: Request) -> str:
     """The name of the backend that serves ``request``; raises or warns as the module doc says."""
     explanation = explain_request(request)
@@ -173,14 +195,5 @@ def select(request: Request) -> str:
             )
         return name
     if name == "reference":
-        why = _format_reasons(reasons, _PRIORITY)
-        if _strict():
-            raise BackendUnavailableError(
-                f"fusedformer: no fused kernel can serve this {request.op} call and FUSEDFORMER_STRICT=1 "
-                f"forbids the reference path ({why})"
-            )
-        message = f"fusedformer: {request.op} runs on the reference path (plain PyTorch) because {why}"
-        if message not in _warned:
-            _warned.add(message)
-            warnings.warn(message, FallbackWarning, stacklevel=3)
+        report_fallback(f"this {request.op} call", _format_reasons(reasons, _PRIORITY))
     return name
