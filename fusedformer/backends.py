@@ -92,17 +92,51 @@ class CppBackend:
         return reasons + _common_reasons(request)
 
 
+def _load_triton_kernels() -> tuple[dict[str, object], str | None]:
+    """fusedformer.kernels' modules by op family, or why they could not be imported.
+
+    Imported with the package: TRITON_INTERPRET must be set before ``import fusedformer`` for the kernels
+    to run on CPU tensors under Triton's interpreter (``@triton.jit`` reads it when it runs).
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return {}, "triton is not installed (pip install triton)"
+    try:
+        from fusedformer.kernels import _common, attention, gelu, layer_norm
+    except Exception as e:  # a broken triton install must not break `import fusedformer`
+        return {}, f"the Triton kernels failed to import ({type(e).__name__}: {e})"
+    return {"attention": attention, "layer_norm": layer_norm, "gelu": gelu, "_common": _common}, None
+
+
+TRITON_KERNELS, _TRITON_ERROR = _load_triton_kernels()
+TRITON_INTERPRETED = bool(TRITON_KERNELS) and TRITON_KERNELS["_common"].INTERPRET
+
+
 class TritonBackend:
     name = "triton"
-    SUPPORTED_DEVICES = ("cuda",)
-    SUPPORTED_DTYPES = FLOAT_DTYPES
+    SUPPORTED_DEVICES = ("cuda",)  # and "cpu" when interpreted
+    SUPPORTED_DTYPES = {  # by op family
+        "attention": (torch.float32, torch.float16, torch.bfloat16),
+        "layer_norm": FLOAT_DTYPES,
+        "gelu": FLOAT_DTYPES,
+    }
 
     def not_supported_reasons(self, request: Request) -> list[str]:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return ["triton is not installed (pip install triton)"]
-        return ["the Triton kernels are not built yet (kernels/ is empty in this release)"]
+        if _TRITON_ERROR is not None:
+            return [_TRITON_ERROR]
+        reasons = []
+        device = request.device.type
+        if device == "cpu" and not TRITON_INTERPRETED:
+            reasons.append(
+                "serves CUDA tensors, got cpu (set TRITON_INTERPRET=1 before importing fusedformer to run the "
+                "Triton kernels on CPU tensors under Triton's interpreter)"
+            )
+        elif device not in ("cuda", "cpu"):
+            reasons.append(f"serves CUDA tensors, got {device}")
+        if request.dtype in FLOAT_DTYPES and request.dtype not in self.SUPPORTED_DTYPES[request.op]:
+            reasons.append(f"the Triton {request.op} kernels do not take {request.dtype}")
+        return reasons + _common_reasons(request)
 
 
 class ReferenceBackend:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
+import os
 
-import pytest
-import torch
+# Before anything imports fusedformer (and with it the Triton kernels, whose @triton.jit reads this):
+# tests/test_triton.py runs the GPU kernels on CPU tensors under Triton's interpreter. The cpp backend
+# still serves CPU tensors first, so the other tests are unaffected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Per-dtype absolute floor, relative to the size of the true values: it only matters when PyTorch's own
 # error happens to be ~0 (e.g. float64, where torch and the reference round identically), never

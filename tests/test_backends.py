@@ -28,7 +28,10 @@ def test_explain_names_the_serving_backend_and_the_others_reasons(qkv):
     e = ff.explain(ff.layer_norm, randn(4, 8), (8,))
     assert e.backend == "cpp" and not e.forced
     assert e.reasons["cpp"] == []
-    assert e.reasons["triton"], "triton must say why it cannot serve CPU tensors"
+    if backends.TRITON_INTERPRETED:  # conftest sets TRITON_INTERPRET=1: triton could serve, cpp is first
+        assert e.reasons["triton"] == []
+    else:
+        assert e.reasons["triton"], "triton must say why it cannot serve CPU tensors"
     assert "layer_norm: served by 'cpp'" in str(e)
     assert ff.explain("gelu", randn(3)).backend == "cpp"
 
@@ -76,8 +79,8 @@ def test_forced_backend_that_cannot_serve_raises(qkv, monkeypatch):
     with pytest.raises(ff.BackendUnavailableError, match="dropout"):
         ff.scaled_dot_product_attention(*qkv, dropout_p=0.1)
     monkeypatch.setenv("FUSEDFORMER_BACKEND", "triton")
-    with pytest.raises(ff.BackendUnavailableError, match="triton"):
-        ff.gelu(randn(4))
+    with pytest.raises(ff.BackendUnavailableError, match="float64"):
+        ff.scaled_dot_product_attention(*(t.double() for t in qkv))
 
 
 def test_unknown_backend_name_is_an_error(monkeypatch):

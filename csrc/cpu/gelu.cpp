@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd_cpu(const at::Tensor& grad_out, cons
   const at::Tensor dy = grad_out.to(ct).contiguous();
   const at::Tensor b = bias ? bias->to(ct).contiguous() : at::Tensor();
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor db = at::empty({0}, x.options());
+  at::Tensor db = at::empty({0}, input.options());  // empty where bias is None, in input's dtype
   if (ct == at::kDouble) {
     run_gelu_bwd<double>(gelu_bwd_f64_stub, dy, x, b, tanh_approx, dx, db);
   } else {

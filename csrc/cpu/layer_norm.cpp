@@ -133,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   const at::Tensor w = to_compute(weight, ct), b = to_compute(bias, ct);
   const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor dw = at::empty({0}, x.options()), db = at::empty({0}, x.options());
+  // empty where weight (bias) is None, in input's dtype like the fake kernel says
+  at::Tensor dw = at::empty({0}, input.options()), db = at::empty({0}, input.options());
   if (ct == at::kDouble) {
     auto a = make_args<double>(x, w, b, rows, cols);
     a.grad_out = dy.data_ptr<double>(), a.out = dx.data_ptr<double>();

@@ -48,7 +48,42 @@ def attention_bwd(
     )
 
 
-def _register() -> None:
+_FWD_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale) "
+    "-> (Tensor out, Tensor logsumexp)"
+)
+_BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor logsumexp, "
+    "Tensor? attn_mask, bool is_causal, float scale) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+)
+# The op pair that serves each backend (csrc/fusedformer.cpp defines the cpp pair; the triton pair is
+# defined below from kernels/attention.py's launchers).
+_OPS = {"cpp": ("attention_fwd", "attention_bwd"), "triton": ("triton_attention_fwd", "triton_attention_bwd")}
+
+
+def _register_autograd(backend: str) -> None:
+    fwd_name, bwd_name = _OPS[backend]
+
+    def _setup_context(ctx, inputs, output):
+        query, key, value, attn_mask, is_causal, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)  # saved for the backward; the public function never returns it
+        ctx.save_for_backward(query, key, value, out, lse, attn_mask)
+        ctx.is_causal = is_causal
+        ctx.scale = scale
+
+    def _backward(ctx, grad_out, grad_lse):
+        query, key, value, out, lse, attn_mask = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        bwd = getattr(torch.ops.fusedformer, bwd_name).default
+        dq, dk, dv = bwd(grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd(f"fusedformer::{fwd_name}", _backward, setup_context=_setup_context)
+
+
+def _register_cpp() -> None:
     @torch.library.register_fake("fusedformer::attention_fwd")
     def _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale):
         B, Hq, L, _ = query.shape
@@ -65,27 +100,21 @@ def _register() -> None:
             value.new_empty(value.shape),
         )
 
-    def _setup_context(ctx, inputs, output):
-        query, key, value, attn_mask, is_causal, scale = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)  # saved for the backward; the public function never returns it
-        ctx.save_for_backward(query, key, value, out, lse, attn_mask)
-        ctx.is_causal = is_causal
-        ctx.scale = scale
+    _register_autograd("cpp")
 
-    def _backward(ctx, grad_out, grad_lse):
-        # grad_lse: the logsumexp is an internal output (the public function never returns it)
-        query, key, value, out, lse, attn_mask = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = attention_bwd(grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale)
-        return dq, dk, dv, None, None, None
 
-    torch.library.register_autograd("fusedformer::attention_fwd", _backward, setup_context=_setup_context)
+def _register_triton(kernels) -> None:
+    # triton_op: torch.compile sees the kernels inside (wrap_triton) and the fake kernel comes from
+    # tracing the launcher; the launcher serves CUDA tensors, and CPU tensors under the interpreter.
+    torch.library.triton_op("fusedformer::triton_attention_fwd", kernels.attention_forward, mutates_args=(), schema=_FWD_SCHEMA)
+    torch.library.triton_op("fusedformer::triton_attention_bwd", kernels.attention_backward, mutates_args=(), schema=_BWD_SCHEMA)
+    _register_autograd("triton")
 
 
 if backends._C is not None:
-    _register()
+    _register_cpp()
+if backends.TRITON_KERNELS:
+    _register_triton(backends.TRITON_KERNELS["attention"])
 
 
 # ---- the public function ------------------------------------------------------------------------
@@ -174,7 +203,7 @@ def _to_4d(t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(0).unsqueeze(0)
     if t.dim() == 3:
         return t.unsqueeze(0)
-    return t.reshape(-1, *t.shape[-3:])
+    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])  # not -1: ambiguous for 0 elements
 
 
 def _mask_to_4d(attn_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -193,7 +222,7 @@ def _mask_to_4d(attn_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     batch = query.shape[:-3]
     if all(s == 1 for s in m.shape[:-3]):
         return m.reshape(1, *m.shape[-3:])
-    return m.expand(*batch, *m.shape[-3:]).reshape(-1, *m.shape[-3:])
+    return m.expand(*batch, *m.shape[-3:]).reshape(math.prod(batch), *m.shape[-3:])
 
 
 def scaled_dot_product_attention(
@@ -238,5 +267,6 @@ def scaled_dot_product_attention(
         )
     scale_value = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     mask4 = _mask_to_4d(attn_mask, query) if attn_mask is not None else None
-    out, _ = attention_fwd(_to_4d(query), _to_4d(key), _to_4d(value), mask4, bool(is_causal), scale_value)
+    fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
+    out, _ = fwd(_to_4d(query), _to_4d(key), _to_4d(value), mask4, bool(is_causal), scale_value)
     return out.reshape(*query.shape[:-1], value.shape[-1])

@@ -28,7 +28,29 @@ def gelu_bwd(
     return torch.ops.fusedformer.gelu_bwd.default(grad_out, input, bias, approximate)
 
 
-def _register() -> None:
+_FWD_SCHEMA = "(Tensor input, Tensor? bias, str approximate) -> Tensor"
+_BWD_SCHEMA = "(Tensor grad_out, Tensor input, Tensor? bias, str approximate) -> (Tensor grad_input, Tensor grad_bias)"
+# The op pair that serves each backend (the cpp pair from csrc/fusedformer.cpp, the triton pair below).
+_OPS = {"cpp": ("gelu_fwd", "gelu_bwd"), "triton": ("triton_gelu_fwd", "triton_gelu_bwd")}
+
+
+def _register_autograd(backend: str) -> None:
+    fwd_name, bwd_name = _OPS[backend]
+
+    def _setup_context(ctx, inputs, output):
+        input, bias, approximate = inputs
+        ctx.save_for_backward(input, bias)
+        ctx.approximate = approximate
+
+    def _backward(ctx, grad_out):
+        input, bias = ctx.saved_tensors
+        dx, db = getattr(torch.ops.fusedformer, bwd_name).default(grad_out, input, bias, ctx.approximate)
+        return dx, db if bias is not None else None, None
+
+    torch.library.register_autograd(f"fusedformer::{fwd_name}", _backward, setup_context=_setup_context)
+
+
+def _register_cpp() -> None:
     @torch.library.register_fake("fusedformer::gelu_fwd")
     def _gelu_fwd_fake(input, bias, approximate):
         return input.new_empty(input.shape)
@@ -38,21 +60,20 @@ def _register() -> None:
         gb = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
         return input.new_empty(input.shape), gb
 
-    def _setup_context(ctx, inputs, output):
-        input, bias, approximate = inputs
-        ctx.save_for_backward(input, bias)
-        ctx.approximate = approximate
+    _register_autograd("cpp")
 
-    def _backward(ctx, grad_out):
-        input, bias = ctx.saved_tensors
-        dx, db = gelu_bwd(grad_out, input, bias, ctx.approximate)
-        return dx, db if bias is not None else None, None
 
-    torch.library.register_autograd("fusedformer::gelu_fwd", _backward, setup_context=_setup_context)
+def _register_triton(kernels) -> None:
+    # see ops/attention.py: triton_op makes the kernels visible to torch.compile and traces the fake
+    torch.library.triton_op("fusedformer::triton_gelu_fwd", kernels.gelu_forward, mutates_args=(), schema=_FWD_SCHEMA)
+    torch.library.triton_op("fusedformer::triton_gelu_bwd", kernels.gelu_backward, mutates_args=(), schema=_BWD_SCHEMA)
+    _register_autograd("triton")
 
 
 if backends._C is not None:
-    _register()
+    _register_cpp()
+if backends.TRITON_KERNELS:
+    _register_triton(backends.TRITON_KERNELS["gelu"])
 
 
 def _request(input, approximate="none", bias=None):
@@ -87,6 +108,7 @@ def gelu(
     ``approximate="none"`` is the exact ``x·Φ(x)`` (erf); ``"tanh"`` is the tanh approximation.
     """
     request = _request(input, approximate, bias)
-    if backends.select(request) == "reference":
+    backend = backends.select(request)
+    if backend == "reference":
         return reference.gelu(input, approximate, bias)
-    return gelu_fwd(input, bias, approximate)
+    return getattr(torch.ops.fusedformer, _OPS[backend][0]).default(input, bias, approximate)

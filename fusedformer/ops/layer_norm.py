@@ -41,7 +41,38 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _register() -> None:
+_FWD_SCHEMA = (
+    "(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
+    "-> (Tensor out, Tensor mean, Tensor rstd)"
+)
+_BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, Tensor rstd, Tensor? weight, "
+    "Tensor? bias) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)"
+)
+# The op pair that serves each backend (the cpp pair from csrc/fusedformer.cpp, the triton pair below).
+_OPS = {"cpp": ("layer_norm_fwd", "layer_norm_bwd"), "triton": ("triton_layer_norm_fwd", "triton_layer_norm_bwd")}
+
+
+def _register_autograd(backend: str) -> None:
+    fwd_name, bwd_name = _OPS[backend]
+
+    def _setup_context(ctx, inputs, output):
+        input, normalized_shape, weight, bias, eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)  # statistics saved for the backward, not results
+        ctx.save_for_backward(input, mean, rstd, weight, bias)
+        ctx.normalized_shape = normalized_shape
+
+    def _backward(ctx, grad_out, grad_mean, grad_rstd):
+        input, mean, rstd, weight, bias = ctx.saved_tensors
+        bwd = getattr(torch.ops.fusedformer, bwd_name).default
+        dx, dw, db = bwd(grad_out, input, list(ctx.normalized_shape), mean, rstd, weight, bias)
+        return dx, None, dw if weight is not None else None, db if bias is not None else None, None
+
+    torch.library.register_autograd(f"fusedformer::{fwd_name}", _backward, setup_context=_setup_context)
+
+
+def _register_cpp() -> None:
     @torch.library.register_fake("fusedformer::layer_norm_fwd")
     def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
         lead = input.shape[: input.dim() - len(normalized_shape)]
@@ -54,23 +85,20 @@ def _register() -> None:
         gb = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
         return input.new_empty(input.shape), gw, gb
 
-    def _setup_context(ctx, inputs, output):
-        input, normalized_shape, weight, bias, eps = inputs
-        _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)  # statistics saved for the backward, not results
-        ctx.save_for_backward(input, mean, rstd, weight, bias)
-        ctx.normalized_shape = normalized_shape
+    _register_autograd("cpp")
 
-    def _backward(ctx, grad_out, grad_mean, grad_rstd):
-        input, mean, rstd, weight, bias = ctx.saved_tensors
-        dx, dw, db = layer_norm_bwd(grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias)
-        return dx, None, dw if weight is not None else None, db if bias is not None else None, None
 
-    torch.library.register_autograd("fusedformer::layer_norm_fwd", _backward, setup_context=_setup_context)
+def _register_triton(kernels) -> None:
+    # see ops/attention.py: triton_op makes the kernels visible to torch.compile and traces the fake
+    torch.library.triton_op("fusedformer::triton_layer_norm_fwd", kernels.layer_norm_forward, mutates_args=(), schema=_FWD_SCHEMA)
+    torch.library.triton_op("fusedformer::triton_layer_norm_bwd", kernels.layer_norm_backward, mutates_args=(), schema=_BWD_SCHEMA)
+    _register_autograd("triton")
 
 
 if backends._C is not None:
-    _register()
+    _register_cpp()
+if backends.TRITON_KERNELS:
+    _register_triton(backends.TRITON_KERNELS["layer_norm"])
 
 
 def _normalize_shape(normalized_shape) -> tuple[int, ...]:
@@ -126,7 +154,9 @@ def layer_norm(
     optional elementwise ``weight`` and ``bias``. Returns input's shape and dtype.
     """
     request = _request(input, normalized_shape, weight, bias, eps)
-    if backends.select(request) == "reference":
+    backend = backends.select(request)
+    if backend == "reference":
         return reference.layer_norm(input, normalized_shape, weight, bias, eps)
-    out, _, _ = layer_norm_fwd(input, _normalize_shape(normalized_shape), weight, bias, float(eps))
+    fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
+    out, _, _ = fwd(input, list(_normalize_shape(normalized_shape)), weight, bias, float(eps))
     return out

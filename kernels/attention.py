@@ -1,0 +1,823 @@
+"""Scaled dot-product attention in Triton: FlashAttention-2 forward and backward.
+
+Shapes (``B`` batch, ``Hq``/``Hk`` query/key heads, ``L``/``S`` query/key lengths)::
+
+    query (B, Hq, L, E)   key (B, Hk, S, E)   value (B, Hk, S, Ev)   attn_mask broadcastable to (B, Hq, L, S)
+    out   (B, Hq, L, Ev)  logsumexp (B, Hq, L) float32, natural log, +inf where a row has no key
+
+Grouped-query attention: ``Hq`` a multiple of ``Hk``, query head ``h`` reads key head ``h // (Hq // Hk)``.
+``is_causal`` is aligned top-left as in torch (query ``i`` sees keys ``j <= i``); for L=3, S=5::
+
+    1 0 0 0 0
+    1 1 0 0 0
+    1 1 1 0 0
+
+Forward (``_attn_fwd_kernel``): a program per (query block of ``BLOCK_M`` rows, batch·head). It streams
+``BLOCK_N`` key/value tiles through an online softmax held in float32, in log2 units (``exp2``, with
+``scale·log2(e)`` folded into the scores), and saves the log-sum-exp. The key loop has two stages: the
+blocks that need no masking work (below the causal diagonal and inside ``S``), then the blocks that
+do (the diagonal and the ragged end); blocks above the diagonal are never visited. The attention mask
+is read tile by tile through its strides (0 on broadcast dims), never expanded.
+
+Backward, three kernels and no atomics, so the result is deterministic (bit-identical from run to run
+for a given block configuration):
+
+1. ``_attn_bwd_preprocess_kernel``: ``delta = rowsum(dO ∘ O)`` per query row (and the renormaliser below).
+2. ``_attn_bwd_dkdv_kernel``: a program per (key block, batch·kv-head) owns ``dK, dV`` of its keys; it
+   loops over the query heads of its group and over the query blocks that see its keys.
+3. ``_attn_bwd_dq_kernel``: a program per (query block, batch·head) owns ``dQ`` of its rows and loops
+   over key blocks like the forward.
+
+The probabilities are recomputed from the saved log-sum-exp; nothing of size L·S is ever stored.
+
+Head dims 1..256 (``E`` and ``Ev`` independently) are padded inside the kernel to ``BLOCK_D``/``BLOCK_DV``,
+the next power of two (at least 16), with masked loads: the inputs are never copied, any strides work.
+Dtypes float16, bfloat16 (tensor-core dots) and float32 (``input_precision="ieee"``: full float32
+products, not TF32, as torch computes float32 attention; on CUDA cores, so much slower than the half
+dtypes); float64 is not implemented and refused with an error (the cpp and reference backends take it).
+
+Numerics. Scores, softmax statistics and every accumulator are float32; ``p`` and ``dS`` are rounded to
+the input dtype right before their tensor-core dots, as FlashAttention-2 does. The backward recomputes
+the probabilities as ``exp2(s - lse)``: where the recomputed scores round differently from the
+forward's (a different summation order of q·k), their error enters unnormalised. It is invisible in
+float16/bfloat16; in float32 with large scores (|s| ~ 10 and E = 256) it can reach a few 1e-6 relative.
+Under the interpreter the dK/dV kernel's k·qᵀ and the forward's q·kᵀ are summed in different orders
+by numpy's BLAS; on a GPU, Triton lowers IEEE float32 dots to FMA chains along k, which should give
+the same scores in both orientations (expected, not measured: no GPU here).
+
+Masking semantics. A bool mask marks with True the keys that take part; a float mask is added to the
+scores. A row with no key to attend to (all masked by False / -inf, or causal with S = 0) gives
+output 0, log-sum-exp +inf and gradient 0, never NaN. A finite mask, however negative (Hugging Face
+uses ``finfo.min``), is a score like any other: the softmax runs as usual. Its log-sum-exp may then be
+so large (|lse| ~ 1e38) that float32 cannot hold it relative to the scores; for a float mask the
+preprocess kernel detects such rows and recomputes their softmax normaliser, so that the backward
+stays exact for them too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedformer.kernels._common import INTERPRET, div_rn, round_to, upcast
+
+__all__ = ["attention_forward", "attention_backward", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# a float mask is clamped here before the log2(e) factor (so finfo.min stays finite); -inf stays -inf
+_MASK_FLOOR = tl.constexpr(-2.0e38)
+# |lse| in log2 units from which a row's saved log-sum-exp is too coarse to recompute probabilities
+# from directly (float32 keeps 24 bits; with |lse| >= 64 they leave < 2^-17 for the fraction)
+_RENORM_LSE2 = tl.constexpr(64.0)
+
+
+def _fwd_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for bn in (32, 64)
+        for w in (4, 8)
+        for s in (2, 3, 4)
+    ]
+
+
+def _dkdv_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in ((16, 64), (32, 64), (32, 128), (64, 64), (64, 128))
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+def _dq_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in ((64, 16), (64, 32), (128, 32), (64, 64), (128, 64))
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    # wide heads and float32: keep the tiles that fit in shared memory and registers
+    size = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"]) * named_args["Q"].element_size()
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * size <= 128 * 64 * 128 * 2]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+# ---- shared pieces ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scores(
+    qk,  # (rows, cols) fp32 tile of q·k, either layout
+    offs_l,  # query index of each element, broadcastable to qk's shape
+    offs_s,  # key index of each element, broadcastable to qk's shape
+    Mask,  # this (batch, head)'s mask base pointer; unused without HAS_MASK
+    stride_ml,
+    stride_ms,
+    L,
+    S,
+    qk_scale,  # scale·log2(e)
+    HAS_MASK: tl.constexpr,
+    MASK_IS_BOOL: tl.constexpr,
+    MASK_KEYS: tl.constexpr,  # apply the causal and key-bounds masks (diagonal/ragged tiles only)
+    IS_CAUSAL: tl.constexpr,
+):
+    """The scores in log2 units, -inf where a key does not take part."""
+    s = qk * qk_scale
+    if HAS_MASK:
+        # outside the (L, S) rectangle no key takes part
+        inside = (offs_l < L) & (offs_s < S)
+        mask_ptrs = Mask + offs_l * stride_ml + offs_s * stride_ms
+        if MASK_IS_BOOL:
+            s = tl.where(tl.load(mask_ptrs, mask=inside, other=0) != 0, s, float("-inf"))
+        else:
+            m = tl.load(mask_ptrs, mask=inside, other=float("-inf")).to(tl.float32)
+            s += tl.where(m == float("-inf"), m, tl.maximum(m, _MASK_FLOOR) * _LOG2E)
+    if MASK_KEYS:
+        keep = offs_s < S
+        if IS_CAUSAL:
+            keep = keep & (offs_s <= offs_l)
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _causal_stages(start_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """For the query rows start_m.., the key ranges [0, mid) (no masking work) and [mid, hi) (masked)."""
+    s_even = (S // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        # key block n..n+BLOCK_N-1 is wholly visible to every row iff n + BLOCK_N - 1 <= start_m
+        mid = tl.minimum(((start_m + 1) // BLOCK_N) * BLOCK_N, s_even)
+        hi = tl.minimum(start_m + BLOCK_M, S)
+    else:
+        mid = s_even
+        hi = S
+    return mid, hi
+
+
+# ---- forward ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    K, V, Mask,
+    stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+    offs_m, lo, hi, L, S, E, Ev, qk_scale,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KEYS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # -- scores of this key tile: kT (BLOCK_D, BLOCK_N)
+        if MASK_KEYS:
+            k_mask = (offs_d[:, None] < E) & (offs_n[None, :] < S)
+        else:
+            k_mask = offs_d[:, None] < E
+        kT = tl.load(K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_ke, mask=k_mask, other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision="ieee")
+        s = _scores(
+            qk, offs_m[:, None], offs_n[None, :], Mask, stride_ml, stride_ms, L, S, qk_scale,
+            HAS_MASK, MASK_IS_BOOL, MASK_KEYS, IS_CAUSAL,
+        )  # fmt: skip
+        # -- online softmax; a row that has seen no key yet keeps m = -inf and adds nothing
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # -- acc += p·v, p rounded to v's dtype as the tensor cores take it
+        if MASK_KEYS:
+            v_mask = (offs_n[:, None] < S) & (offs_dv[None, :] < Ev)
+        else:
+            v_mask = offs_dv[None, :] < Ev
+        v = tl.load(V + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_ve, mask=v_mask, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(round_to(p, V.dtype.element_ty, UPCAST), v, acc, input_precision="ieee")
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_fwd_configs(),
+    key=["L", "S", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # (B, Hq, L, E)
+    K,  # (B, Hk, S, E)
+    V,  # (B, Hk, S, Ev)
+    Mask,  # broadcastable to (B, Hq, L, S): strides 0 on broadcast dims; unused without HAS_MASK
+    Out,  # (B, Hq, L, Ev)
+    Lse,  # (B, Hq, L) float32
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_ks, stride_ke,
+    stride_vb, stride_vh, stride_vs, stride_ve,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_ob, stride_oh, stride_ol, stride_oe,
+    stride_lb, stride_lh, stride_ll,
+    Hq, GROUP, L, S, E, Ev,
+    qk_scale,  # scale·log2(e)
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    b = (off_bh // Hq).to(tl.int64)
+    h = (off_bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    Mask += b * stride_mb + h * stride_mh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    # q stays in registers for the whole loop
+    q = tl.load(
+        Q + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qe,
+        mask=(offs_m[:, None] < L) & (offs_d[None, :] < E),
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    mid, hi = _causal_stages(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    # stage 1: key blocks below the diagonal and inside S; stage 2: the diagonal and the ragged end
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K, V, Mask,
+        stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+        offs_m, 0, mid, L, S, E, Ev, qk_scale,
+        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, False, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K, V, Mask,
+        stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+        offs_m, mid, hi, L, S, E, Ev, qk_scale,
+        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, True, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    # epilogue: rows with no key (l = 0) give 0 and lse = +inf
+    empty = l_i == 0.0
+    inv_l = div_rn(1.0, tl.where(empty, 1.0, l_i))
+    out = acc * inv_l[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
+    Out += b * stride_ob + h * stride_oh
+    tl.store(
+        Out + offs_m[:, None] * stride_ol + offs_dv[None, :] * stride_oe,
+        round_to(out, Out.dtype.element_ty, UPCAST),
+        mask=(offs_m[:, None] < L) & (offs_dv[None, :] < Ev),
+    )
+    tl.store(Lse + b * stride_lb + h * stride_lh + offs_m * stride_ll, lse, mask=offs_m < L)
+
+
+# ---- backward -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O,  # (B, Hq, L, Ev)
+    DO,  # (B, Hq, L, Ev)
+    Delta,  # (B, Hq, L) float32, contiguous: rowsum(dO ∘ O)
+    Renorm,  # (B, Hq, L) float32, contiguous: 1/normaliser (1 for ordinary rows); only with RENORM
+    Q,  # (B, Hq, L, E); only with RENORM
+    K,  # (B, Hk, S, E); only with RENORM
+    Mask,  # broadcastable to (B, Hq, L, S); only with RENORM
+    Lse,  # (B, Hq, L) float32; only with RENORM
+    stride_ob, stride_oh, stride_ol, stride_oe,
+    stride_dob, stride_doh, stride_dol, stride_doe,
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_ks, stride_ke,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_lb, stride_lh, stride_ll,
+    Hq, GROUP, L, S, E, Ev,
+    qk_scale,
+    RENORM: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    b = (off_bh // Hq).to(tl.int64)
+    h = (off_bh % Hq).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_o = (offs_m[:, None] < L) & (offs_dv[None, :] < Ev)
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_dv[None, :] * stride_oe,
+        mask=mask_o,
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_doe,
+        mask=mask_o,
+        other=0.0,
+    ).to(tl.float32)
+    row = off_bh.to(tl.int64) * L + offs_m
+    tl.store(Delta + row, tl.sum(o * do, 1), mask=offs_m < L)
+    if RENORM:
+        # A float mask may put a row's scores near finfo.min: then lse is ~1e38 and float32 keeps no
+        # digits of log(sum) beside it, so exp(s - lse) is off by up to a factor S. For such rows,
+        # recompute the normaliser sum_j exp2(s_j - lse2) (exactly what the forward divided by).
+        lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_ll, mask=offs_m < L, other=0.0)
+        lse2 = lse2 * _LOG2E
+        coarse = (tl.abs(lse2) >= _RENORM_LSE2) & (lse2 != float("inf"))
+        renorm = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+        if tl.max(coarse.to(tl.int32), 0) > 0:
+            offs_d = tl.arange(0, BLOCK_D)
+            q = tl.load(
+                Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qe,
+                mask=(offs_m[:, None] < L) & (offs_d[None, :] < E),
+                other=0.0,
+            )
+            if UPCAST:
+                q = q.to(tl.float32)
+            K += b * stride_kb + (h // GROUP) * stride_kh
+            Mask += b * stride_mb + h * stride_mh
+            z = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            _, hi = _causal_stages(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                kT = tl.load(
+                    K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_ke,
+                    mask=(offs_d[:, None] < E) & (offs_n[None, :] < S),
+                    other=0.0,
+                )
+                if UPCAST:
+                    kT = kT.to(tl.float32)
+                qk = tl.dot(q, kT, input_precision="ieee")
+                s = _scores(
+                    qk, offs_m[:, None], offs_n[None, :], Mask, stride_ml, stride_ms, L, S, qk_scale,
+                    True, False, True, IS_CAUSAL,
+                )  # fmt: skip
+                z += tl.sum(tl.math.exp2(s - lse2[:, None]), 1)
+            renorm = tl.where(coarse & (z > 0.0), div_rn(1.0, tl.where(z > 0.0, z, 1.0)), 1.0)
+        tl.store(Renorm + row, renorm, mask=offs_m < L)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    Q, DO, Mask, Lse, Delta, Renorm,
+    stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms, stride_ll,
+    offs_n, lo, hi, L, S, E, Ev, qk_scale,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KEYS: tl.constexpr,
+    RENORM: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    # Transposed tiles, as in Triton tutorial 06: sT, pT (BLOCK_N, BLOCK_M). Rows past L load
+    # lse = +inf, so their p is 0 (keys past S only touch dK/dV rows that are never stored).
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_l = offs_m < L
+        qT = tl.load(
+            Q + offs_m[None, :] * stride_ql + offs_d[:, None] * stride_qe,
+            mask=in_l[None, :] & (offs_d[:, None] < E),
+            other=0.0,
+        )
+        do = tl.load(
+            DO + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_doe,
+            mask=in_l[:, None] & (offs_dv[None, :] < Ev),
+            other=0.0,
+        )
+        if UPCAST:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(Lse + offs_m * stride_ll, mask=in_l, other=float("inf")) * _LOG2E
+        delta = tl.load(Delta + offs_m, mask=in_l, other=0.0)
+        # -- pT = exp2(sT - lse2): the forward's probabilities, recomputed
+        qkT = tl.dot(k, qT, input_precision="ieee")
+        sT = _scores(
+            qkT, offs_m[None, :], offs_n[:, None], Mask, stride_ml, stride_ms, L, S, qk_scale,
+            HAS_MASK, MASK_IS_BOOL, MASK_KEYS, IS_CAUSAL,
+        )  # fmt: skip
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if RENORM:
+            pT *= tl.load(Renorm + offs_m, mask=in_l, other=1.0)[None, :]
+        # -- dV += pᵀ·dO; dSᵀ = pᵀ ∘ (V·dOᵀ - delta); dK += dSᵀ·Q (scaled at the end)
+        dv = tl.dot(round_to(pT, DO.dtype.element_ty, UPCAST), do, dv, input_precision="ieee")
+        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
+        dsT = pT * (dpT - delta[None, :])
+        ds_op = round_to(dsT, Q.dtype.element_ty, UPCAST)
+        dk = tl.dot(ds_op, tl.trans(qT), dk, input_precision="ieee")
+    return dk, dv
+
+
+@triton.autotune(
+    configs=_dkdv_configs(),
+    key=["L", "S", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,  # (B, Hq, L, E)
+    K,  # (B, Hk, S, E)
+    V,  # (B, Hk, S, Ev)
+    Mask,  # broadcastable to (B, Hq, L, S); unused without HAS_MASK
+    DO,  # (B, Hq, L, Ev)
+    Lse,  # (B, Hq, L) float32
+    Delta,  # (B, Hq, L) float32, contiguous
+    Renorm,  # (B, Hq, L) float32, contiguous; unused without RENORM
+    DK,  # (B, Hk, S, E)
+    DV,  # (B, Hk, S, Ev)
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_ks, stride_ke,
+    stride_vb, stride_vh, stride_vs, stride_ve,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_dob, stride_doh, stride_dol, stride_doe,
+    stride_lb, stride_lh, stride_ll,
+    stride_dkb, stride_dkh, stride_dks, stride_dke,
+    stride_dvb, stride_dvh, stride_dvs, stride_dve,
+    Hk, GROUP, L, S, E, Ev,
+    scale, qk_scale,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, RENORM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bhk = tl.program_id(1)
+    b = (off_bhk // Hk).to(tl.int64)
+    hk = (off_bhk % Hk).to(tl.int64)
+    Hq = Hk * GROUP
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    # k and v of this key block stay in registers
+    k = tl.load(
+        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_ke,
+        mask=(offs_n[:, None] < S) & (offs_d[None, :] < E),
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_ve,
+        mask=(offs_n[:, None] < S) & (offs_dv[None, :] < Ev),
+        other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    if IS_CAUSAL:
+        # rows < start_n see none of these keys; rows below start_n + BLOCK_N see part of them
+        lo = start_n
+        mid = start_n + ((BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        mid = 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        Maskh = Mask + b * stride_mb + h * stride_mh
+        Lseh = Lse + b * stride_lb + h * stride_lh
+        row0 = (b * Hq + h) * L
+        # stage 1: the diagonal query blocks (causal mask); stage 2: the query blocks that see every key
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, Qh, DOh, Maskh, Lseh, Delta + row0, Renorm + row0,
+            stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms, stride_ll,
+            offs_n, lo, mid, L, S, E, Ev, qk_scale,
+            HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, True, RENORM, UPCAST,
+            BLOCK_M, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, Qh, DOh, Maskh, Lseh, Delta + row0, Renorm + row0,
+            stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms, stride_ll,
+            offs_n, mid, L, L, S, E, Ev, qk_scale,
+            HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, False, RENORM, UPCAST,
+            BLOCK_M, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+    dk *= scale
+    tl.store(
+        DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dke,
+        round_to(dk, DK.dtype.element_ty, UPCAST),
+        mask=(offs_n[:, None] < S) & (offs_d[None, :] < E),
+    )
+    tl.store(
+        DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_dv[None, :] * stride_dve,
+        round_to(dv, DV.dtype.element_ty, UPCAST),
+        mask=(offs_n[:, None] < S) & (offs_dv[None, :] < Ev),
+    )
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta, renorm,
+    K, V, Mask,
+    stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+    offs_m, lo, hi, L, S, E, Ev, qk_scale,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KEYS: tl.constexpr,
+    RENORM: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASK_KEYS:
+            k_mask = (offs_d[:, None] < E) & (offs_n[None, :] < S)
+            v_mask = (offs_dv[:, None] < Ev) & (offs_n[None, :] < S)
+        else:
+            k_mask = offs_d[:, None] < E
+            v_mask = offs_dv[:, None] < Ev
+        kT = tl.load(K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_ke, mask=k_mask, other=0.0)
+        vT = tl.load(V + offs_n[None, :] * stride_vs + offs_dv[:, None] * stride_ve, mask=v_mask, other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision="ieee")
+        s = _scores(
+            qk, offs_m[:, None], offs_n[None, :], Mask, stride_ml, stride_ms, L, S, qk_scale,
+            HAS_MASK, MASK_IS_BOOL, MASK_KEYS, IS_CAUSAL,
+        )  # fmt: skip
+        p = tl.math.exp2(s - lse2[:, None])
+        if RENORM:
+            p *= renorm[:, None]
+        # dS = p ∘ (dO·Vᵀ - delta); dQ += dS·K (scaled at the end)
+        dp = tl.dot(do, vT, input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(round_to(ds, K.dtype.element_ty, UPCAST), tl.trans(kT), dq, input_precision="ieee")
+    return dq
+
+
+@triton.autotune(
+    configs=_dq_configs(),
+    key=["L", "S", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,  # (B, Hq, L, E)
+    K,  # (B, Hk, S, E)
+    V,  # (B, Hk, S, Ev)
+    Mask,  # broadcastable to (B, Hq, L, S); unused without HAS_MASK
+    DO,  # (B, Hq, L, Ev)
+    Lse,  # (B, Hq, L) float32
+    Delta,  # (B, Hq, L) float32, contiguous
+    Renorm,  # (B, Hq, L) float32, contiguous; unused without RENORM
+    DQ,  # (B, Hq, L, E)
+    stride_qb, stride_qh, stride_ql, stride_qe,
+    stride_kb, stride_kh, stride_ks, stride_ke,
+    stride_vb, stride_vh, stride_vs, stride_ve,
+    stride_mb, stride_mh, stride_ml, stride_ms,
+    stride_dob, stride_doh, stride_dol, stride_doe,
+    stride_lb, stride_lh, stride_ll,
+    stride_dqb, stride_dqh, stride_dql, stride_dqe,
+    Hq, GROUP, L, S, E, Ev,
+    scale, qk_scale,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, RENORM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    b = (off_bh // Hq).to(tl.int64)
+    h = (off_bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_l = offs_m < L
+    # this block's q, dO, lse, delta stay in registers
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qe,
+        mask=in_l[:, None] & (offs_d[None, :] < E),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_doe,
+        mask=in_l[:, None] & (offs_dv[None, :] < Ev),
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_ll, mask=in_l, other=float("inf"))
+    lse2 = lse2 * _LOG2E
+    row = off_bh.to(tl.int64) * L + offs_m
+    delta = tl.load(Delta + row, mask=in_l, other=0.0)
+    if RENORM:
+        renorm = tl.load(Renorm + row, mask=in_l, other=1.0)
+    else:
+        renorm = delta  # unused
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    Mask += b * stride_mb + h * stride_mh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    mid, hi = _causal_stages(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, renorm, K, V, Mask,
+        stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+        offs_m, 0, mid, L, S, E, Ev, qk_scale,
+        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, False, RENORM, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, renorm, K, V, Mask,
+        stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
+        offs_m, mid, hi, L, S, E, Ev, qk_scale,
+        HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, True, RENORM, UPCAST, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    dq *= scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqe,
+        round_to(dq, DQ.dtype.element_ty, UPCAST),
+        mask=in_l[:, None] & (offs_d[None, :] < E),
+    )
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+
+_FN = "fusedformer.kernels.attention"
+_PRE_BLOCK_M = 32 if INTERPRET else 64
+_PRE_BLOCK_N = 16 if INTERPRET else 64
+
+
+def _check(query, key, value, attn_mask) -> None:
+    """Raises, naming the argument, on anything these kernels cannot take."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(f"{_FN}: expected {name} to be 4-D (B, H, L, E), got shape {tuple(t.shape)}")
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{_FN}: the Triton attention kernels take float16, bfloat16 or float32, got {query.dtype} "
+            "(float64 is not supported: use the cpp or reference backend)"
+        )
+    if not (key.dtype == value.dtype == query.dtype):
+        raise TypeError(
+            f"{_FN}: expected query, key, value of one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not (key.device == value.device == query.device):
+        raise ValueError(f"{_FN}: expected query, key, value on one device")
+    B, Hq, L, E = query.shape
+    Bk, Hk, S, Ek = key.shape
+    if Bk != B or value.shape[0] != B or value.shape[1] != Hk or value.shape[2] != S or Ek != E:
+        raise ValueError(
+            f"{_FN}: expected key (B, Hk, S, E) and value (B, Hk, S, Ev) for query (B, Hq, L, E), got "
+            f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
+    if Hk == 0 or Hq % Hk != 0:
+        raise ValueError(f"{_FN}: expected query's heads ({Hq}) to be a multiple of key's ({Hk})")
+    for name, d in (("E", E), ("Ev", value.shape[3])):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{_FN}: head dim {name} must be between 1 and {MAX_HEAD_DIM}, got {d}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"{_FN}: expected attn_mask to be bool or floating, got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"{_FN}: expected attn_mask on {query.device}, got {attn_mask.device}")
+        target = (B, Hq, L, S)
+        if attn_mask.dim() > 4 or any(
+            m not in (1, t) for m, t in zip(attn_mask.shape[::-1], target[::-1])
+        ):
+            raise ValueError(
+                f"{_FN}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}"
+            )
+
+
+def _mask_args(attn_mask: torch.Tensor | None, dummy: torch.Tensor):
+    """(tensor, 4 strides with 0 on broadcast dims, HAS_MASK, MASK_IS_BOOL); never expands or copies."""
+    if attn_mask is None:
+        return dummy, (0, 0, 0, 0), False, False
+    pad = 4 - attn_mask.dim()
+    sizes = (1,) * pad + tuple(attn_mask.shape)
+    strides = (0,) * pad + tuple(attn_mask.stride())
+    strides = tuple(0 if n == 1 else st for n, st in zip(sizes, strides))
+    is_bool = attn_mask.dtype == torch.bool
+    return (attn_mask.view(torch.uint8) if is_bool else attn_mask), strides, True, is_bool
+
+
+def _head_blocks(E: int, Ev: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(Ev))
+
+
+def attention_forward(
+    query: torch.Tensor,  # (B, Hq, L, E)
+    key: torch.Tensor,  # (B, Hk, S, E)
+    value: torch.Tensor,  # (B, Hk, S, Ev)
+    attn_mask: torch.Tensor | None,  # broadcastable to (B, Hq, L, S): bool (True = take part) or additive
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, Hq, L, Ev) in query's dtype; logsumexp (B, Hq, L) float32
+    """FlashAttention-2 forward; see the module docstring for the semantics."""
+    _check(query, key, value, attn_mask)
+    B, Hq, L, E = query.shape
+    Hk, S, Ev = key.shape[1], key.shape[2], value.shape[3]
+    out = torch.empty((B, Hq, L, Ev), dtype=query.dtype, device=query.device)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=query.device)
+    if out.numel() == 0:
+        return out, lse
+    mask, mask_strides, has_mask, mask_is_bool = _mask_args(attn_mask, query)
+    BLOCK_D, BLOCK_DV = _head_blocks(E, Ev)
+
+    def grid(META):
+        return (triton.cdiv(L, META["BLOCK_M"]), B * Hq)
+
+    torch.library.wrap_triton(_attn_fwd_kernel)[grid](
+        query, key, value, mask, out, lse,
+        *query.stride(), *key.stride(), *value.stride(), *mask_strides, *out.stride(), *lse.stride(),
+        Hq, Hq // Hk, L, S, E, Ev, float(scale) * math.log2(math.e),
+        HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool, IS_CAUSAL=bool(is_causal),
+        UPCAST=upcast(query.dtype),
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(
+    grad_out: torch.Tensor,  # (B, Hq, L, Ev)
+    query: torch.Tensor,  # (B, Hq, L, E)
+    key: torch.Tensor,  # (B, Hk, S, E)
+    value: torch.Tensor,  # (B, Hk, S, Ev)
+    out: torch.Tensor,  # (B, Hq, L, Ev) from attention_forward
+    logsumexp: torch.Tensor,  # (B, Hq, L) float32 from attention_forward
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # grad_query, grad_key, grad_value
+    """FlashAttention-2 backward: deterministic (no atomics: dK/dV and dQ each have one owner program)."""
+    _check(query, key, value, attn_mask)
+    B, Hq, L, E = query.shape
+    Hk, S, Ev = key.shape[1], key.shape[2], value.shape[3]
+    if grad_out.shape != (B, Hq, L, Ev) or out.shape != (B, Hq, L, Ev):
+        raise ValueError(
+            f"{_FN}: expected grad_out and out of shape {(B, Hq, L, Ev)}, "
+            f"got {tuple(grad_out.shape)} and {tuple(out.shape)}"
+        )
+    if logsumexp.shape != (B, Hq, L) or logsumexp.dtype != torch.float32:
+        raise ValueError(
+            f"{_FN}: expected logsumexp (B, Hq, L) = {(B, Hq, L)} in float32, "
+            f"got {tuple(logsumexp.shape)} in {logsumexp.dtype}"
+        )
+    dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    dk = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    dv = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    if B * Hq == 0 or L == 0 or S == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    mask, mask_strides, has_mask, mask_is_bool = _mask_args(attn_mask, query)
+    renorm = has_mask and not mask_is_bool
+    BLOCK_D, BLOCK_DV = _head_blocks(E, Ev)
+    qk_scale = float(scale) * math.log2(math.e)
+    flags = dict(UPCAST=upcast(query.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=query.device)
+    inv_z = torch.empty((B, Hq, L), dtype=torch.float32, device=query.device) if renorm else delta
+
+    torch.library.wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(L, _PRE_BLOCK_M), B * Hq)](
+        out, grad_out, delta, inv_z, query, key, mask, logsumexp,
+        *out.stride(), *grad_out.stride(), *query.stride(), *key.stride(), *mask_strides, *logsumexp.stride(),
+        Hq, Hq // Hk, L, S, E, Ev, qk_scale,
+        RENORM=renorm, IS_CAUSAL=bool(is_causal), BLOCK_M=_PRE_BLOCK_M, BLOCK_N=_PRE_BLOCK_N, **flags,
+    )  # fmt: skip
+
+    def grid_dkdv(META):
+        return (triton.cdiv(S, META["BLOCK_N"]), B * Hk)
+
+    torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[grid_dkdv](
+        query, key, value, mask, grad_out, logsumexp, delta, inv_z, dk, dv,
+        *query.stride(), *key.stride(), *value.stride(), *mask_strides,
+        *grad_out.stride(), *logsumexp.stride(), *dk.stride(), *dv.stride(),
+        Hk, Hq // Hk, L, S, E, Ev, float(scale), qk_scale,
+        HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool, IS_CAUSAL=bool(is_causal), RENORM=renorm, **flags,
+    )  # fmt: skip
+
+    def grid_dq(META):
+        return (triton.cdiv(L, META["BLOCK_M"]), B * Hq)
+
+    torch.library.wrap_triton(_attn_bwd_dq_kernel)[grid_dq](
+        query, key, value, mask, grad_out, logsumexp, delta, inv_z, dq,
+        *query.stride(), *key.stride(), *value.stride(), *mask_strides,
+        *grad_out.stride(), *logsumexp.stride(), *dq.stride(),
+        Hq, Hq // Hk, L, S, E, Ev, float(scale), qk_scale,
+        HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool, IS_CAUSAL=bool(is_causal), RENORM=renorm, **flags,
+    )  # fmt: skip
+    return dq, dk, dv

@@ -1,0 +1,704 @@
+"""The Triton kernels (kernels/), run by Triton's interpreter on CPU tensors, against the float64 reference.
+
+No machine of this project has a GPU: ``TRITON_INTERPRET=1`` (set below, before anything imports the
+kernels) makes ``@triton.jit`` run the very kernel source in numpy. The launchers are called
+directly. The rule, per output: error(kernel) <= 2 x error(reference in the same dtype,
+``upcast=False``) for outputs and 3 x for gradients, both max-abs against the reference in float64 on
+the same (rounded) inputs, plus a tiny absolute floor for where the reference is exact (``_FLOOR``).
+
+Rows with no key to attend to: the reference's softmax backward gives NaN there (its forward fills 0),
+so both references are computed with those rows' keys unmasked and their output gradient zeroed, which
+is the exact gradient of a row whose output is the constant 0 (``_attention_ref``). The kernels get the
+real mask and gradient.
+
+Tests marked ``gpu`` run the same checks on CUDA tensors with compiled kernels; they need a GPU and
+``TRITON_INTERPRET=0``. Two tests cover the compiled path without a GPU, each in a subprocess with
+``TRITON_INTERPRET=0``: ``test_kernels_compile_for_gpu`` compiles the kernels to sm_80 binaries, and
+``test_launchers_trace_with_fake_tensors`` traces the launchers as torch.compile would.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton or fusedformer.kernels is imported
+
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fusedformer import reference  # noqa: E402
+from fusedformer.kernels import _common  # noqa: E402
+from fusedformer.kernels.attention import attention_backward, attention_forward  # noqa: E402
+from fusedformer.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
+from fusedformer.kernels.layer_norm import MAX_BLOCK_D, layer_norm_backward, layer_norm_forward  # noqa: E402
+
+interpreted = pytest.mark.skipif(
+    not _common.INTERPRET,
+    reason="fusedformer.kernels was imported with TRITON_INTERPRET unset or 0 (compiled for a GPU); "
+    "the CPU tests need TRITON_INTERPRET=1 set before the first import of the kernels",
+)
+
+
+def on_gpu(test):
+    """The same checks on CUDA tensors with compiled kernels: skipped without a GPU."""
+    marks = (
+        pytest.mark.gpu,
+        pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="no GPU available (torch.cuda.is_available() is False)"
+        ),
+        pytest.mark.skipif(
+            _common.INTERPRET, reason="kernels interpreted in this session; run with TRITON_INTERPRET=0"
+        ),
+    )
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+ATTN_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Absolute floor, times max(1, max|truth|): where the reference in the same dtype is exact (float64
+# against itself; a query that sees a single key, whose dq is exactly 0 in any dtype), 2x of 0 is no
+# bound. float32: 2e-6, ~16 ulps of 1 (the project's float32 floor, tests/conftest.py); float16 and
+# bfloat16: about 1% of an ulp of 1 (9.8e-4 and 7.8e-3), far below any rounding they can show.
+_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
+
+
+def _err(x: torch.Tensor, truth: torch.Tensor) -> float:
+    return (x.double() - truth.double()).abs().max().item() if x.numel() else 0.0
+
+
+def _check(name: str, ours: torch.Tensor, same_dtype: torch.Tensor, truth: torch.Tensor, factor: float):
+    """error(ours) <= factor x error(reference in ours' dtype) + floor, both against the float64 truth.
+
+    Where the reference in ours' dtype is not finite (float16 LayerNorm of a single column overflows
+    in rsqrt's gradient), its error counts as one rounding of the truth's scale.
+    """
+    assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err, err_ref = _err(ours, truth), _err(same_dtype, truth)
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    if not math.isfinite(err_ref):  # the reference overflowed in this dtype: hold ours to one rounding
+        err_ref = torch.finfo(ours.dtype).eps * scale
+    bound = factor * err_ref + _FLOOR[ours.dtype] * scale
+    assert err <= bound, f"{name}: error {err:.3e} > {factor} x reference's {err_ref:.3e} + floor {bound:.3e}"
+
+
+def _randn(*shape, dtype, device="cpu", scale=1.0, offset=0.0) -> torch.Tensor:
+    """Standard-normal data made in float64 and rounded once to ``dtype``."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale + offset).to(device=device, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # fresh data per test, reproducible from the test's id; FUSEDFORMER_TEST_SEED draws another sample
+    salt = int(os.environ.get("FUSEDFORMER_TEST_SEED", "0"))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) ^ salt)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+
+def _dead_rows(mask, is_causal, B, Hq, L, S, device) -> torch.Tensor:
+    """(B, Hq, L) bool: the query rows with no key to attend to."""
+    allowed = torch.ones(B, Hq, L, S, dtype=torch.bool, device=device)
+    if is_causal:
+        allowed &= reference.causal_mask(L, S, device)
+    if mask is not None:
+        allowed &= mask if mask.dtype == torch.bool else mask != float("-inf")
+    return ~allowed.any(-1)
+
+
+def _attention_ref(q, k, v, grad, mask, is_causal, scale, dtype, upcast):
+    """Output and gradients of the reference in ``dtype``; rows with no key get output 0, gradient 0."""
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    dead = _dead_rows(mask, is_causal, B, Hq, L, S, q.device)
+    m = reference.causal_mask(L, S, q.device).expand(B, Hq, L, S) if is_causal else None
+    if mask is not None and mask.dtype == torch.bool:
+        m = mask.expand(B, Hq, L, S) & (m if m is not None else True)
+    elif mask is not None:
+        m = mask.to(dtype).expand(B, Hq, L, S)
+        if is_causal:
+            m = m.masked_fill(~reference.causal_mask(L, S, q.device), float("-inf"))
+    if m is not None:  # unmask the dead rows: their zeroed output gradient then gives gradient 0
+        m = m.masked_fill(dead[..., None], True if m.dtype == torch.bool else 0.0)
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out = reference.scaled_dot_product_attention(
+        *leaves, m, 0.0, False, scale, enable_gqa=True, upcast=upcast
+    )
+    out.backward(grad.to(dtype).masked_fill(dead[..., None], 0.0))
+    return (out.detach().masked_fill(dead[..., None], 0.0), *(t.grad for t in leaves))
+
+
+def _check_attention(q, k, v, mask=None, is_causal=False, scale=None, grad=None):
+    """Runs the Triton forward and backward and holds each result to the rule; returns them."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    grad = _randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device) if grad is None else grad
+    out, lse = attention_forward(q, k, v, mask, is_causal, scale)
+    dq, dk, dv = attention_backward(grad, q, k, v, out, lse, mask, is_causal, scale)
+    truth = _attention_ref(q, k, v, grad, mask, is_causal, scale, torch.float64, True)
+    same = _attention_ref(q, k, v, grad, mask, is_causal, scale, q.dtype, False)
+    results = (out, dq, dk, dv)
+    for name, ours, s, t, factor in zip(("out", "dq", "dk", "dv"), results, same, truth, (2, 3, 3, 3)):
+        assert ours.dtype == q.dtype and ours.is_contiguous()
+        _check(name, ours, s, t, factor)
+    # logsumexp: float32 natural log of the masked scores' exp-sum, +inf for rows with no key
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    dead = _dead_rows(mask, is_causal, B, Hq, L, S, q.device)
+    assert lse.shape == (B, Hq, L) and lse.dtype == torch.float32
+    assert torch.isposinf(lse[dead]).all() and torch.isfinite(lse[~dead]).all()
+    return out, lse, (dq, dk, dv), grad
+
+
+def _qkv(B, Hq, Hk, L, S, E, Ev, dtype, device="cpu"):
+    return (
+        _randn(B, Hq, L, E, dtype=dtype, device=device),
+        _randn(B, Hk, S, E, dtype=dtype, device=device),
+        _randn(B, Hk, S, Ev, dtype=dtype, device=device),
+    )
+
+
+# (L, S, E, Ev): awkward lengths (1, 17, 97, 113), L != S both ways, Ev != E, head dims 16..128
+ATTN_SHAPES = [
+    (1, 97, 64, 64),
+    (17, 17, 16, 16),
+    (97, 113, 59, 59),
+    (113, 97, 80, 80),
+    (64, 64, 128, 128),
+    (97, 64, 64, 16),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("L,S,E,Ev", ATTN_SHAPES)
+def test_attention_matches_reference(dtype, is_causal, L, S, E, Ev):
+    _check_attention(*_qkv(1, 2, 2, L, S, E, Ev, dtype), is_causal=is_causal)
+
+
+def _mask(kind: str, B, Hq, L, S, dtype):
+    """Masks of every broadcast form, with dead rows in the full ones."""
+    if kind == "bool":  # (B, Hq, L, S), some rows wholly masked
+        m = torch.rand(B, Hq, L, S) > 0.3
+        m[0, 0, 3] = False
+        m[-1, -1, -1] = False
+        return m
+    if kind == "float":  # (B, Hq, L, S) additive: -inf entries, a -inf row, finite large negatives
+        m = _randn(B, Hq, L, S, dtype=torch.float64)
+        m[torch.rand(B, Hq, L, S) < 0.2] = float("-inf")
+        m[0, 0, 2] = float("-inf")
+        m[0, -1, 4, : S // 2] = -1e4
+        return m.to(dtype)
+    if kind == "key_padding":  # (B, 1, 1, S): the last keys of each but the first batch are padding
+        m = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        for b in range(1, B):
+            m[b, ..., S - 5 * b :] = False
+        return m
+    if kind == "float_2d":  # (L, S), broadcast over batch and heads
+        return _randn(L, S, dtype=dtype)
+    if kind == "bool_head":  # (Hq, 1, S): per head, over every query
+        return torch.rand(Hq, 1, S) > 0.5
+    raise ValueError(kind)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", ["bool", "float", "key_padding", "float_2d", "bool_head"])
+def test_attention_masks(dtype, is_causal, kind):
+    B, Hq, L, S = 2, 2, 33, 47
+    mask = _mask(kind, B, Hq, L, S, dtype)
+    _check_attention(*_qkv(B, Hq, Hq, L, S, 32, 24, dtype), mask=mask, is_causal=is_causal)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Hq,Hk", [(4, 2), (6, 1)])
+def test_attention_gqa(dtype, is_causal, Hq, Hk):
+    # a per-query-head mask checks that query head h reads mask head h and key head h // (Hq // Hk)
+    B, L, S = 2, 40, 29
+    mask = torch.rand(1, Hq, L, S) > 0.2
+    _check_attention(*_qkv(B, Hq, Hk, L, S, 16, 16, dtype), mask=mask, is_causal=is_causal)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_long_causal(dtype):
+    _check_attention(*_qkv(1, 1, 1, 256, 256, 64, 64, dtype), is_causal=True)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+def test_attention_head_dim_256_and_scale(dtype):
+    # the largest head dims, padded to 256 in the kernel; a custom scale; a few blocks of keys
+    _check_attention(*_qkv(1, 1, 1, 17, 40, 256, 200, dtype), is_causal=True, scale=0.11)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_huge_negative_mask_is_not_masking(dtype):
+    # Hugging Face masks with finfo.min: a row whose keys all carry it is a uniform softmax, not a dead row;
+    # its log-sum-exp (~ -3e38) is too coarse for the backward, which renormalises such rows
+    B, Hq, L, S = 2, 2, 37, 45
+    mask = torch.zeros(B, 1, L, S, dtype=dtype)
+    mask[1, ..., S - 11 :] = torch.finfo(dtype).min  # padded keys
+    mask[0, 0, :5] = torch.finfo(dtype).min  # padded queries: every key at finfo.min
+    out, lse, _, _ = _check_attention(*_qkv(B, Hq, Hq, L, S, 16, 16, dtype), mask=mask, is_causal=True)
+    assert torch.isfinite(lse).all()
+
+
+@interpreted
+def test_attention_rows_without_keys():
+    # every row dead (all False), and S = 0: output 0, logsumexp +inf, gradients 0, never NaN
+    q, k, v = _qkv(1, 2, 1, 19, 23, 16, 8, torch.float32)
+    grad = torch.randn(1, 2, 19, 8)
+    for mask, kv in ((torch.zeros(19, 23, dtype=torch.bool), (k, v)), (None, (k[:, :, :0], v[:, :, :0]))):
+        out, lse = attention_forward(q, *kv, mask, False, 0.25)
+        assert (out == 0).all() and torch.isposinf(lse).all()
+        dq, dk, dv = attention_backward(grad, q, *kv, out, lse, mask, False, 0.25)
+        assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+    out, lse = attention_forward(q[:, :, :0], k, v, None, True, 0.25)  # L = 0
+    assert out.shape == (1, 2, 0, 8) and lse.shape == (1, 2, 0)
+
+
+@interpreted
+def test_attention_any_strides_match_contiguous():
+    # (B, L, H, E) tensors seen as (B, H, L, E), a sliced value, a transposed mask: read through their
+    # strides (no copy), they give bit-identical results to contiguous copies
+    B, H, L, S, E = 2, 3, 21, 26, 16
+    q = torch.randn(B, L, H, E).transpose(1, 2)
+    k = torch.randn(B, S, H, E).transpose(1, 2)
+    v = torch.randn(B, H, S, 2 * E)[..., ::2]
+    mask = torch.randn(B, H, S, L).transpose(-1, -2)
+    grad = torch.randn(B, L, H, E).transpose(1, 2)
+    contiguous = [t.contiguous() for t in (q, k, v, mask, grad)]
+    out, lse, grads, _ = _check_attention(q, k, v, mask=mask, is_causal=True, grad=grad)
+    q_c, k_c, v_c, mask_c, grad_c = contiguous
+    out_c, lse_c, grads_c, _ = _check_attention(q_c, k_c, v_c, mask=mask_c, is_causal=True, grad=grad_c)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_c))
+
+
+@interpreted
+def test_attention_backward_is_deterministic():
+    q, k, v = _qkv(2, 4, 2, 45, 45, 32, 32, torch.float32)
+    grad = torch.randn(2, 4, 45, 32)
+    out, lse = attention_forward(q, k, v, None, True, 0.2)
+    first = attention_backward(grad, q, k, v, out, lse, None, True, 0.2)
+    second = attention_backward(grad, q, k, v, out, lse, None, True, 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@interpreted
+def test_attention_rejects_what_it_cannot_run():
+    q, k, v = _qkv(1, 2, 2, 8, 8, 16, 16, torch.float64)
+    with pytest.raises(TypeError, match="float64 is not supported"):
+        attention_forward(q, k, v, None, False, 0.25)
+    q, k, v = _qkv(1, 3, 2, 8, 8, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="multiple"):
+        attention_forward(q, k, v, None, False, 0.25)
+    q, k, v = _qkv(1, 2, 2, 8, 8, 300, 16, torch.float32)
+    with pytest.raises(ValueError, match="between 1 and 256"):
+        attention_forward(q, k, v, None, False, 0.25)
+    q, k, v = _qkv(1, 2, 2, 8, 8, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attention_forward(q, k, v, torch.ones(8, 7, dtype=torch.bool), False, 0.25)
+
+
+# ---- LayerNorm ----------------------------------------------------------------------------------
+
+
+def _layer_norm_ref(x, shape, w, b, grad, eps, dtype, upcast):
+    leaves = [t.detach().to(dtype).requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    y = reference.layer_norm(leaves[0], shape, leaves[1], leaves[2], eps, upcast=upcast)
+    y.backward(grad.to(dtype))
+    return y.detach(), *(t.grad if t is not None else None for t in leaves)
+
+
+def _check_layer_norm(x, shape, w, b, eps=1e-5, grad=None):
+    grad = _randn(*x.shape, dtype=x.dtype, device=x.device) if grad is None else grad
+    y, mean, rstd = layer_norm_forward(x, shape, w, b, eps)
+    dx, dw, db = layer_norm_backward(grad, x, shape, mean, rstd, w, b)
+    truth = _layer_norm_ref(x, shape, w, b, grad, eps, torch.float64, True)
+    same = _layer_norm_ref(x, shape, w, b, grad, eps, x.dtype, False)
+    names = ("out", "dx", "dweight", "dbias")
+    for name, ours, s, t, factor in zip(names, (y, dx, dw, db), same, truth, (2, 3, 3, 3)):
+        if t is None:
+            assert ours.shape == (0,), f"{name}: expected an empty tensor without the parameter"
+            continue
+        assert ours.dtype == x.dtype and ours.is_contiguous()
+        _check(name, ours, s, t, factor)
+    # the saved statistics, as torch.native_layer_norm computes them
+    lead = x.shape[: x.dim() - len(shape)]
+    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert mean.shape == lead and rstd.shape == lead and mean.dtype == stats and rstd.dtype == stats
+    dims = tuple(range(-len(shape), 0))
+    x64 = x.double()
+    assert torch.allclose(mean.double(), x64.mean(dims), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(rstd.double(), (x64.var(dims, unbiased=False) + eps).rsqrt(), rtol=1e-5, atol=1e-6)
+    return y, (dx, dw, db)
+
+
+# (input shape, normalized_shape): one column, odd widths, a 2-D normalized shape, rows of 256, and rows
+# wider than MAX_BLOCK_D (256 under the interpreter) that stream in chunks
+LN_SHAPES = [
+    ((3, 1), (1,)),
+    ((17, 97), (97,)),
+    ((4, 3, 17), (3, 17)),
+    ((256, 64), (64,)),
+    ((2, 3, 256), (256,)),
+    ((7, 777), (777,)),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,normalized_shape", LN_SHAPES, ids=str)
+@pytest.mark.parametrize("affine", ["weight_bias", "none", "weight_only"])
+def test_layer_norm_matches_reference(dtype, shape, normalized_shape, affine):
+    x = _randn(*shape, dtype=dtype, scale=2.0, offset=0.5)
+    w = _randn(*normalized_shape, dtype=dtype) if affine != "none" else None
+    b = _randn(*normalized_shape, dtype=dtype) if affine == "weight_bias" else None
+    _check_layer_norm(x, list(normalized_shape), w, b)
+
+
+@interpreted
+def test_layer_norm_chunked_path_is_reached():
+    assert 777 > MAX_BLOCK_D >= 256  # the (7, 777) case above streams its rows
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_strided_input_and_eps(dtype):
+    # a transposed input (row stride 1, column stride N), a large eps, a large offset (cancellation)
+    x = _randn(40, 30, dtype=dtype, scale=0.5, offset=100.0).t()
+    w, b = _randn(40, dtype=dtype), _randn(40, dtype=dtype)
+    _check_layer_norm(x, [40], w, b, eps=0.1)
+
+
+# ---- GELU ---------------------------------------------------------------------------------------
+
+
+def _gelu_ref(x, b, approximate, grad, dtype, upcast):
+    leaves = [t.detach().to(dtype).requires_grad_(True) if t is not None else None for t in (x, b)]
+    y = reference.gelu(leaves[0], approximate, leaves[1], upcast=upcast)
+    y.backward(grad.to(dtype))
+    return y.detach(), *(t.grad if t is not None else None for t in leaves)
+
+
+def _check_gelu(x, b, approximate, grad=None):
+    grad = _randn(*x.shape, dtype=x.dtype, device=x.device) if grad is None else grad
+    y = gelu_forward(x, b, approximate)
+    dx, db = gelu_backward(grad, x, b, approximate)
+    truth = _gelu_ref(x, b, approximate, grad, torch.float64, True)
+    same = _gelu_ref(x, b, approximate, grad, x.dtype, False)
+    for name, ours, s, t, factor in zip(("out", "dx", "dbias"), (y, dx, db), same, truth, (2, 3, 3)):
+        if t is None:
+            assert ours.shape == (0,), f"{name}: expected an empty tensor without a bias"
+            continue
+        assert ours.dtype == x.dtype and ours.is_contiguous()
+        _check(name, ours, s, t, factor)
+    return y, dx, db
+
+
+GELU_SHAPES = [(1,), (17, 97), (3, 5, 333), (256, 64)]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GELU_SHAPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_gelu_matches_reference(dtype, shape, approximate, with_bias):
+    x = _randn(*shape, dtype=dtype, scale=3.0)  # reaches the tails of erf and tanh
+    b = _randn(shape[-1], dtype=dtype) if with_bias else None
+    _check_gelu(x, b, approximate)
+
+
+@interpreted
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # x³ = inf, on purpose
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0·inf in a branch not taken
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_extreme_inputs(approximate):
+    # far tails: no overflow, no NaN; gelu(x) -> x, gelu'(x) -> 1 for large x; both -> 0 for very negative x
+    x = torch.tensor([-1e4, -80.0, -20.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 20.0, 80.0, 1e4, 3e38, -3e38])
+    y = gelu_forward(x, None, approximate)
+    dx, _ = gelu_backward(torch.ones_like(x), x, None, approximate)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    assert torch.equal(y[-4:-1], x[-4:-1]) and (y[:3] == 0).all()
+    assert (dx[-5:-1] == 1).all() and (dx[:2] == 0).all()
+
+
+@interpreted
+def test_gelu_strided_input():
+    x = _randn(64, 48, dtype=torch.float32, scale=3.0)[::2, 1::3]
+    _check_gelu(x, _randn(x.shape[-1], dtype=torch.float32), "tanh")
+
+
+# ---- the interpreter's bf16 trap ------------------------------------------------------------------
+
+
+@interpreted
+def test_round_to_rounds_to_nearest_even_like_torch():
+    # round_to is what makes bf16 honest under the interpreter: it must round exactly as torch does
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _round_kernel(X, Y, N, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < N)
+        tl.store(Y + offs, _common.round_to(x, Y.dtype.element_ty, UPCAST), mask=offs < N)
+
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8)])  # halfway: to even, away from odd
+    x = torch.cat([torch.randn(4000) * 10.0 ** torch.randint(-30, 30, (4000,)), ties])
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    grid = (triton.cdiv(x.numel(), 1024),)
+    _round_kernel[grid](x, y, x.numel(), UPCAST=_common.upcast(torch.bfloat16), BLOCK=1024)
+    assert torch.equal(y, x.to(torch.bfloat16))
+
+
+# ---- agreement with the C++ CPU ops ---------------------------------------------------------------
+
+
+def _has_cpu_kernel(op: str) -> bool:
+    import fusedformer  # noqa: F401  (loads the extension, which registers the ops)
+
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedformer::{op}", "CPU")
+    except RuntimeError:
+        return False
+
+
+def _skip_without_cpu_kernel(op: str) -> None:
+    if not _has_cpu_kernel(op):
+        pytest.skip(f"fusedformer::{op} has no C++ CPU kernel in this build yet (the lead runs this later)")
+
+
+# Each backend is held to the float64 reference on its own; here the two must agree to a few roundings
+# of the dtype (atol and rtol): a different convention (mask polarity, scale, empty gradients, dead
+# rows, statistics dtype) shows up far above these, a different summation order does not.
+_AGREE_TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _assert_agree(name, triton_result, cpp_result):
+    assert triton_result.shape == cpp_result.shape, f"{name}: {triton_result.shape} != {cpp_result.shape}"
+    assert triton_result.dtype == cpp_result.dtype, f"{name}: {triton_result.dtype} != {cpp_result.dtype}"
+    tol = _AGREE_TOL.get(triton_result.dtype, 0.0)
+    torch.testing.assert_close(triton_result, cpp_result, atol=tol, rtol=tol, equal_nan=False, msg=name)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+def test_attention_agrees_with_cpp(dtype):
+    _skip_without_cpu_kernel("attention_fwd")
+    _skip_without_cpu_kernel("attention_bwd")
+    B, Hq, Hk, L, S = 2, 4, 2, 37, 45
+    q, k, v = _qkv(B, Hq, Hk, L, S, 24, 16, dtype)
+    mask = torch.rand(B, 1, L, S) > 0.2
+    mask[0, 0, 3] = False  # a dead row
+    grad = _randn(B, Hq, L, 16, dtype=dtype)
+    ops = torch.ops.fusedformer
+    for m in (None, mask, torch.where(mask, 0.0, float("-inf")).to(dtype)):
+        out, lse = attention_forward(q, k, v, m, True, 0.3)
+        out_c, lse_c = ops.attention_fwd(q, k, v, m, True, 0.3)
+        _assert_agree("out", out, out_c)
+        _assert_agree("logsumexp", lse, lse_c)
+        grads = attention_backward(grad, q, k, v, out, lse, m, True, 0.3)
+        grads_c = ops.attention_bwd(grad, q, k, v, out_c, lse_c, m, True, 0.3)
+        for name, a, c in zip(("dq", "dk", "dv"), grads, grads_c):
+            _assert_agree(name, a, c)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_agrees_with_cpp(dtype, affine):
+    _skip_without_cpu_kernel("layer_norm_fwd")
+    _skip_without_cpu_kernel("layer_norm_bwd")
+    x = _randn(5, 6, 97, dtype=dtype, offset=1.0)
+    shape = [6, 97]
+    w, b = (_randn(6, 97, dtype=dtype), _randn(6, 97, dtype=dtype)) if affine else (None, None)
+    grad = _randn(5, 6, 97, dtype=dtype)
+    ours = layer_norm_forward(x, shape, w, b, 1e-5)
+    cpp = torch.ops.fusedformer.layer_norm_fwd(x, shape, w, b, 1e-5)
+    for name, a, c in zip(("out", "mean", "rstd"), ours, cpp):
+        _assert_agree(name, a, c)
+    grads = layer_norm_backward(grad, x, shape, ours[1], ours[2], w, b)
+    grads_c = torch.ops.fusedformer.layer_norm_bwd(grad, x, shape, cpp[1], cpp[2], w, b)
+    for name, a, c in zip(("dx", "dweight", "dbias"), grads, grads_c):
+        _assert_agree(name, a, c)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_gelu_agrees_with_cpp(dtype, approximate, with_bias):
+    _skip_without_cpu_kernel("gelu_fwd")
+    _skip_without_cpu_kernel("gelu_bwd")
+    x = _randn(13, 333, dtype=dtype, scale=3.0)
+    b = _randn(333, dtype=dtype) if with_bias else None
+    grad = _randn(13, 333, dtype=dtype)
+    _assert_agree("out", gelu_forward(x, b, approximate), torch.ops.fusedformer.gelu_fwd(x, b, approximate))
+    grads = gelu_backward(grad, x, b, approximate)
+    grads_c = torch.ops.fusedformer.gelu_bwd(grad, x, b, approximate)
+    for name, a, c in zip(("dx", "dbias"), grads, grads_c):
+        _assert_agree(name, a, c)
+
+
+# ---- the compiled (GPU) code path -----------------------------------------------------------------
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import warnings
+    warnings.filterwarnings("ignore")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fusedformer.kernels import _common, attention as A, gelu as G, layer_norm as N
+
+    def compile_(kernel, pointers, constexprs):
+        while not isinstance(kernel, triton.runtime.jit.JITFunction):
+            kernel = kernel.fn
+        sig = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name in pointers:
+                sig[name] = "*" + pointers[name]
+            else:
+                sig[name] = "fp32" if name in ("eps_hi", "eps_lo", "scale", "qk_scale") else "i32"
+        binary = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 80, 32))
+        assert binary.asm["cubin"], kernel.__name__
+
+    bf = "bf16"
+    heads = dict(UPCAST=False, BLOCK_D=64, BLOCK_DV=32)
+    masks = dict(HAS_MASK=True, MASK_IS_BOOL=False, IS_CAUSAL=True)
+    compile_(A._attn_fwd_kernel, dict(Q=bf, K=bf, V=bf, Mask=bf, Out=bf, Lse="fp32"),
+             dict(heads, **masks, BLOCK_M=64, BLOCK_N=32))
+    compile_(A._attn_bwd_preprocess_kernel,
+             dict(O=bf, DO=bf, Delta="fp32", Renorm="fp32", Q=bf, K=bf, Mask=bf, Lse="fp32"),
+             dict(heads, RENORM=True, IS_CAUSAL=True, BLOCK_M=64, BLOCK_N=64))
+    bwd = dict(Q=bf, K=bf, V=bf, Mask=bf, DO=bf, Lse="fp32", Delta="fp32", Renorm="fp32")
+    compile_(A._attn_bwd_dkdv_kernel, dict(bwd, DK=bf, DV=bf),
+             dict(heads, **masks, RENORM=True, BLOCK_M=32, BLOCK_N=64))
+    compile_(A._attn_bwd_dq_kernel, dict(bwd, DQ=bf),
+             dict(heads, **masks, RENORM=True, BLOCK_M=64, BLOCK_N=32))
+    for single in (True, False):
+        ln = dict(HAS_WEIGHT=True, HAS_BIAS=True, UPCAST=False, SINGLE_BLOCK=single, BLOCK_D=1024, ROWS=2)
+        compile_(N._layer_norm_fwd_kernel, dict(X=bf, W=bf, B=bf, Y=bf, Mean="fp32", Rstd="fp32"), ln)
+        compile_(N._layer_norm_bwd_kernel, dict(DY=bf, X=bf, W=bf, Mean="fp32", Rstd="fp32", DX=bf,
+                 DWPartial="fp32", DBPartial="fp32"), ln)
+    for tanh in (False, True):
+        gl = dict(HAS_BIAS=True, APPROX_TANH=tanh, UPCAST=False, BLOCK_C=256, BLOCK_R=4)
+        compile_(G._gelu_fwd_kernel, dict(X=bf, Bias=bf, Y=bf), gl)
+        compile_(G._gelu_bwd_kernel, dict(DY=bf, X=bf, Bias=bf, DX=bf, DBiasPartial="fp32"), gl)
+    compile_(_common._sum_rows_kernel, dict(Partial="fp32", Out=bf),
+             dict(UPCAST=False, BLOCK_G=8, BLOCK_C=256))
+    print("compiled")
+    """
+)
+
+
+_TRACE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from fusedformer.kernels.attention import attention_backward, attention_forward
+    from fusedformer.kernels.gelu import gelu_backward, gelu_forward
+    from fusedformer.kernels.layer_norm import layer_norm_backward, layer_norm_forward
+
+    x, b = torch.randn(4, 33), torch.randn(33)
+    q, m = torch.randn(1, 2, 17, 16), torch.randn(17, 17)
+    def gelu(x, b):
+        return gelu_forward(x, b, "tanh"), gelu_backward(x, x, b, "tanh")
+
+    def layer_norm(x, b):
+        mean = rstd = x[:, 0]
+        return layer_norm_forward(x, [33], b, b, 1e-5), layer_norm_backward(x, x, [33], mean, rstd, b, b)
+
+    def attention(q, m):
+        lse = q[..., 0]
+        fwd = attention_forward(q, q, q, m, True, 0.25)
+        return fwd, attention_backward(q, q, q, q, q, lse, m, True, 0.25)
+
+    for fn, args, launches in ((gelu, (x, b), 3), (layer_norm, (x, b), 4), (attention, (q, m), 4)):
+        graph = make_fx(fn, tracing_mode="fake")(*args).graph
+        found = [n for n in graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+        assert len(found) == launches, (fn.__name__, len(found))
+    print("traced")
+    """
+)
+
+
+def test_launchers_trace_with_fake_tensors():
+    """What a torch.library.triton_op registration needs: traced with fake tensors (as torch.compile does),
+    every launcher records its kernels as wrap_triton nodes and touches no data. Compiled-kernel mode
+    only: under the interpreter wrap_triton runs the kernel instead of recording it."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "traced" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_kernels_compile_for_gpu():
+    """The interpreter runs Python, not GPU code: compile the bf16 kernels (the path a GPU takes, with
+    UPCAST off and bf16 tensor-core dots) to sm_80 binaries with Triton's own compiler and ptxas."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+# ---- on a GPU -----------------------------------------------------------------------------------
+
+GPU_ATTN_SHAPES = ATTN_SHAPES + [(1025, 1025, 96, 96), (113, 1025, 111, 40), (256, 256, 256, 256)]
+GPU_LN_SHAPES = LN_SHAPES + [((64, 8192), (8192,)), ((3, 20000), (20000,))]
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("L,S,E,Ev", GPU_ATTN_SHAPES)
+def test_attention_on_gpu(dtype, is_causal, L, S, E, Ev):
+    for kind in (None, "bool", "float", "key_padding"):
+        mask = _mask(kind, 2, 4, L, S, dtype).cuda() if kind else None
+        _check_attention(*_qkv(2, 4, 2, L, S, E, Ev, dtype, device="cuda"), mask=mask, is_causal=is_causal)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,normalized_shape", GPU_LN_SHAPES, ids=str)
+def test_layer_norm_on_gpu(dtype, shape, normalized_shape):
+    x = _randn(*shape, dtype=dtype, device="cuda", scale=2.0, offset=0.5)
+    for affine in (True, False):
+        w = _randn(*normalized_shape, dtype=dtype, device="cuda") if affine else None
+        b = _randn(*normalized_shape, dtype=dtype, device="cuda") if affine else None
+        _check_layer_norm(x, list(normalized_shape), w, b)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GELU_SHAPES + [(4096, 4096)], ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_on_gpu(dtype, shape, approximate):
+    x = _randn(*shape, dtype=dtype, device="cuda", scale=3.0)
+    for b in (_randn(shape[-1], dtype=dtype, device="cuda"), None):
+        _check_gelu(x, b, approximate)
