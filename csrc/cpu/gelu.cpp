@@ -2,6 +2,7 @@
 // per-capability bodies in kernels/gelu.cpp.
 #include <torch/library.h>
 
+#include "cpu/allocator.h"
 #include "cpu/common.h"
 #include "cpu/kernels/gelu.h"
 
@@ -65,7 +66,7 @@ at::Tensor gelu_fwd_cpu(const at::Tensor& input, const std::optional<at::Tensor>
   const auto ct = compute_dtype(input.scalar_type());
   const at::Tensor x = input.to(ct).contiguous();
   const at::Tensor b = bias ? bias->to(ct).contiguous() : at::Tensor();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = empty_output_like(x);
   if (ct == at::kDouble) {
     run_gelu_fwd<double>(gelu_fwd_f64_stub, x, b, tanh_approx, y);
   } else {
@@ -106,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd_cpu(const at::Tensor& grad_out, cons
   const at::Tensor x = input.to(ct).contiguous();
   const at::Tensor dy = grad_out.to(ct).contiguous();
   const at::Tensor b = bias ? bias->to(ct).contiguous() : at::Tensor();
-  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor dx = empty_output_like(x);
   at::Tensor db = at::empty({0}, input.options());  // empty where bias is None, in input's dtype
   if (ct == at::kDouble) {
     run_gelu_bwd<double>(gelu_bwd_f64_stub, dy, x, b, tanh_approx, dx, db);

@@ -2,6 +2,7 @@
 // around the per-capability bodies in kernels/layer_norm.cpp.
 #include <torch/library.h>
 
+#include "cpu/allocator.h"
 #include "cpu/common.h"
 #include "cpu/kernels/layer_norm.h"
 
@@ -80,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   const auto ct = compute_dtype(input.scalar_type());
   const at::Tensor x = input.to(ct).contiguous();
   const at::Tensor w = to_compute(weight, ct), b = to_compute(bias, ct);
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = empty_output_like(x);
   const auto lead = input.sizes().slice(0, input.dim() - normalized_shape.size());
   at::Tensor mean = at::empty(lead, x.options());
   at::Tensor rstd = at::empty(lead, x.options());
@@ -132,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   const at::Tensor dy = grad_out.to(ct).contiguous();
   const at::Tensor w = to_compute(weight, ct), b = to_compute(bias, ct);
   const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
-  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor dx = empty_output_like(x);
   // empty where weight (bias) is None, in input's dtype like the fake kernel says
   at::Tensor dw = at::empty({0}, input.options()), db = at::empty({0}, input.options());
   if (ct == at::kDouble) {
