@@ -196,6 +196,16 @@ def _format_reasons(reasons: dict[str, list[str]], names) -> str:
     return "; ".join(f"{name}: " + ", ".join(reasons[name]) for name in names if reasons[name])
 
 
+def forbid_double_backward(op: str) -> None:
+    """Registers autograd for a ``*_bwd`` op that raises: a gradient of a gradient through it would be
+    silently wrong (torch only warns), so it is an error, raised when that double backward runs."""
+
+    def _backward(ctx, *grads):
+        raise NotImplementedError(f"{op}: double backward (a gradient of a gradient) is not supported")
+
+    torch.library.register_autograd(op, _backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def report_fallback(what: str, reason: str) -> None:
     """Says once that ``what`` runs on the reference path because ``reason``, or raises where forbidden.
 

@@ -91,7 +91,15 @@ def test_gelu_opcheck(with_bias):
     b = randn(40, requires_grad=True) if with_bias else None
     for approximate in ("none", "tanh"):
         torch.library.opcheck(torch.ops.fusedformer.gelu_fwd.default, (x, b, approximate))
-        torch.library.opcheck(torch.ops.fusedformer.gelu_bwd.default, (randn(6, 40), x.detach(), b, approximate))
+        b_ = b.detach() if b is not None else None
+        torch.library.opcheck(torch.ops.fusedformer.gelu_bwd.default, (randn(6, 40), x.detach(), b_, approximate))
+
+
+def test_gelu_double_backward_is_an_error():
+    x = randn(4, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(ff.gelu(x).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        g.sum().backward()
 
 
 def test_gelu_compile_fullgraph():

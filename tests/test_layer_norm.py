@@ -80,6 +80,7 @@ def test_layer_norm_opcheck(affine):
     w = randn(24, requires_grad=True) if affine else None
     b = randn(24, requires_grad=True) if affine else None
     torch.library.opcheck(torch.ops.fusedformer.layer_norm_fwd.default, (x, [24], w, b, 1e-5))
+    w, b = (t.detach() if t is not None else None for t in (w, b))
     y, mean, rstd = torch.ops.fusedformer.layer_norm_fwd(x.detach(), [24], w, b, 1e-5)
     torch.library.opcheck(
         torch.ops.fusedformer.layer_norm_bwd.default, (randn(5, 3, 24), x.detach(), [24], mean, rstd, w, b)

@@ -48,6 +48,7 @@ def _register_autograd(backend: str) -> None:
         return dx, db if bias is not None else None, None
 
     torch.library.register_autograd(f"fusedformer::{fwd_name}", _backward, setup_context=_setup_context)
+    backends.forbid_double_backward(f"fusedformer::{bwd_name}")
 
 
 def _register_cpp() -> None:

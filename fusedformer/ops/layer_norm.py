@@ -70,6 +70,7 @@ def _register_autograd(backend: str) -> None:
         return dx, None, dw if weight is not None else None, db if bias is not None else None, None
 
     torch.library.register_autograd(f"fusedformer::{fwd_name}", _backward, setup_context=_setup_context)
+    backends.forbid_double_backward(f"fusedformer::{bwd_name}")
 
 
 def _register_cpp() -> None:
