@@ -7,7 +7,7 @@ import pytest
 from fusedformer.bench.cases import MODES, PROVIDERS, Spec
 from fusedformer.bench.suites import LARGE, run_benchmark
 
-SHAPES = ((4096, 1024), (16384, 4096)) if LARGE else ((256, 512),)
+SHAPES = ((8192, 1024), (8192, 4096)) if LARGE else ((256, 512),)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/allocator.h"
 #include "cpu/dispatch.h"
 
 TORCH_LIBRARY(fusedformer, m) {
@@ -66,4 +67,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", &cpu_capability, "The CPU capability the kernels run with.");
   m.def("best_cpu_capability", &best_cpu_capability, "The best CPU capability this CPU supports.");
   m.def("set_cpu_capability", &set_cpu_capability, "Run the CPU kernels built for this capability.");
+  m.def("empty_cache", &fusedformer::cpu::release_cached_outputs,
+        "Return the cached output blocks to the system; returns the bytes released.");
+  m.def("cached_bytes", &fusedformer::cpu::cached_output_bytes, "Bytes held by the output block cache.");
 }

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-dim", type=int, default=64, help="E (default: 64)")
     g.add_argument("--causal", choices=("both", "yes", "no"), default="both", help="default: both")
     g = p.add_argument_group("LayerNorm and GELU")
-    g.add_argument("--rows", type=_positive_ints, default=None, help="row counts (default: 2048,16384; --quick: 4096)")
+    g.add_argument("--rows", type=_positive_ints, default=None, help="row counts (default: 2048,8192; --quick: 4096)")
     g.add_argument("--widths", type=_positive_ints, default=None,
                    help="widths (default: 512,1024,4096; --quick: 1024,4096)")  # fmt: skip
     g.add_argument("--gelu-approximate", choices=("none", "tanh"), default="none", help="default: none")

@@ -58,7 +58,7 @@ class Config:
     head_dim: int = 64
     causal: tuple[bool, ...] = (False, True)
     # LayerNorm and GELU
-    rows: tuple[int, ...] = (2048, 16384)
+    rows: tuple[int, ...] = (2048, 8192)  # 8192 x 1024 (LayerNorm) and 8192 x 4096 (GELU): the targets
     widths: tuple[int, ...] = (512, 1024, 4096)
     gelu_approximate: str = "none"
     # encoder and decoder layers
