@@ -69,8 +69,6 @@ def _common_reasons(request: Request) -> list[str]:
     reasons = []
     if request.dtype not in FLOAT_DTYPES:
         reasons.append(f"dtype {request.dtype} is not one of float32, float64, float16, bfloat16")
-    if request.op == "attention" and request.dropout_p > 0.0:
-        reasons.append(f"attention dropout (dropout_p={request.dropout_p}) has no fused kernel yet")
     if request.mask_requires_grad:
         reasons.append("attn_mask requires grad, and the fused kernels give no gradient for the mask")
     return reasons
@@ -136,6 +134,8 @@ class TritonBackend:
             reasons.append(f"serves CUDA tensors, got {device}")
         if request.dtype in FLOAT_DTYPES and request.dtype not in self.SUPPORTED_DTYPES[request.op]:
             reasons.append(f"the Triton {request.op} kernels do not take {request.dtype}")
+        if request.op == "attention" and request.dropout_p > 0.0:
+            reasons.append(f"attention dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
         return reasons + _common_reasons(request)
 
 

@@ -44,12 +44,15 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     upcast: bool = True,
+    dropout_mask: torch.Tensor | None = None,  # bool, broadcastable to (..., Hq, L, S); True = kept
 ) -> torch.Tensor:  # (..., Hq, L, Ev)
     """Naive attention, ``F.scaled_dot_product_attention``'s semantics.
 
     A bool ``attn_mask`` marks with True the keys that take part; a float one is added to the scores.
     ``is_causal`` and ``attn_mask`` may be given together (both apply). A query row whose keys are all
-    masked out (-inf) gives 0, as torch's math backend does, never NaN.
+    masked out (-inf) gives 0, as torch's math backend does, never NaN. With ``dropout_p > 0``, dropout
+    draws from torch's RNG (``F.dropout``), or applies ``dropout_mask`` when given (the fused kernels'
+    mask, from ``fusedformer.ops.attention.attention_dropout_mask``): ``probs * mask / (1 - dropout_p)``.
     """
     dtype = compute_dtype(query.dtype, upcast)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
@@ -71,7 +74,9 @@ def scaled_dot_product_attention(
     probs = torch.softmax(scores, dim=-1)
     # rows with no key to attend to: softmax gives NaN, the contract says 0
     probs = probs.masked_fill((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     return (probs @ v).to(query.dtype)
 

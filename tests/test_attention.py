@@ -451,12 +451,13 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
     torch.manual_seed(0)
     torch.set_num_threads(2)  # the backward keeps one dQ partial per thread: fix their number
+    dropout_p = float(sys.argv[1])
     # warm-up at a small size: thread pools, allocator arenas and lazy imports are paid for here
-    ff.scaled_dot_product_attention(*inputs(256), is_causal=True).sum().backward()
+    ff.scaled_dot_product_attention(*inputs(256), is_causal=True, dropout_p=dropout_p).sum().backward()
     q, k, v = inputs(4096)
     grad_out = torch.randn(1, 8, 4096, 64)
     start = peak()
-    out = ff.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = ff.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     after_fwd = peak()
     out.backward(grad_out)
     after_bwd = peak()
@@ -465,11 +466,13 @@ _MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
-def test_memory():
-    """L = S = 4096, 8 heads: one score matrix per head would be 8 x 64 MiB; the kernels stay far below."""
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_memory(dropout_p):
+    """L = S = 4096, 8 heads: one score matrix per head would be 8 x 64 MiB (a dropout mask 8 x 16 MiB as
+    bool); the kernels stay far below, with dropout too (its mask is drawn again in the backward)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(dropout_p)], capture_output=True, text=True,
+                            env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     start, after_fwd, after_bwd = map(int, result.stdout.split())
     MiB = 1 << 20

@@ -36,11 +36,23 @@ def test_explain_names_the_serving_backend_and_the_others_reasons(qkv):
     assert ff.explain("gelu", randn(3)).backend == "cpp"
 
 
-def test_explain_says_why_dropout_runs_on_the_reference_path(qkv):
-    e = ff.explain(ff.scaled_dot_product_attention, *qkv, dropout_p=0.1)
+def _grad_mask():
+    """A float mask that requires grad: no fused kernel gives the mask a gradient, so this call falls back."""
+    return torch.zeros(16, 16, requires_grad=True)
+
+
+def test_explain_says_why_a_call_runs_on_the_reference_path(qkv):
+    e = ff.explain(ff.scaled_dot_product_attention, *qkv, attn_mask=_grad_mask())
     assert e.backend == "reference"
-    assert any("dropout" in r for r in e.reasons["cpp"])
-    assert "dropout" in str(e)
+    assert any("requires grad" in r for r in e.reasons["cpp"])
+    assert "requires grad" in str(e)
+
+
+def test_explain_says_dropout_is_fused_on_cpu_but_not_in_triton(qkv):
+    e = ff.explain(ff.scaled_dot_product_attention, *qkv, dropout_p=0.1)
+    assert e.backend == "cpp" and e.reasons["cpp"] == []
+    if backends._TRITON_ERROR is None:
+        assert any("dropout" in r for r in e.reasons["triton"])
 
 
 def test_explain_checks_inputs_like_the_call():
@@ -51,18 +63,20 @@ def test_explain_checks_inputs_like_the_call():
 
 
 def test_fallback_warns_once_and_names_the_reason(qkv):
-    with pytest.warns(ff.FallbackWarning, match="dropout"):
-        ff.scaled_dot_product_attention(*qkv, dropout_p=0.5)
+    with pytest.warns(ff.FallbackWarning, match="requires grad"):
+        ff.scaled_dot_product_attention(*qkv, attn_mask=_grad_mask())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ff.scaled_dot_product_attention(*qkv, dropout_p=0.5)  # the same reason: no second warning
+        ff.scaled_dot_product_attention(*qkv, attn_mask=_grad_mask())  # the same reason: no second warning
+        ff.scaled_dot_product_attention(*qkv, dropout_p=0.5)  # fused: no warning at all
 
 
 def test_strict_turns_fallback_into_an_error(qkv, monkeypatch):
     monkeypatch.setenv("FUSEDFORMER_STRICT", "1")
-    with pytest.raises(ff.BackendUnavailableError, match="dropout"):
-        ff.scaled_dot_product_attention(*qkv, dropout_p=0.5)
+    with pytest.raises(ff.BackendUnavailableError, match="requires grad"):
+        ff.scaled_dot_product_attention(*qkv, attn_mask=_grad_mask())
     ff.layer_norm(randn(4, 8), (8,))  # a fused call is unaffected
+    ff.scaled_dot_product_attention(*qkv, dropout_p=0.5)
 
 
 def test_forced_reference_backend_runs_the_reference(monkeypatch):
@@ -76,11 +90,14 @@ def test_forced_reference_backend_runs_the_reference(monkeypatch):
 
 def test_forced_backend_that_cannot_serve_raises(qkv, monkeypatch):
     monkeypatch.setenv("FUSEDFORMER_BACKEND", "cpp")
-    with pytest.raises(ff.BackendUnavailableError, match="dropout"):
-        ff.scaled_dot_product_attention(*qkv, dropout_p=0.1)
+    with pytest.raises(ff.BackendUnavailableError, match="requires grad"):
+        ff.scaled_dot_product_attention(*qkv, attn_mask=_grad_mask())
     monkeypatch.setenv("FUSEDFORMER_BACKEND", "triton")
     with pytest.raises(ff.BackendUnavailableError, match="float64"):
         ff.scaled_dot_product_attention(*(t.double() for t in qkv))
+    if backends._TRITON_ERROR is None:
+        with pytest.raises(ff.BackendUnavailableError, match="dropout"):
+            ff.scaled_dot_product_attention(*qkv, dropout_p=0.1)
 
 
 def test_unknown_backend_name_is_an_error(monkeypatch):

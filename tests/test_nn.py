@@ -376,9 +376,8 @@ def test_mha_key_padding_mask_is_a_b11s_mask(monkeypatch):
 # ---- attention dropout and explain --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("need_weights", [False, True])
-def test_mha_dropout_is_torchs_dropout(need_weights):
-    """In training, attention dropout runs on the reference path and draws the very mask torch draws."""
+def test_mha_dropout_with_weights_is_torchs_dropout():
+    """need_weights=True runs on the reference path, which draws the very mask torch draws."""
     t, f = twins(nn.MultiheadAttention, ffnn.MultiheadAttention, D, H, dropout=0.5, batch_first=True)
     x = torch.randn(2, 7, D)
     seed = int(torch.randint(0, 2**31, ()))
@@ -386,23 +385,54 @@ def test_mha_dropout_is_torchs_dropout(need_weights):
     theirs, w_theirs = t(x, x, x, need_weights=True, average_attn_weights=False)
     torch.manual_seed(seed)
     with ignore_fallback():
-        ours, w_ours = f(x, x, x, need_weights=need_weights, average_attn_weights=False)
+        ours, w_ours = f(x, x, x, need_weights=True, average_attn_weights=False)
     assert_close("output with dropout", ours, theirs, 5e-5)
-    if need_weights:
-        assert_close("weights with dropout", w_ours, w_theirs, 5e-5)
+    assert_close("weights with dropout", w_ours, w_theirs, 5e-5)
     no_dropout = f.eval()(x, x, x, need_weights=False)[0]
     assert not torch.allclose(ours, no_dropout), "dropout changed nothing: the test cannot fail"
 
 
-def test_mha_dropout_warns_and_explain_says_so(monkeypatch):
+def test_mha_fused_dropout_applies_the_kernels_mask(monkeypatch):
+    """need_weights=False: the fused dropout, whose mask (not torch's draw) the reference reproduces."""
+    from fusedformer import reference
+    from fusedformer.ops import attention as ops_attention
+
+    seed, p = 424242, 0.5
+    monkeypatch.setattr(ops_attention, "_dropout_seed", lambda: seed)
+    t, f = twins(nn.MultiheadAttention, ffnn.MultiheadAttention, D, H, dropout=p, batch_first=True)
+    B, L = 2, 7
+    x = torch.randn(B, L, D, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused: no fallback warning
+        ours = f(x, x, x, need_weights=False)[0]
+    keep = ops_attention.attention_dropout_mask(B, H, L, L, p, seed)  # (B, H, L, L)
+
+    def heads(y):  # (B, L, D) -> (B, H, L, D / H)
+        return y.reshape(B, L, H, D // H).transpose(1, 2)
+
+    q, k, v = F.linear(x, t.in_proj_weight, t.in_proj_bias).chunk(3, dim=-1)
+    y = reference.scaled_dot_product_attention(heads(q), heads(k), heads(v), dropout_p=p, dropout_mask=keep)
+    theirs = F.linear(y.transpose(1, 2).flatten(2), t.out_proj.weight, t.out_proj.bias)
+    assert_close("output with the kernels' dropout mask", ours, theirs, 5e-5)
+    g_ours, = torch.autograd.grad(ours.square().sum(), x)
+    g_theirs, = torch.autograd.grad(theirs.square().sum(), x)
+    assert_close("input gradient with the kernels' dropout mask", g_ours, g_theirs, 2e-4)
+    no_dropout = f.eval()(x, x, x, need_weights=False)[0]
+    assert not torch.allclose(ours, no_dropout), "dropout changed nothing: the test cannot fail"
+
+
+def test_mha_dropout_is_fused_and_explain_says_so(monkeypatch):
     monkeypatch.setattr(backends, "_warned", set())
     f = ffnn.MultiheadAttention(D, H, dropout=0.1, batch_first=True)
     x = torch.randn(2, 7, D)
-    with pytest.warns(ff.FallbackWarning, match="dropout"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         f(x, x, x, need_weights=False)
     e = f.explain(x, x, x, need_weights=False)
-    assert e.backend == "reference"
-    assert any("dropout" in why for why in e.reasons["cpp"])
+    assert e.backend == "cpp"
+    assert not any("dropout" in why for why in e.reasons["cpp"])
+    if backends._TRITON_ERROR is None:
+        assert any("dropout" in why for why in e.reasons["triton"])
     f.eval()  # no dropout in eval: the same call as the functional one
     e = f.explain(x, x, x, need_weights=False)
     q = torch.randn(2, H, 7, D // H)

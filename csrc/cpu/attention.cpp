@@ -7,8 +7,10 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/allocator.h"
 #include "cpu/common.h"
 #include "cpu/kernels/attention.h"
+#include "cpu/kernels/dropout.h"
 
 namespace fusedformer {
 namespace cpu {
@@ -124,7 +126,7 @@ at::Tensor prepare_mask(const char* op, const std::optional<at::Tensor>& attn_ma
 
 template <typename T, typename Args>
 void set_common(Args& a, const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& mask, bool is_causal, double scale) {
+                const at::Tensor& mask, bool is_causal, double scale, double dropout_p, int64_t seed) {
   a.q = q.data_ptr<T>();
   a.k = k.data_ptr<T>();
   a.v = v.data_ptr<T>();
@@ -149,15 +151,21 @@ void set_common(Args& a, const Dims& d, const at::Tensor& q, const at::Tensor& k
   a.Ev = d.Ev;
   a.scale = scale;
   a.is_causal = is_causal;
+  a.dropout_p = dropout_p;
+  a.seed = seed;
+}
+
+void check_dropout(const char* op, double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": expected dropout_p in [0, 1), got ", dropout_p);
 }
 
 // Fills out and lse, contiguous in T; or, given log_sum, only lse = m and log_sum = log l. Needs L, S > 0.
 template <typename T>
 void run_fwd(KernelStub<AttentionFwdFn<T>>& stub, const Dims& d, const at::Tensor& q, const at::Tensor& k,
-             const at::Tensor& v, const at::Tensor& mask, bool is_causal, double scale, at::Tensor& out,
-             at::Tensor& lse, at::Tensor& log_sum) {
+             const at::Tensor& v, const at::Tensor& mask, bool is_causal, double scale, double dropout_p,
+             int64_t seed, at::Tensor& out, at::Tensor& lse, at::Tensor& log_sum) {
   AttentionFwdArgs<T> a{};
-  set_common<T>(a, d, q, k, v, mask, is_causal, scale);
+  set_common<T>(a, d, q, k, v, mask, is_causal, scale, dropout_p, seed);
   a.out = log_sum.defined() ? nullptr : out.data_ptr<T>();
   a.lse = lse.data_ptr<T>();
   a.log_sum = log_sum.defined() ? log_sum.data_ptr<T>() : nullptr;
@@ -172,14 +180,16 @@ void run_fwd(KernelStub<AttentionFwdFn<T>>& stub, const Dims& d, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                      const at::Tensor& value,
                                                      const std::optional<at::Tensor>& attn_mask,
-                                                     bool is_causal, double scale) {
+                                                     bool is_causal, double scale, double dropout_p,
+                                                     int64_t seed) {
   const char* op = "fusedformer::attention_fwd";
   const Dims d = check_qkv(op, query, key, value);
   TORCH_CHECK(std::isfinite(scale), op, ": expected a finite scale, got ", scale);
+  check_dropout(op, dropout_p);
   const auto ct = compute_dtype(query.scalar_type());
   const at::Tensor mask = prepare_mask(op, attn_mask, query, d, ct);
   const at::Tensor q = to_compute(query, ct), k = to_compute(key, ct), v = to_compute(value, ct);
-  at::Tensor out = at::empty({d.B, d.Hq, d.L, d.Ev}, q.options());
+  at::Tensor out = empty_output({d.B, d.Hq, d.L, d.Ev}, q.scalar_type());
   at::Tensor lse = at::empty({d.B, d.Hq, d.L}, q.options());
   if (out.numel() == 0 || d.S == 0) {
     // no key: every row is fully masked
@@ -188,9 +198,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   } else {
     at::Tensor no_split;
     if (ct == at::kDouble) {
-      run_fwd<double>(attention_fwd_f64_stub, d, q, k, v, mask, is_causal, scale, out, lse, no_split);
+      run_fwd<double>(attention_fwd_f64_stub, d, q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse,
+                      no_split);
     } else {
-      run_fwd<float>(attention_fwd_f32_stub, d, q, k, v, mask, is_causal, scale, out, lse, no_split);
+      run_fwd<float>(attention_fwd_f32_stub, d, q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse,
+                     no_split);
     }
   }
   return {out.to(query.scalar_type()), lse.to(at::kFloat)};
@@ -202,9 +214,9 @@ at::Tensor run_bwd(KernelStub<AttentionBwdDeltaFn<T>>& delta_stub, KernelStub<At
                    const Dims& d, const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                    const at::Tensor& log_sum, const at::Tensor& mask, bool is_causal, double scale,
-                   at::Tensor& grad_k, at::Tensor& grad_v) {
+                   double dropout_p, int64_t seed, at::Tensor& grad_k, at::Tensor& grad_v) {
   AttentionBwdArgs<T> a{};
-  set_common<T>(a, d, q, k, v, mask, is_causal, scale);
+  set_common<T>(a, d, q, k, v, mask, is_causal, scale, dropout_p, seed);
   a.grad_out = go.data_ptr<T>();
   a.out = out.data_ptr<T>();
   for (int i = 0; i < 3; ++i) {
@@ -233,7 +245,7 @@ at::Tensor run_bwd(KernelStub<AttentionBwdDeltaFn<T>>& delta_stub, KernelStub<At
   const int64_t n_ktiles = ceil_div(d.S, a.block_n), group = d.Hq / d.Hk;
   const int64_t tasks = d.B * d.Hk * n_ktiles;
   const int64_t chunks = std::min<int64_t>(at::get_num_threads(), tasks);
-  at::Tensor grad_q = at::empty({d.B, d.Hq, d.L, d.E}, q.options());
+  at::Tensor grad_q = empty_output({d.B, d.Hq, d.L, d.E}, q.scalar_type());
   at::Tensor row_sum = at::empty({d.B, d.Hq, d.L}, q.options());
   a.grad_q = grad_q.data_ptr<T>();
   a.row_sum = row_sum.data_ptr<T>();
@@ -256,10 +268,11 @@ at::Tensor run_bwd(KernelStub<AttentionBwdDeltaFn<T>>& delta_stub, KernelStub<At
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& out, const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask,
-    bool is_causal, double scale) {
+    bool is_causal, double scale, double dropout_p, int64_t seed) {
   const char* op = "fusedformer::attention_bwd";
   const Dims d = check_qkv(op, query, key, value);
   TORCH_CHECK(std::isfinite(scale), op, ": expected a finite scale, got ", scale);
+  check_dropout(op, dropout_p);
   check_like(op, grad_out, "grad_out", query, {d.B, d.Hq, d.L, d.Ev});
   check_like(op, out, "out", query, {d.B, d.Hq, d.L, d.Ev});
   TORCH_CHECK(logsumexp.device().is_cpu(), op, ": expected logsumexp on the CPU, got ", logsumexp.device());
@@ -270,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const auto ct = compute_dtype(query.scalar_type());
   const at::Tensor mask = prepare_mask(op, attn_mask, query, d, ct);
   const at::Tensor q = to_compute(query, ct), k = to_compute(key, ct), v = to_compute(value, ct);
-  at::Tensor grad_k = at::empty({d.B, d.Hk, d.S, d.E}, q.options());
-  at::Tensor grad_v = at::empty({d.B, d.Hk, d.S, d.Ev}, q.options());
+  at::Tensor grad_k = empty_output({d.B, d.Hk, d.S, d.E}, q.scalar_type());
+  at::Tensor grad_v = empty_output({d.B, d.Hk, d.S, d.Ev}, q.scalar_type());
   at::Tensor grad_q;
   if (d.B * d.Hq * d.L == 0 || d.S == 0) {
     grad_q = at::zeros({d.B, d.Hq, d.L, d.E}, q.options());
@@ -292,19 +305,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     if (split) lse = at::empty({d.B, d.Hq, d.L}, q.options());
     at::Tensor log_sum = split ? at::empty({d.B, d.Hq, d.L}, q.options()) : at::Tensor();
     at::Tensor unused;
+    // the recomputed logsumexp is that of the un-dropped probabilities: no dropout in that pass
     if (ct == at::kDouble) {
-      run_fwd<double>(attention_fwd_f64_stub, d, q, k, v, mask, is_causal, scale, unused, lse, log_sum);
+      run_fwd<double>(attention_fwd_f64_stub, d, q, k, v, mask, is_causal, scale, 0.0, 0, unused, lse, log_sum);
       grad_q = run_bwd<double>(attention_bwd_delta_f64_stub, attention_bwd_f64_stub, d, go, q, k, v, o, lse,
-                               log_sum, mask, is_causal, scale, grad_k, grad_v);
+                               log_sum, mask, is_causal, scale, dropout_p, seed, grad_k, grad_v);
     } else {
       if (split) {
-        run_fwd<float>(attention_fwd_f32_stub, d, q, k, v, mask, is_causal, scale, unused, lse, log_sum);
+        run_fwd<float>(attention_fwd_f32_stub, d, q, k, v, mask, is_causal, scale, 0.0, 0, unused, lse,
+                       log_sum);
       }
       grad_q = run_bwd<float>(attention_bwd_delta_f32_stub, attention_bwd_f32_stub, d, go, q, k, v, o, lse,
-                              log_sum, mask, is_causal, scale, grad_k, grad_v);
+                              log_sum, mask, is_causal, scale, dropout_p, seed, grad_k, grad_v);
     }
   }
   return {grad_q.to(query.scalar_type()), grad_k.to(key.scalar_type()), grad_v.to(value.scalar_type())};
+}
+
+// The dropout mask the kernels draw for these sizes, dense: (B, H, L, S) bool, True = kept. For tests.
+at::Tensor attention_dropout_mask_cpu(int64_t B, int64_t H, int64_t L, int64_t S, double dropout_p,
+                                      int64_t seed) {
+  const char* op = "fusedformer::attention_dropout_mask";
+  TORCH_CHECK(B >= 0 && H >= 0 && L >= 0 && S >= 0, op, ": expected sizes >= 0, got (", B, ", ", H, ", ", L,
+              ", ", S, ")");
+  check_dropout(op, dropout_p);
+  at::Tensor keep = at::empty({B, H, L, S}, at::TensorOptions().dtype(at::kBool));
+  if (keep.numel() == 0) return keep;
+  bool* out = keep.data_ptr<bool>();
+  const uint32_t threshold = dropout_threshold(dropout_p);
+  at::parallel_for(0, B * H * L, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const DropoutKeys keys = dropout_keys(seed, r / L);
+      for (int64_t j = 0; j < S; ++j) out[r * S + j] = dropout_keep(keys, threshold, r % L, j);
+    }
+  });
+  return keep;
 }
 
 }  // namespace
@@ -312,6 +347,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 TORCH_LIBRARY_IMPL(fusedformer, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+// No tensor argument: nothing for the dispatcher to route by, so the op registers as a composite (it
+// makes a CPU tensor) rather than under the CPU key.
+TORCH_LIBRARY_IMPL(fusedformer, CompositeExplicitAutograd, m) {
+  m.impl("attention_dropout_mask", &attention_dropout_mask_cpu);
 }
 
 }  // namespace cpu

@@ -3,13 +3,12 @@
 The in-projection and out-projection are ``F.linear``; the attention itself is one call of
 ``ff.scaled_dot_product_attention`` on ``(B, H, L, hd)`` heads. ``nn.MultiheadAttention``'s masks (bool
 True = *masked out*, float = added) become one SDPA mask (bool True = *takes part*): a key-padding mask
-becomes a ``(B, 1, 1, S)`` mask, never an ``(L, S)`` one per batch entry. Two things run on the
-reference path (plain PyTorch), each with a one-time ``FallbackWarning`` and a reason in ``explain``:
-
-- ``need_weights=True`` (``nn.MultiheadAttention``'s default): the attention probabilities are returned,
-  and the fused kernels never materialise them;
-- attention dropout (``dropout > 0`` in training): ``ff.scaled_dot_product_attention`` serves it on the
-  reference path until a fused attention dropout exists.
+becomes a ``(B, 1, 1, S)`` mask, never an ``(L, S)`` one per batch entry. Attention dropout (``dropout >
+0`` in training) is fused on the CPU (its mask is drawn by the kernels' own counter-based generator, not
+by torch's dropout; Triton falls back for it). ``need_weights=True`` (``nn.MultiheadAttention``'s default)
+runs on the reference path (plain PyTorch), with a one-time ``FallbackWarning`` and a reason in
+``explain``: the attention probabilities are returned, and the fused kernels never materialise them;
+with dropout, that path draws torch's own dropout mask.
 """
 
 from __future__ import annotations
@@ -128,7 +127,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     Args (as ``torch.nn.MultiheadAttention``):
         embed_dim: ``E``, the model width; ``num_heads`` must divide it (head dim ``hd = E // num_heads``).
         num_heads: ``H``.
-        dropout: attention dropout on the probabilities, in training (reference path, see the module doc).
+        dropout: attention dropout on the probabilities, in training (fused on the CPU, see the module doc).
         bias: in- and out-projection biases.
         add_bias_kv: learn one extra key and value (``bias_k``, ``bias_v``: ``(1, 1, E)``) appended to the sequence.
         add_zero_attn: append one all-zero key and value per head.
@@ -346,7 +345,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         """Which backend would serve ``forward`` with these arguments, and why the others could not.
 
         Takes ``forward``'s arguments; runs the projections (no attention) to build the attention call.
-        ``need_weights=True`` and attention dropout in training name the reason they run on the reference path.
+        ``need_weights=True`` names the reason it runs on the reference path.
         """
         from fusedformer import explain as ff_explain
 

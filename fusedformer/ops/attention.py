@@ -12,7 +12,13 @@ import torch
 
 from fusedformer import backends, reference
 
-__all__ = ["scaled_dot_product_attention", "attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
+__all__ = [
+    "scaled_dot_product_attention",
+    "attention_fwd",
+    "attention_bwd",
+    "attention_dropout_mask",
+    "MAX_HEAD_DIM",
+]
 
 MAX_HEAD_DIM = 256
 _FN = "fusedformer.scaled_dot_product_attention"
@@ -28,8 +34,12 @@ def attention_fwd(
     attn_mask: torch.Tensor | None,  # broadcastable to (B, Hq, L, S); bool (True = take part) or additive
     is_causal: bool,
     scale: float,
+    dropout_p: float = 0.0,  # dropout on the probabilities, the mask drawn from seed (attention_dropout_mask)
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, Hq, L, Ev), logsumexp (B, Hq, L) float32
-    return torch.ops.fusedformer.attention_fwd.default(query, key, value, attn_mask, is_causal, scale)
+    return torch.ops.fusedformer.attention_fwd.default(
+        query, key, value, attn_mask, is_causal, scale, dropout_p, seed
+    )
 
 
 def attention_bwd(
@@ -42,10 +52,22 @@ def attention_bwd(
     attn_mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    dropout_p: float = 0.0,  # as given to attention_fwd
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # grads shaped as query, key, value
     return torch.ops.fusedformer.attention_bwd.default(
-        grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale
+        grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale, dropout_p, seed
     )
+
+
+def attention_dropout_mask(
+    B: int, H: int, L: int, S: int, dropout_p: float, seed: int
+) -> torch.Tensor:  # (B, H, L, S) bool, True = kept
+    """The dropout mask ``attention_fwd(..., dropout_p, seed)`` applies to query ``(B, H, L, E)`` and S keys.
+
+    Dense, for tests: the kernels draw it tile by tile from the same hash and never build it.
+    """
+    return torch.ops.fusedformer.attention_dropout_mask.default(B, H, L, S, dropout_p, seed)
 
 
 _FWD_SCHEMA = (
@@ -59,33 +81,39 @@ _BWD_SCHEMA = (
 # The op pair that serves each backend (csrc/fusedformer.cpp defines the cpp pair; the triton pair is
 # defined below from kernels/attention.py's launchers).
 _OPS = {"cpp": ("attention_fwd", "attention_bwd"), "triton": ("triton_attention_fwd", "triton_attention_bwd")}
+# The arguments after scale that a backend's forward takes, and passes on unchanged to its backward:
+# only the cpp pair has attention dropout (the Triton backend declines dropout_p > 0, see backends.py).
+_EXTRA_ARGS = {"cpp": ("dropout_p", "seed"), "triton": ()}
 
 
 def _register_autograd(backend: str) -> None:
     fwd_name, bwd_name = _OPS[backend]
+    n_extra = len(_EXTRA_ARGS[backend])
 
     def _setup_context(ctx, inputs, output):
-        query, key, value, attn_mask, is_causal, scale = inputs
+        query, key, value, attn_mask, is_causal, scale = inputs[:6]
         out, lse = output
         ctx.mark_non_differentiable(lse)  # saved for the backward; the public function never returns it
         ctx.save_for_backward(query, key, value, out, lse, attn_mask)
         ctx.is_causal = is_causal
         ctx.scale = scale
+        ctx.extra = tuple(inputs[6:6 + n_extra])  # cpp: (dropout_p, seed); defaults filled in by torch.library
 
     def _backward(ctx, grad_out, grad_lse):
         query, key, value, out, lse, attn_mask = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         bwd = getattr(torch.ops.fusedformer, bwd_name).default
-        dq, dk, dv = bwd(grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = bwd(grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale, *ctx.extra)
+        return (dq, dk, dv, None, None, None) + (None,) * n_extra
 
     torch.library.register_autograd(f"fusedformer::{fwd_name}", _backward, setup_context=_setup_context)
+    backends.forbid_double_backward(f"fusedformer::{bwd_name}")
 
 
 def _register_cpp() -> None:
     @torch.library.register_fake("fusedformer::attention_fwd")
-    def _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale):
+    def _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=0):
         B, Hq, L, _ = query.shape
         Ev = value.shape[-1]
         out = query.new_empty((B, Hq, L, Ev))
@@ -93,12 +121,17 @@ def _register_cpp() -> None:
         return out, lse
 
     @torch.library.register_fake("fusedformer::attention_bwd")
-    def _attention_bwd_fake(grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale):
+    def _attention_bwd_fake(grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale,
+                            dropout_p=0.0, seed=0):
         return (
             query.new_empty(query.shape),
             key.new_empty(key.shape),
             value.new_empty(value.shape),
         )
+
+    @torch.library.register_fake("fusedformer::attention_dropout_mask")
+    def _attention_dropout_mask_fake(B, H, L, S, dropout_p, seed):
+        return torch.empty((B, H, L, S), dtype=torch.bool)
 
     _register_autograd("cpp")
 
@@ -225,6 +258,13 @@ def _mask_to_4d(attn_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return m.expand(*batch, *m.shape[-3:]).reshape(math.prod(batch), *m.shape[-3:])
 
 
+def _dropout_seed() -> int:
+    """A fresh dropout seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
+    # NOTE: .item() is a graph break under torch.compile (unless capture_scalar_outputs); only
+    # dropout_p > 0 calls take this path.
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu").item())
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,  # (..., Hq, L, E)
     key: torch.Tensor,  # (..., Hk, S, E)
@@ -243,8 +283,13 @@ def scaled_dot_product_attention(
         value: ``(..., Hk, S, Ev)``; ``Ev`` may differ from ``E``; head dims 1 to 256.
         attn_mask: broadcastable to ``(..., Hq, L, S)``: bool (True = the key takes part) or a float
             mask in query's dtype, added to the scores. Read tile by tile, never expanded.
-        dropout_p: attention dropout; above 0 it runs on the reference path (with a warning) until a
-            fused attention dropout exists.
+        dropout_p: attention dropout on the probabilities (after the softmax, before ``@ value``), kept
+            ones scaled by ``1 / (1 - dropout_p)``, as torch. The cpp backend fuses it: the mask is a
+            counter-based hash of (seed, b, h, i, j), the seed drawn from torch's default CPU generator (so
+            ``torch.manual_seed`` makes runs reproducible; the draw differs from torch's own dropout),
+            and the backward draws the same mask again; nothing of size (L, S) is stored. Under
+            torch.compile the seed's draw is a graph break (dropout_p > 0 only). The Triton backend has
+            no dropout: it falls back to the reference path with a warning.
         is_causal: query ``i`` sees keys ``j <= i``, aligned top-left as in torch; for L=3, S=5::
 
                 1 0 0 0 0
@@ -268,5 +313,8 @@ def scaled_dot_product_attention(
     scale_value = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     mask4 = _mask_to_4d(attn_mask, query) if attn_mask is not None else None
     fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
-    out, _ = fwd(_to_4d(query), _to_4d(key), _to_4d(value), mask4, bool(is_causal), scale_value)
+    extra = ()
+    if backend == "cpp" and dropout_p > 0.0:
+        extra = (float(dropout_p), _dropout_seed())
+    out, _ = fwd(_to_4d(query), _to_4d(key), _to_4d(value), mask4, bool(is_causal), scale_value, *extra)
     return out.reshape(*query.shape[:-1], value.shape[-1])

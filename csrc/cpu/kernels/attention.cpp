@@ -11,6 +11,13 @@
 //   dV^T += dO^T P,  dP = dO V^T,  dS = scale * P * (dP - delta),  dK^T += Q^T dS,  dQ += dS K,
 // owning its rows of dK and dV; dQ rows are shared between the key tiles (see AttentionBwdFn).
 //
+// Dropout (kernels/dropout.h) acts on P after the softmax: the forward sums the un-dropped P into l
+// (the logsumexp is the ordinary one) and multiplies P^T by D = M / (1 - p) before O^T += V^T P^T, so
+// O = (P * D) V. The backward draws M again and, with dP~ = dO V^T the gradient of P * D,
+//   dV^T += dO^T (P * D),  dP = dP~ * D,  dS = scale * P * (dP - delta),
+// where delta = rowsum(P * dP) = rowsum((P * D) * dP~) = rowsum(dO * O), O being the dropped output:
+// the delta pass is unchanged.
+//
 // P's rows hold exp(lse_true - lse) instead of 1 in total, where lse is the float32 logsumexp: off by
 // up to half an ulp of lse, i.e. 2^-21 relative for |lse| in [8, 16), several times the rounding of the
 // float32 reference's own softmax. That common factor of a row passes unchanged into dQ's row, so the
@@ -21,9 +28,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <new>
 
+#include "cpu/kernels/dropout.h"
 #include "cpu/kernels/vec.h"
 
 namespace fusedformer {
@@ -190,6 +199,41 @@ inline vec_t<T> mask_bias(const bool* keep, const T* add, int64_t off, int64_t l
   return vload(buf);
 }
 
+// W lanes of uint32 dropout bits, and the lane mask type of vec_t<T>.
+template <typename T>
+struct DropoutLanes;
+template <>
+struct DropoutLanes<float> {
+  typedef uint32_t bits __attribute__((vector_size(64)));
+  typedef int32_t mask __attribute__((vector_size(64)));
+};
+template <>
+struct DropoutLanes<double> {
+  typedef uint32_t bits __attribute__((vector_size(32)));
+  typedef int64_t mask __attribute__((vector_size(64)));
+};
+template <typename T>
+using dropout_bits_t = typename DropoutLanes<T>::bits;
+
+template <typename T>
+inline dropout_bits_t<T> load_bits(const uint32_t* p) {
+  dropout_bits_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline dropout_bits_t<T> broadcast_bits(uint32_t x) {
+  return dropout_bits_t<T>{} + x;
+}
+
+// x * keep_scale in the lanes whose bits reach the threshold, 0 in the others.
+template <typename T>
+inline vec_t<T> apply_dropout(vec_t<T> x, dropout_bits_t<T> bits, uint32_t threshold, T keep_scale) {
+  const auto keep = __builtin_convertvector(bits >= broadcast_bits<T>(threshold), typename DropoutLanes<T>::mask);
+  return keep ? x * keep_scale : vec_t<T>{};
+}
+
 template <typename T>
 void attention_fwd(const AttentionFwdArgs<T>& a, int64_t task_begin, int64_t task_end) {
   constexpr int64_t W = Vec<T>::kSize;
@@ -204,8 +248,13 @@ void attention_fwd(const AttentionFwdArgs<T>& a, int64_t task_begin, int64_t tas
   const vec_t<T> iota = viota<T>();
   const vec_t<T> neg_inf = vbroadcast(kNegInf<T>);
   const vec_t<T> zero = vbroadcast(T(0));
+  const bool dropout = a.dropout_p > 0.0 && !lse_only;
+  const uint32_t threshold = dropout_threshold(a.dropout_p);
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - a.dropout_p));
 
   Buffer<T> qt_buf(E * BM);    // Q^T tile (E, BM), zero-padded lanes
+  Buffer<uint32_t> row_hash_buf(BM);  // dropout: the tile's queries' row hashes A_i, by lane
+  uint32_t* row_hash = row_hash_buf.get();
   Buffer<T> st_buf(BN * BM);   // S^T then P^T tile (BN, BM)
   Buffer<T> ot_buf(Ev * BM);   // unnormalised O^T (Ev, BM)
   Buffer<T> m_buf(BM), l_buf(BM), alpha_buf(BM);
@@ -233,6 +282,10 @@ void attention_fwd(const AttentionFwdArgs<T>& a, int64_t task_begin, int64_t tas
     std::fill(m, m + BM, kNegInf<T>);
     std::fill(l, l + BM, T(0));
     if (!lse_only) std::fill(ot, ot + Ev * BM, T(0));
+    const DropoutKeys keys = dropout_keys(a.seed, bh);
+    if (dropout) {
+      for (int64_t i = 0; i < nvq * W; ++i) row_hash[i] = dropout_row_hash<uint32_t>(keys, uint32_t(i0 + i));
+    }
 
     // causal: query i sees keys j <= i, so this tile needs keys j < i0 + im only
     const int64_t j_end = a.is_causal ? std::min(a.S, i0 + im) : a.S;
@@ -263,11 +316,23 @@ void attention_fwd(const AttentionFwdArgs<T>& a, int64_t task_begin, int64_t tas
         const vec_t<T> m_safe = m_new == neg_inf ? zero : m_new;
         const vec_t<T> rescale = vexp(m_old - m_safe);
         vec_t<T> sum = zero;
-        for (int64_t j = 0; j < jn; ++j) {
-          T* p = st + j * BM + c * W;
-          const vec_t<T> e = vexp(vload(p) - m_safe);
-          vstore(p, e);
-          sum += e;
+        if (dropout) {  // l sums P; P^T V sees P * M / (1 - p)
+          const dropout_bits_t<T> row = load_bits<T>(row_hash + c * W);
+          for (int64_t j = 0; j < jn; ++j) {
+            T* p = st + j * BM + c * W;
+            const vec_t<T> e = vexp(vload(p) - m_safe);
+            sum += e;
+            const uint32_t col = dropout_col_hash<uint32_t>(keys, uint32_t(j0 + j));
+            vstore(p, apply_dropout<T>(e, dropout_bits<dropout_bits_t<T>>(row, broadcast_bits<T>(col)),
+                                       threshold, keep_scale));
+          }
+        } else {
+          for (int64_t j = 0; j < jn; ++j) {
+            T* p = st + j * BM + c * W;
+            const vec_t<T> e = vexp(vload(p) - m_safe);
+            vstore(p, e);
+            sum += e;
+          }
         }
         vstore(l + c * W, vload(l + c * W) * rescale + sum);
         vstore(m + c * W, m_new);
@@ -342,8 +407,13 @@ void attention_bwd(const AttentionBwdArgs<T>& a, int64_t task_begin, int64_t tas
   const T scale = static_cast<T>(a.scale);
   const vec_t<T> iota = viota<T>();
   const vec_t<T> neg_inf = vbroadcast(kNegInf<T>);
+  const bool dropout = a.dropout_p > 0.0;
+  const uint32_t threshold = dropout_threshold(a.dropout_p);
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - a.dropout_p));
 
   Buffer<T> kt_buf(E * BN);    // K^T tile (E, BN), zero-padded lanes
+  Buffer<uint32_t> col_hash_buf(BN);  // dropout: the tile's keys' hashes C_j, by lane
+  uint32_t* col_hash = col_hash_buf.get();
   Buffer<T> vt_buf(Ev * BN);   // V^T tile (Ev, BN)
   Buffer<T> kp_buf(BN * Ep);   // K tile (BN, Ep), zero-padded columns
   Buffer<T> dkt_buf(E * BN);   // dK^T accumulator (E, BN)
@@ -398,6 +468,10 @@ void attention_bwd(const AttentionBwdArgs<T>& a, int64_t task_begin, int64_t tas
       T* gq = gq_pair + (h - hk * group) * a.L * E;
       T* row_sum = row_sum_pair + (h - hk * group) * a.L;
       const int64_t mask_off = b * ms[0] + h * ms[1] + j0 * ms[3];
+      const DropoutKeys keys = dropout_keys(a.seed, bh);
+      if (dropout) {
+        for (int64_t j = 0; j < lanes; ++j) col_hash[j] = dropout_col_hash<uint32_t>(keys, uint32_t(j0 + j));
+      }
       // causal: queries i < j0 see none of these keys
       const int64_t i_begin = a.is_causal ? j0 / BM * BM : 0;
       for (int64_t i0 = i_begin; i0 < a.L; i0 += BM) {
@@ -427,16 +501,30 @@ void attention_bwd(const AttentionBwdArgs<T>& a, int64_t task_begin, int64_t tas
           }
           row_sum[i0 + i] += vsum<T>(p_sum);
         }
-        // dS = scale * P * (dO V^T - delta)
+        // dS = scale * P * (dO V^T - delta); with dropout, dS = scale * P * (dO V^T * D - delta) and
+        // P becomes P * D for dV
         gemm<T>(im, nvk, Ev, goi, dos, 1, vt, BN, ds, BN, false, nullptr, kSumChunk);
         for (int64_t i = 0; i < im; ++i) {
           const T d = delta[i0 + i];
-          for (int64_t c = 0; c < nvk; ++c) {
-            T* dr = ds + i * BN + c * W;
-            vstore(dr, vload(p + i * BN + c * W) * (vload(dr) - d) * scale);
+          if (dropout) {
+            const dropout_bits_t<T> row =
+                broadcast_bits<T>(dropout_row_hash<uint32_t>(keys, uint32_t(i0 + i)));
+            for (int64_t c = 0; c < nvk; ++c) {
+              T* dr = ds + i * BN + c * W;
+              T* pr = p + i * BN + c * W;
+              const dropout_bits_t<T> bits = dropout_bits<dropout_bits_t<T>>(row, load_bits<T>(col_hash + c * W));
+              const vec_t<T> pv = vload(pr);
+              vstore(dr, pv * (apply_dropout<T>(vload(dr), bits, threshold, keep_scale) - d) * scale);
+              vstore(pr, apply_dropout<T>(pv, bits, threshold, keep_scale));
+            }
+          } else {
+            for (int64_t c = 0; c < nvk; ++c) {
+              T* dr = ds + i * BN + c * W;
+              vstore(dr, vload(p + i * BN + c * W) * (vload(dr) - d) * scale);
+            }
           }
         }
-        gemm<T>(Ev, nvk, im, goi, 1, dos, p, BN, dvt, BN, true);  // dV^T += dO^T P
+        gemm<T>(Ev, nvk, im, goi, 1, dos, p, BN, dvt, BN, true);  // dV^T += dO^T P (P * D with dropout)
         gemm<T>(E, nvk, im, qi, 1, qs, ds, BN, dkt, BN, true);    // dK^T += Q^T dS
         gemm<T>(im, Ep / W, jn, ds, BN, 1, kp, Ep, dq, Ep, false);  // dQ = dS K
         for (int64_t i = 0; i < im; ++i) {

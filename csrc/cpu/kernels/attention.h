@@ -32,6 +32,11 @@ struct AttentionFwdArgs {
   int64_t block_n;          // keys per inner tile
   double scale;
   bool is_causal;
+  // Attention dropout on P before P V, 0 for none; the mask is keep(seed, b * Hq + h, i, j) of
+  // kernels/dropout.h, the kept probabilities scaled by 1 / (1 - dropout_p). Ignored when log_sum is
+  // given (the logsumexp is that of the un-dropped probabilities).
+  double dropout_p;
+  int64_t seed;
 };
 
 // Each call runs tasks [task_begin, task_end) of B * Hq * ceil(L / block_m) (one query tile each).
@@ -48,6 +53,7 @@ struct AttentionBwdArgs {
   const T* lse;             // (B, Hq, L) contiguous: m + log l, or m alone when log_sum is given
   const T* log_sum;         // (B, Hq, L) contiguous: log l; or nullptr
   T* delta;                 // (B, Hq, L) contiguous: rowsum(grad_out * out), written by the delta pass
+                            // (out after dropout: with dropout too, rowsum(P * dP) = rowsum(dO * O))
   const bool* mask_keep;    // (B, Hq, L, S), strides mask_strides; or nullptr
   const T* mask_add;        // (B, Hq, L, S), strides mask_strides; or nullptr
   T* grad_k;                // (B, Hk, S, E) contiguous
@@ -65,6 +71,8 @@ struct AttentionBwdArgs {
   int64_t block_n;          // keys per task; a multiple of Vec<T>::kSize
   double scale;
   bool is_causal;
+  double dropout_p;         // as the forward's: the backward draws the same mask again
+  int64_t seed;
 };
 
 // The backward's first pass: delta for rows [row_begin, row_end) of B * Hq * L.
