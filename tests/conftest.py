@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib  # noqa: E402
+import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -84,6 +85,8 @@ def each_cpu_capability(request):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # A different seed per test (fresh data), reproducible from the test's id.
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    # A different seed per test (fresh data), reproducible from the test's id (crc32: Python's hash()
+    # of a str changes from process to process); FUSEDFORMER_TEST_SEED=N draws another sample.
+    salt = int(os.environ.get("FUSEDFORMER_TEST_SEED", "0"))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) ^ salt)
     yield
