@@ -215,13 +215,17 @@ def test_mha_masks_match_torch(mask_kind, need_weights, average, batch_first):
         assert outs[1].shape == ((B, L, L) if average else (B, H, L, L))
 
 
-@pytest.mark.parametrize("kind", ["self", "key_is_value", "separate", "kdim_vdim"])
-@pytest.mark.parametrize("L,S", [(1, 1), (17, 17), (5, 97), (97, 3)])
+_SIZES = [(1, 1), (17, 17), (5, 97), (97, 3)]
+
+
+@pytest.mark.parametrize(
+    "kind,L,S",
+    [(kind, L, S) for kind in ("self", "key_is_value", "separate", "kdim_vdim") for L, S in _SIZES
+     if kind != "self" or L == S],  # self-attention has L == S
+)
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_mha_projections_and_sizes_match_torch(kind, L, S, batch_first):
     B = 2
-    if kind == "self" and L != S:
-        pytest.skip("self-attention has L == S")
     kdim, vdim = (11, 13) if kind == "kdim_vdim" else (D, D)
     t, f = twins(
         nn.MultiheadAttention, ffnn.MultiheadAttention, D, H, kdim=kdim, vdim=vdim, batch_first=batch_first
@@ -453,13 +457,10 @@ def test_mha_need_weights_warns_and_explain_says_so(monkeypatch):
 
 
 def test_ff_explain_takes_the_modules():
-    """``ff.explain(module, *forward_args)`` (once fusedformer/__init__ delegates modules to ``.explain``)."""
+    """``ff.explain(module, *forward_args)`` delegates to the module's ``.explain``."""
     f = ffnn.MultiheadAttention(D, H, batch_first=True)
     x = torch.randn(2, 7, D)
-    try:
-        e = ff.explain(f, x, x, x, need_weights=True)
-    except ValueError:
-        pytest.skip("fusedformer.explain does not take modules yet")
+    e = ff.explain(f, x, x, x, need_weights=True)
     assert e.backend == "reference" and "need_weights" in str(e)
     assert ff.explain(ffnn.LayerNorm(D), x).backend == ffnn.LayerNorm(D).explain(x).backend
 

@@ -485,8 +485,6 @@ def test_hf_sample_inputs_pad_a_row(transformers):
 
 
 def test_public_api_exports():
-    """``ff.patch`` / ``ff.unpatch`` and ``ff.nn`` are the public way in (once fusedformer/__init__ exports them)."""
-    if not hasattr(ff, "unpatch"):
-        pytest.skip("fusedformer/__init__.py does not export patch/unpatch yet")
+    """``ff.patch`` / ``ff.unpatch`` and ``ff.nn`` are the public way in."""
     assert ff.patch is patch and ff.unpatch is unpatch
     assert ff.nn is ffnn
