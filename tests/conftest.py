@@ -60,6 +60,7 @@ def cpu_capability(name: str):
 
     before = _C.cpu_capability()
     _C.set_cpu_capability(name)
+    assert _C.cpu_capability() == name
     try:
         yield
     finally:

@@ -36,18 +36,6 @@ def _cpp_backend(monkeypatch):
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["default", "avx2", "avx512"])
-def cpu_capability(request):
-    before = _C.cpu_capability()
-    try:
-        _C.set_cpu_capability(request.param)
-    except RuntimeError:
-        pytest.skip(f"this CPU does not support {request.param}")
-    assert _C.cpu_capability() == request.param
-    yield request.param
-    _C.set_cpu_capability(before)
-
-
 # ---- helpers ------------------------------------------------------------------------------------
 
 
@@ -421,7 +409,7 @@ def test_torch_compile():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_cpu_capabilities(cpu_capability, dtype):
+def test_cpu_capabilities(each_cpu_capability, dtype):
     for L, S, E, Ev in [(1, 17, 16, 16), (97, 130, 59, 80), (130, 97, 64, 64)]:
         for is_causal in (False, True):
             check_attention(*qkv(1, 2, 2, L, S, E, Ev, dtype), is_causal=is_causal)

@@ -19,14 +19,17 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
   TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
 }
 
-// Splits `n` rows into at most one chunk per thread (at least `min_rows` rows each) and runs
-// fn(chunk_index, begin, end) in parallel. Returns the number of chunks, so that callers can size
-// per-chunk partial buffers before calling: use num_row_chunks() for that.
-inline int64_t num_row_chunks(int64_t n, int64_t min_rows) {
-  const int64_t by_size = std::max<int64_t>(1, n / std::max<int64_t>(1, min_rows));
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_size));
+// How many chunks to split `n` rows of `cols` elements into: at most one per thread, and at least
+// kMinElementsPerChunk elements each (below that, waking a thread costs more than the work).
+constexpr int64_t kMinElementsPerChunk = 1 << 14;
+
+inline int64_t num_row_chunks(int64_t n, int64_t cols) {
+  const int64_t min_rows = std::max<int64_t>(1, kMinElementsPerChunk / std::max<int64_t>(1, cols));
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / min_rows));
 }
 
+// Runs fn(chunk_index, begin, end) over `chunks` contiguous ranges of `n` rows, in parallel; callers
+// size their per-chunk partial buffers with num_row_chunks() first.
 template <typename F>
 void parallel_row_chunks(int64_t n, int64_t chunks, const F& fn) {
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {

@@ -16,8 +16,6 @@ KernelStub<GeluFn<double>> gelu_bwd_f64_stub;
 
 namespace {
 
-constexpr int64_t kMinElementsPerChunk = 1 << 14;
-
 bool is_tanh(c10::string_view approximate, const char* op) {
   TORCH_CHECK(approximate == "none" || approximate == "tanh", op,
               ": expected approximate to be 'none' or 'tanh', got '", approximate, "'");
@@ -54,7 +52,7 @@ void run_gelu_fwd(KernelStub<GeluFn<T>>& stub, const at::Tensor& x, const at::Te
   a.out = y.data_ptr<T>();
   auto fn = stub.get();
   TORCH_INTERNAL_ASSERT(fn, "no GELU kernel was built for this CPU");
-  const int64_t chunks = num_row_chunks(a.rows, kMinElementsPerChunk / std::max<int64_t>(1, a.cols));
+  const int64_t chunks = num_row_chunks(a.rows, a.cols);
   parallel_row_chunks(a.rows, chunks, [&](int64_t, int64_t rb, int64_t re) { fn(a, rb, re); });
 }
 
@@ -83,7 +81,7 @@ void run_gelu_bwd(KernelStub<GeluFn<T>>& stub, const at::Tensor& dy, const at::T
   a.out = dx.data_ptr<T>();
   auto fn = stub.get();
   TORCH_INTERNAL_ASSERT(fn, "no GELU kernel was built for this CPU");
-  const int64_t chunks = num_row_chunks(a.rows, kMinElementsPerChunk / std::max<int64_t>(1, a.cols));
+  const int64_t chunks = num_row_chunks(a.rows, a.cols);
   at::Tensor partial;
   if (b.defined()) partial = at::zeros({chunks, a.cols}, x.options());
   parallel_row_chunks(a.rows, chunks, [&](int64_t c, int64_t rb, int64_t re) {

@@ -16,8 +16,6 @@ KernelStub<LayerNormFn<double>> layer_norm_bwd_f64_stub;
 
 namespace {
 
-constexpr int64_t kMinElementsPerChunk = 1 << 14;
-
 // Checks input/weight/bias against normalized_shape; returns (rows, cols).
 std::pair<int64_t, int64_t> check_inputs(const char* op, const at::Tensor& input, at::IntArrayRef normalized_shape,
                                          const std::optional<at::Tensor>& weight,
@@ -59,15 +57,14 @@ LayerNormArgs<T> make_args(const at::Tensor& x, const at::Tensor& w, const at::T
   return a;
 }
 
-int64_t chunks_for(int64_t rows, int64_t cols) {
-  return num_row_chunks(rows, kMinElementsPerChunk / std::max<int64_t>(1, cols));
-}
-
 template <typename T>
-void run_fwd(KernelStub<LayerNormFn<T>>& stub, LayerNormArgs<T> a) {
+void run_fwd(KernelStub<LayerNormFn<T>>& stub, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+             int64_t rows, int64_t cols, double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  auto a = make_args<T>(x, w, b, rows, cols);
+  a.out = y.data_ptr<T>(), a.mean = mean.data_ptr<T>(), a.rstd = rstd.data_ptr<T>(), a.eps = eps;
   auto fn = stub.get();
   TORCH_INTERNAL_ASSERT(fn, "no LayerNorm kernel was built for this CPU");
-  parallel_row_chunks(a.rows, chunks_for(a.rows, a.cols), [&](int64_t, int64_t rb, int64_t re) { fn(a, rb, re); });
+  parallel_row_chunks(rows, num_row_chunks(rows, cols), [&](int64_t, int64_t rb, int64_t re) { fn(a, rb, re); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& input,
@@ -86,33 +83,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   at::Tensor mean = at::empty(lead, x.options());
   at::Tensor rstd = at::empty(lead, x.options());
   if (ct == at::kDouble) {
-    auto a = make_args<double>(x, w, b, rows, cols);
-    a.out = y.data_ptr<double>(), a.mean = mean.data_ptr<double>(), a.rstd = rstd.data_ptr<double>(), a.eps = eps;
-    run_fwd<double>(layer_norm_fwd_f64_stub, a);
+    run_fwd<double>(layer_norm_fwd_f64_stub, x, w, b, rows, cols, eps, y, mean, rstd);
   } else {
-    auto a = make_args<float>(x, w, b, rows, cols);
-    a.out = y.data_ptr<float>(), a.mean = mean.data_ptr<float>(), a.rstd = rstd.data_ptr<float>(), a.eps = eps;
-    run_fwd<float>(layer_norm_fwd_f32_stub, a);
+    run_fwd<float>(layer_norm_fwd_f32_stub, x, w, b, rows, cols, eps, y, mean, rstd);
   }
   return {y.to(input.scalar_type()), mean, rstd};
 }
 
 template <typename T>
-void run_bwd(KernelStub<LayerNormFn<T>>& stub, LayerNormArgs<T> a, bool want_dw, bool want_db, at::Tensor& dw,
-             at::Tensor& db, const at::TensorOptions& options) {
+void run_bwd(KernelStub<LayerNormFn<T>>& stub, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+             const at::Tensor& b, const at::Tensor& mean, const at::Tensor& rstd, int64_t rows, int64_t cols,
+             at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
+  auto a = make_args<T>(x, w, b, rows, cols);
+  a.grad_out = dy.data_ptr<T>(), a.out = dx.data_ptr<T>();
+  a.mean = mean.data_ptr<T>(), a.rstd = rstd.data_ptr<T>();
   auto fn = stub.get();
   TORCH_INTERNAL_ASSERT(fn, "no LayerNorm kernel was built for this CPU");
-  const int64_t chunks = chunks_for(a.rows, a.cols);
-  at::Tensor pw = want_dw ? at::zeros({chunks, a.cols}, options) : at::Tensor();
-  at::Tensor pb = want_db ? at::zeros({chunks, a.cols}, options) : at::Tensor();
-  parallel_row_chunks(a.rows, chunks, [&](int64_t c, int64_t rb, int64_t re) {
+  const int64_t chunks = num_row_chunks(rows, cols);
+  at::Tensor pw = w.defined() ? at::zeros({chunks, cols}, x.options()) : at::Tensor();
+  at::Tensor pb = b.defined() ? at::zeros({chunks, cols}, x.options()) : at::Tensor();
+  parallel_row_chunks(rows, chunks, [&](int64_t c, int64_t rb, int64_t re) {
     LayerNormArgs<T> ac = a;
-    ac.grad_weight_part = want_dw ? pw.data_ptr<T>() + c * a.cols : nullptr;
-    ac.grad_bias_part = want_db ? pb.data_ptr<T>() + c * a.cols : nullptr;
+    ac.grad_weight_part = w.defined() ? pw.data_ptr<T>() + c * cols : nullptr;
+    ac.grad_bias_part = b.defined() ? pb.data_ptr<T>() + c * cols : nullptr;
     fn(ac, rb, re);
   });
-  if (want_dw) dw = pw.sum(0);
-  if (want_db) db = pb.sum(0);
+  if (w.defined()) dw = pw.sum(0);
+  if (b.defined()) db = pb.sum(0);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
@@ -137,15 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   // empty where weight (bias) is None, in input's dtype like the fake kernel says
   at::Tensor dw = at::empty({0}, input.options()), db = at::empty({0}, input.options());
   if (ct == at::kDouble) {
-    auto a = make_args<double>(x, w, b, rows, cols);
-    a.grad_out = dy.data_ptr<double>(), a.out = dx.data_ptr<double>();
-    a.mean = mu.data_ptr<double>(), a.rstd = rs.data_ptr<double>();
-    run_bwd<double>(layer_norm_bwd_f64_stub, a, w.defined(), b.defined(), dw, db, x.options());
+    run_bwd<double>(layer_norm_bwd_f64_stub, dy, x, w, b, mu, rs, rows, cols, dx, dw, db);
   } else {
-    auto a = make_args<float>(x, w, b, rows, cols);
-    a.grad_out = dy.data_ptr<float>(), a.out = dx.data_ptr<float>();
-    a.mean = mu.data_ptr<float>(), a.rstd = rs.data_ptr<float>();
-    run_bwd<float>(layer_norm_bwd_f32_stub, a, w.defined(), b.defined(), dw, db, x.options());
+    run_bwd<float>(layer_norm_bwd_f32_stub, dy, x, w, b, mu, rs, rows, cols, dx, dw, db);
   }
   if (w.defined()) dw = dw.view(normalized_shape).to(input.scalar_type());
   if (b.defined()) db = db.view(normalized_shape).to(input.scalar_type());

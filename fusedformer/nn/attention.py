@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedformer import backends
-from fusedformer.backends import BACKENDS, BackendUnavailableError, Explanation, FallbackWarning
+from fusedformer.reference import causal_mask
+from fusedformer.backends import BACKENDS, Explanation
 from fusedformer.ops.attention import scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention"]
@@ -29,10 +30,6 @@ _NEED_WEIGHTS_REASON = (
     "need_weights=True returns the attention probabilities, which the fused kernels never materialise "
     "(pass need_weights=False for the fused kernel)"
 )
-
-
-def _reference_fallback(what: str, reason: str) -> None:
-    backends.report_fallback(what, reason)
 
 
 # ---- masks --------------------------------------------------------------------------------------
@@ -78,16 +75,6 @@ def sdpa_mask_from_mha(
         else:
             mask = _additive(mask, dtype) + _additive(kpm, dtype)  # (B, 1 or H, L, S)
     return mask
-
-
-def causal_mask(L: int, S: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(L, S) bool, True = takes part, aligned top-left as ``is_causal`` is in torch; for L=3, S=5::
-
-    1 0 0 0 0
-    1 1 0 0 0
-    1 1 1 0 0
-    """
-    return torch.ones(L, S, dtype=torch.bool, device=device).tril()
 
 
 def attention_with_weights(
@@ -311,7 +298,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         )
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
-            _reference_fallback("MultiheadAttention(need_weights=True)", _NEED_WEIGHTS_REASON)
+            backends.report_fallback("MultiheadAttention(need_weights=True)", _NEED_WEIGHTS_REASON)
             # y (B, H, L, hd), weights (B, H, L, S')
             y, weights = attention_with_weights(q, k, v, mask, dropout_p, is_causal)
             if average_attn_weights:

@@ -50,6 +50,15 @@ def _gelu_approximate(activation) -> str | None:
     return None
 
 
+def _layer_repr(layer) -> str:
+    """The extra_repr of an encoder or decoder layer."""
+    return (
+        f"d_model={layer.self_attn.embed_dim}, nhead={layer.self_attn.num_heads}, "
+        f"dim_feedforward={layer.linear1.out_features}, activation={_activation_name(layer.activation)}, "
+        f"norm_first={layer.norm_first}, batch_first={layer.self_attn.batch_first}"
+    )
+
+
 def _activation_name(activation) -> str:
     if activation is F.relu or isinstance(activation, nn.ReLU):
         return "relu"
@@ -147,11 +156,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         to_fused_(self)
 
     def extra_repr(self) -> str:
-        return (
-            f"d_model={self.self_attn.embed_dim}, nhead={self.self_attn.num_heads}, "
-            f"dim_feedforward={self.linear1.out_features}, activation={_activation_name(self.activation)}, "
-            f"norm_first={self.norm_first}, batch_first={self.self_attn.batch_first}"
-        )
+        return _layer_repr(self)
 
     def forward(
         self,
@@ -228,11 +233,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
         to_fused_(self)
 
     def extra_repr(self) -> str:
-        return (
-            f"d_model={self.self_attn.embed_dim}, nhead={self.self_attn.num_heads}, "
-            f"dim_feedforward={self.linear1.out_features}, activation={_activation_name(self.activation)}, "
-            f"norm_first={self.norm_first}, batch_first={self.self_attn.batch_first}"
-        )
+        return _layer_repr(self)
 
     def forward(
         self,
