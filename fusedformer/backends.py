@@ -228,16 +228,22 @@ def report_fallback(what: str, reason: str) -> None:
 
 
 def select(request: Request) -> str:
-    """The name of the backend that serves ``request``; raises or warns as the module doc says."""
-    explanation = explain_request(request)
-    name, reasons = explanation.backend, explanation.reasons
-    if explanation.forced:
-        if reasons[name]:
+    """The name of the backend that serves ``request``; raises or warns as the module doc says.
+
+    On every call: asks only the backends it needs (the forced one, or the priority list up to the
+    first that fits); every backend's reasons are gathered only for a fallback's message.
+    """
+    forced = _forced_backend()
+    if forced is not None:
+        why = _BACKENDS[forced].not_supported_reasons(request)
+        if why:
             raise BackendUnavailableError(
-                f"fusedformer: FUSEDFORMER_BACKEND={name} cannot serve this {request.op} call: "
-                + "; ".join(reasons[name])
+                f"fusedformer: FUSEDFORMER_BACKEND={forced} cannot serve this {request.op} call: " + "; ".join(why)
             )
-        return name
-    if name == "reference":
-        report_fallback(f"this {request.op} call", _format_reasons(reasons, _PRIORITY))
-    return name
+        return forced
+    for name in _PRIORITY:
+        if not _BACKENDS[name].not_supported_reasons(request):
+            return name
+    reasons = {name: _BACKENDS[name].not_supported_reasons(request) for name in _PRIORITY}
+    report_fallback(f"this {request.op} call", _format_reasons(reasons, _PRIORITY))
+    return "reference"
