@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cpu/allocator.h"
+#include "cpu/attention.h"
 #include "cpu/dispatch.h"
 
 TORCH_LIBRARY(fusedformer, m) {
@@ -67,12 +68,47 @@ void set_cpu_capability(const std::string& name) {
               "' (best: '", capability_name(best_supported_capability()), "')");
 }
 
+at::ScalarType dtype_named(const std::string& name, const char* fn) {
+  if (name == "float32") return at::kFloat;
+  if (name == "float64") return at::kDouble;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  TORCH_CHECK(false, fn, ": expected a dtype name 'float32', 'float64', 'bfloat16' or 'float16', got '", name, "'");
+}
+
+pybind11::dict attention_engine(const std::string& dtype, bool measure) {
+  const auto r = fusedformer::cpu::attention_engine_report(dtype_named(dtype, "attention_engine"), measure);
+  pybind11::dict d;
+  d["fwd"] = r.fwd;
+  d["bwd"] = r.bwd;
+  d["how"] = r.how;
+  pybind11::dict timings;
+  for (size_t i = 0; i < r.candidates.size(); ++i) {
+    if (i < r.fwd_ms.size()) timings[r.candidates[i].c_str()] = pybind11::make_tuple(r.fwd_ms[i], r.bwd_ms[i]);
+  }
+  d["candidates"] = r.candidates;
+  d["timings_ms"] = timings;
+  return d;
+}
+
+void set_attention_engine(const std::string& dtype, const std::string& kind) {
+  fusedformer::cpu::set_attention_engine(dtype_named(dtype, "set_attention_engine"), kind);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", &cpu_capability, "The CPU capability the kernels run with.");
   m.def("best_cpu_capability", &best_cpu_capability, "The best CPU capability this CPU supports.");
   m.def("set_cpu_capability", &set_cpu_capability, "Run the CPU kernels built for this capability.");
+  m.def("attention_engine", &attention_engine, pybind11::arg("dtype"), pybind11::arg("measure") = true,
+        "The engine of CPU attention's tile products for a dtype name, forward and backward: "
+        "{'fwd', 'bwd', 'how', 'candidates', 'timings_ms': {engine: (fwd_ms, bwd_ms)}}. Measures the "
+        "candidates on first use; with measure=False, fwd and bwd are '' until something has (the "
+        "measurement starts torch's thread pool, which a process that forks later must not have).");
+  m.def("set_attention_engine", &set_attention_engine,
+        "Force the engine kind of CPU attention for a dtype name: 'native', 'brgemm-f32', 'brgemm' (the "
+        "dtype's own packed engine, else brgemm-f32), or 'auto' (measure).");
   m.def("empty_cache", &fusedformer::cpu::release_cached_outputs,
         "Return the cached output blocks to the system; returns the bytes released.");
   m.def("cached_bytes", &fusedformer::cpu::cached_output_bytes, "Bytes held by the output block cache.");

@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "cpu_matmul_engines",
     "Explanation",
     "FallbackWarning",
     "Request",
@@ -159,10 +160,13 @@ class Explanation:
     backend: str
     reasons: dict[str, list[str]]
     forced: bool = False
+    detail: str = ""  # how the serving backend runs it (the CPU attention's product engine)
 
     def __str__(self) -> str:
         how = "forced by FUSEDFORMER_BACKEND" if self.forced else "chosen automatically"
         lines = [f"{self.op}: served by {self.backend!r} ({how})"]
+        if self.detail:
+            lines.append(f"  {self.backend}: {self.detail}")
         for name, why in self.reasons.items():
             if name != self.backend and why:
                 lines.append(f"  {name}: " + "; ".join(why))
@@ -182,14 +186,40 @@ def _strict() -> bool:
     return os.environ.get("FUSEDFORMER_STRICT", "").strip() not in ("", "0", "false", "False")
 
 
+def cpu_matmul_engines(dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")) -> dict[str, str]:
+    """The engine that runs the CPU attention's tile products, per dtype name; ``{}`` without ``_C``.
+
+    ``"onednn-brgemm-bf16-vnni"`` (oneDNN's batch-reduce GEMM on bf16 tiles: AMX where the CPU has
+    it), ``"onednn-brgemm-f32"`` (oneDNN in float32, half types converted tile by tile) or ``"native"``
+    (fusedformer's own micro-kernel). Chosen by measuring the candidates once per process and dtype, at
+    first use (a few ms), unless ``FUSEDFORMER_CPU_MATMUL=native|brgemm-f32|brgemm`` forces one.
+    """
+    if _C is None:
+        return {}
+    return {d: _C.attention_engine(d)["fwd"] for d in dtypes}
+
+
+def _detail(request: Request, backend: str) -> str:
+    # Never measures: explain runs no kernel (and a process that forks later, like the benchmarks'
+    # memory probe, must not have started torch's OpenMP pool).
+    if backend != "cpp" or request.op != "attention" or request.dtype not in FLOAT_DTYPES:
+        return ""
+    info = _C.attention_engine(str(request.dtype).removeprefix("torch."), measure=False)
+    if not info["fwd"]:
+        return f"tile products on the fastest of {', '.join(info['candidates'])}, measured at first use"
+    return f"tile products on {info['fwd']} ({info['how']})"
+
+
 def explain_request(request: Request) -> Explanation:
     """Which backend would serve ``request`` (without raising or warning)."""
     reasons = {name: backend.not_supported_reasons(request) for name, backend in _BACKENDS.items()}
     forced = _forced_backend()
     if forced is not None:
-        return Explanation(request.op, forced, reasons, forced=True)
-    chosen = next((name for name in _PRIORITY if not reasons[name]), "reference")
-    return Explanation(request.op, chosen, reasons)
+        chosen = forced
+    else:
+        chosen = next((name for name in _PRIORITY if not reasons[name]), "reference")
+    detail = _detail(request, chosen) if not reasons[chosen] else ""
+    return Explanation(request.op, chosen, reasons, forced=forced is not None, detail=detail)
 
 
 def _format_reasons(reasons: dict[str, list[str]], names) -> str:

@@ -1,10 +1,13 @@
 """Smoke tests of the benchmark harness (fusedformer.bench): the command end to end on tiny sizes, the
-memory probe, the skip rule, the interleaving, the FLOP counts and the fallback reporting."""
+memory probe, the skip rule, the interleaving, the FLOP counts, the fallback reporting, the machine's
+features, the per-dtype ceilings and the targets' lookups."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
+import re
 import subprocess
 import sys
 import time
@@ -14,8 +17,10 @@ import pytest
 import torch
 
 import fusedformer as ff
-from fusedformer.bench import cases, report, runner, timing
+from fusedformer import backends
+from fusedformer.bench import cases, machine, report, runner, targets, timing
 from fusedformer.bench.cases import Spec
+from fusedformer.bench.ceilings import Ceilings, GemmCeiling
 from fusedformer.bench.memory import MemoryProbe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,8 +31,8 @@ TINY = [
 ]  # fmt: skip
 
 
-def _attention_falls_back() -> bool:
-    q = torch.empty(1, 8, 64, 64)
+def _attention_falls_back(dtype: str = "float32") -> bool:
+    q = torch.empty(1, 8, 64, 64, dtype=getattr(torch, dtype))
     return ff.explain(ff.scaled_dot_product_attention, q, q, q).backend == "reference"
 
 
@@ -54,12 +59,16 @@ def test_cli_writes_csv_with_every_case_mode_provider(tiny_run):
     with open(out / "results.csv", newline="") as f:
         assert next(csv.reader(f)) == report.CSV_COLUMNS
     rows = _rows(out)
-    # attention: 1 length x 2 masks x 3 modes x 3 providers; LayerNorm, GELU: 1 shape x 3 x 3;
-    # encoder, decoder: fwd+bwd x 2 providers
+    # attention: 2 dtypes (--quick: float32, bfloat16) x 1 length x 2 masks x 3 modes x 3 providers;
+    # LayerNorm, GELU: 1 shape x 3 x 3; encoder, decoder: fwd+bwd x 2 providers
     counts = {c: sum(r["case"] == c for r in rows) for c in cases.CASES}
-    assert counts == {"attention": 18, "layer_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2}
+    assert counts == {"attention": 36, "layer_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2}
+    dtypes = {(r["case"], r["dtype"]) for r in rows}
+    assert {d for c, d in dtypes if c == "attention"} == {"float32", "bfloat16"}
+    assert {d for c, d in dtypes if c != "attention"} == {"float32"}
     for r in rows:
-        for key in ("machine", "date", "version", "commit", "backend" if r["status"] == "ok" else "status"):
+        for key in ("machine", "cpu_features", "date", "version", "commit",
+                    "backend" if r["status"] == "ok" else "status"):  # fmt: skip
             assert r[key], (key, r)
         assert r["status"] == "ok" or r["status"].startswith("unavailable"), r
         if r["status"] != "ok":
@@ -91,21 +100,43 @@ def test_cli_ratios_point_the_documented_way(tiny_run):
 def test_cli_reports_the_backend_and_marks_fallbacks(tiny_run):
     proc, out = tiny_run
     attention = [r for r in _rows(out) if r["case"] == "attention" and r["provider"] == "fusedformer"]
-    fallback = _attention_falls_back()
     for r in attention:
+        fallback = _attention_falls_back(r["dtype"])
         assert r["fallback"] == str(fallback)
         assert ("FALLBACK" in r["backend"]) == fallback
     assert ("NOT a fused result" in proc.stdout) == any(r["fallback"] == "True" for r in _rows(out))
 
 
+def test_cli_shares_are_of_the_rows_own_dtype_ceiling(tiny_run):
+    rows = [r for r in _rows(tiny_run[1]) if r["status"] == "ok" and r["ceiling"] == "GEMM"]
+    ceiling_of: dict[str, set[str]] = {}
+    for r in rows:
+        ceiling_of.setdefault(r["dtype"], set()).add(r["ceiling_rate"])
+        share = 100 * float(r["gflops"]) / float(r["ceiling_rate"])
+        assert float(r["share_of_ceiling_pct"]) == pytest.approx(share, rel=1e-4), r
+    # one GEMM ceiling per dtype, and the report lists each with its dtype
+    assert set(ceiling_of) == {"float32", "bfloat16"} and all(len(v) == 1 for v in ceiling_of.values())
+    assert ceiling_of["float32"] != ceiling_of["bfloat16"]
+    text = (tiny_run[1] / "report.txt").read_text()
+    listed = {m[1]: float(m[2]) for m in re.finditer(r"^  GEMM (\w+) ([\d.]+) GFLOP/s", text, re.MULTILINE)}
+    in_sections = {m[1]: float(m[2]) for m in re.finditer(r"% of (\w+) GEMM (\d+)\)", text)}
+    assert set(listed) == set(in_sections) == set(ceiling_of)
+    for dtype, (rate,) in ceiling_of.items():  # the CSV's 6 digits against the report's rounding
+        assert listed[dtype] == pytest.approx(float(rate), abs=0.051), dtype
+        assert in_sections[dtype] == pytest.approx(float(rate), abs=0.51), dtype
+
+
 def test_cli_prints_table_with_machine_and_writes_plots(tiny_run):
     proc, out = tiny_run
     assert "machine:" in proc.stdout and "torch threads" in proc.stdout
-    assert "ff/torch" in proc.stdout and "run): GEMM" in proc.stdout
+    assert f"cpu features: {machine.features_text(machine.cpu_features(machine._read_cpuinfo()))}" in proc.stdout
+    assert "ff/torch" in proc.stdout and "\n  GEMM float32 " in proc.stdout
+    assert "S=L float32" in proc.stdout and "S=L bfloat16" in proc.stdout  # a section per dtype
     assert (out / "report.txt").read_text().strip() in proc.stdout
-    for name in ("attention_time.png", "attention_memory.png", "rows_throughput.png"):
+    names = [f"attention_{kind}_{dtype}.png" for kind in ("time", "memory") for dtype in ("float32", "bfloat16")]
+    for name in [*names, "rows_throughput.png"]:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
-    assert "attention_time.png" in (out / "report.md").read_text()
+    assert "attention_time_bfloat16.png" in (out / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +181,7 @@ def test_naive_is_skipped_where_its_scores_cannot_fit():
 def test_run_reports_a_skipped_naive_row():
     config = runner.default_config(
         quick=True, cases=("attention",), providers=("naive",), modes=("fwd",), lengths=(2**17,), causal=(False,),
-        memory=False,
+        attention_dtypes=("float32",), memory=False,
     )  # fmt: skip
     result = runner.run(config, progress=False, log=lambda _: None)
     (row,) = result.rows
@@ -224,3 +255,206 @@ def test_providers_compute_the_same_attention():
     for p in ("fusedformer", "naive"):
         assert torch.allclose(outs[p], outs["torch"], atol=1e-4, rtol=1e-4), p
     assert not any(math.isnan(float(o.sum())) for o in outs.values())
+
+
+# ---- the machine's features ------------------------------------------------------------------------
+
+FAKE_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Fake Xeon 9999
+flags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: Fake Xeon 9999
+flags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile amx_int8 amx_fp16 avx512_fp16
+"""
+
+
+def test_cpu_features_parse_the_first_processors_flags():
+    features = machine.cpu_features(FAKE_CPUINFO)
+    assert features == {
+        "amx_tile": True, "amx_bf16": True, "amx_fp16": False, "avx512_bf16": True, "avx512_fp16": False,
+    }  # fmt: skip
+    text = machine.features_text(features)
+    assert text == "AMX: amx_tile yes, amx_bf16 yes, amx_fp16 no | AVX512-BF16: yes | AVX512-FP16: no"
+    info = dataclasses.replace(_fake_info(), cpu_features=features)
+    assert info.features_csv == "amx_tile amx_bf16 avx512_bf16"
+    assert "cpu features: " + text in info.header()
+
+
+def test_cpu_features_without_cpuinfo_are_unknown():
+    assert machine.cpu_features(None) is None  # no /proc/cpuinfo: not Linux
+    assert machine.cpu_features("processor\t: 0\nmodel name\t: X\n") is None  # no flags line at all
+    assert machine.features_text(None) == "unknown"
+    assert _fake_info().features_csv == "unknown"
+    arm = machine.cpu_features("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    assert arm is not None and not any(arm.values())
+    assert dataclasses.replace(_fake_info(), cpu_features=arm).features_csv == "none"
+
+
+def _fake_info() -> machine.RunInfo:
+    return machine.RunInfo(
+        machine="Fake Xeon 9999, 2 CPUs", device="cpu", threads=2, date="2026-01-01T00:00:00+00:00",
+        version="0", commit="abc", torch="2", python="3", cpus=2, load_avg=0.0,
+    )  # fmt: skip
+
+
+def test_run_info_names_the_cpu_attention_engines(monkeypatch):
+    engines = {"float32": "onednn-brgemm (avx512)", "bfloat16": "onednn-brgemm (amx)"}
+    monkeypatch.setattr(backends, "cpu_matmul_engines", lambda: engines, raising=False)
+    info = machine.run_info(torch.device("cpu"))
+    assert info.matmul_engines == engines
+    assert "float32 onednn-brgemm (avx512), bfloat16 onednn-brgemm (amx)" in info.header()
+
+
+def test_run_info_without_engines_says_nothing_of_them(monkeypatch):
+    monkeypatch.delattr(backends, "cpu_matmul_engines", raising=False)
+    info = machine.run_info(torch.device("cpu"))
+    assert info.matmul_engines == {} and not info.matmul_engines_error
+    assert "engines" not in info.header()
+
+
+def test_run_info_does_not_ask_for_cpu_engines_on_cuda(monkeypatch):
+    def engines() -> dict[str, str]:
+        raise AssertionError("asked for the CPU engines on a CUDA run")
+
+    monkeypatch.setattr(backends, "cpu_matmul_engines", engines, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    info = machine.run_info(torch.device("cuda"))
+    assert info.device == "Fake GPU" and info.matmul_engines == {} and not info.matmul_engines_error
+
+
+def test_run_info_reports_a_failing_engine_query(monkeypatch):
+    def engines() -> dict[str, str]:
+        raise RuntimeError("no oneDNN")
+
+    monkeypatch.setattr(backends, "cpu_matmul_engines", engines, raising=False)
+    info = machine.run_info(torch.device("cpu"))
+    assert info.matmul_engines == {} and "no oneDNN" in info.header()
+
+
+# ---- the run's dtypes and ceilings -----------------------------------------------------------------
+
+
+def test_quick_config_runs_attention_in_bfloat16_too():
+    specs = runner.specs(runner.default_config(quick=True))
+    attention = {(s.dtype, s.params["causal"], s.params["L"]) for s in specs if s.case == "attention"}
+    assert {(dt, c) for dt, c, _ in attention} == {(dt, c) for dt in ("float32", "bfloat16") for c in (False, True)}
+    assert {s.dtype for s in specs if s.case != "attention"} == {"float32"}
+
+
+def test_default_config_runs_the_targets_rows_in_every_dtype():
+    config = runner.default_config()
+    specs = runner.specs(config)
+    assert {"fwd", "fwd+bwd"} <= set(config.modes)
+    attention = {(s.dtype, s.params["causal"], s.params["L"]) for s in specs if s.case == "attention"}
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert {(dtype, False, 4096), (dtype, True, 4096), (dtype, True, 2048)} <= attention, dtype
+    assert max(L for dt, _, L in attention if dt == "bfloat16") == 4096  # the shorter list
+    assert max(L for dt, _, L in attention if dt == "float32") == 8192
+    assert {s.dtype for s in specs if s.case != "attention"} == {"float32"}
+
+
+def test_lengths_alone_apply_to_every_dtype():
+    config = runner.default_config(lengths=(64,), attention_dtypes=("float32", "float16"), cases=("attention",))
+    assert {(s.dtype, s.params["L"]) for s in runner.specs(config)} == {("float32", 64), ("float16", 64)}
+    config = runner.default_config(lengths=(64,), lengths_16bit=(32,), cases=("attention",))
+    assert {(s.dtype, s.params["L"]) for s in runner.specs(config)} == {
+        ("float32", 64), ("bfloat16", 32), ("float16", 32),
+    }  # fmt: skip
+
+
+def test_cli_parses_attention_dtypes():
+    from fusedformer.bench.__main__ import build_parser, config_from_args
+
+    argv = ["--attention-dtypes", "bfloat16,float16", "--lengths-16bit", "128,256", "--dtype", "float64"]
+    config = config_from_args(build_parser().parse_args(argv), argv)
+    assert config.attention_dtypes == ("bfloat16", "float16") and config.lengths_16bit == (128, 256)
+    assert config.dtype == "float64"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--attention-dtypes", "float8"])
+
+
+def test_shares_are_of_each_rows_own_dtype_ceiling():
+    ceilings = Ceilings(
+        gemm={"float32": GemmCeiling("float32", 400.0, 390.0, 64), "bfloat16": GemmCeiling("bfloat16", 2000.0, 1900.0, 64)},
+        copy_gbps=40.0, copy_gbps_median=39.0, copy_mib=1,
+    )  # fmt: skip
+    rows = [
+        {"status": "ok", "dtype": "float32", "ceiling": "GEMM", "gflops": 300.0},
+        {"status": "ok", "dtype": "bfloat16", "ceiling": "GEMM", "gflops": 300.0},
+        {"status": "ok", "dtype": "bfloat16", "ceiling": "copy", "gbps": 20.0},
+        {"status": "skipped: would need ~1 GiB", "dtype": "bfloat16"},
+    ]
+    runner._fill_shares(rows, ceilings)
+    assert rows[0]["ceiling_rate"] == 400.0 and rows[0]["share_of_ceiling_pct"] == pytest.approx(75.0)
+    assert rows[1]["ceiling_rate"] == 2000.0 and rows[1]["share_of_ceiling_pct"] == pytest.approx(15.0)
+    assert rows[2]["ceiling_rate"] == 40.0 and rows[2]["share_of_ceiling_pct"] == pytest.approx(50.0)
+    assert "share_of_ceiling_pct" not in rows[3]
+
+
+def test_best_of_keeps_each_dtypes_better_ceiling():
+    from fusedformer.bench.ceilings import best_of
+
+    def ceilings(fp32: float, bf16: float, copy: float) -> Ceilings:
+        gemm = {"float32": GemmCeiling("float32", fp32, fp32, 64), "bfloat16": GemmCeiling("bfloat16", bf16, bf16, 64)}
+        return Ceilings(gemm, copy, copy, 1)
+
+    best = best_of(ceilings(400.0, 1500.0, 30.0), ceilings(350.0, 2000.0, 40.0))
+    assert (best.gemm_gflops("float32"), best.gemm_gflops("bfloat16"), best.copy_gbps) == (400.0, 2000.0, 40.0)
+    assert math.isnan(best.gemm_gflops("float16"))
+
+
+# ---- the targets -----------------------------------------------------------------------------------
+
+
+def _target_row(dtype: str, L: int, causal: bool, mode: str, ratio: float, share: float = 0.0, **over) -> dict:
+    row = {
+        "case": "attention", "provider": "fusedformer", "dtype": dtype, "mode": mode, "B": "1", "H": "8",
+        "E": "64", "L": str(L), "S": str(L), "causal": str(causal), "fallback": "False",
+        "ratio_vs_torch": str(ratio), "share_of_ceiling_pct": str(share), "gflops": "1", "ceiling_rate": "1",
+    }  # fmt: skip
+    row.update(over)
+    return row
+
+
+def _targets(rows: list[dict]) -> dict[str, dict]:
+    return {t["name"]: t for t in targets.evaluate(rows)}
+
+
+def test_targets_read_each_dtypes_own_rows():
+    rows = [
+        _target_row("bfloat16", 4096, True, "fwd", 2.0),  # a bf16 row first: it must not answer fp32
+        _target_row("float32", 4096, True, "fwd", 1.2),
+        _target_row("float32", 4096, False, "fwd", 1.15, share=80.0),
+        _target_row("bfloat16", 4096, False, "fwd", 1.05, share=40.0),
+        _target_row("float32", 2048, True, "fwd+bwd", 1.4),
+        _target_row("bfloat16", 2048, True, "fwd+bwd", 1.0, fallback="True"),  # a fallback is not measured
+    ]
+    t = _targets(rows)
+    assert t["fp32 causal attention forward, L=4096, vs torch SDPA"]["measured"] == 1.2
+    assert not t["fp32 causal attention forward, L=4096, vs torch SDPA"]["met"]  # 1.2 < 1.25
+    assert t["bf16 causal attention forward, L=4096, vs torch SDPA"]["met"]
+    assert t["fp32 non-causal attention forward, L=4096, vs torch SDPA"]["target"] == ">= 1.1"
+    assert t["fp32 non-causal attention forward, L=4096, vs torch SDPA"]["met"]
+    assert not t["bf16 non-causal attention forward, L=4096, vs torch SDPA"]["met"]
+    assert t["fp32 causal attention forward+backward, L=2048, vs torch SDPA"]["met"]
+    bf16_train = t["bf16 causal attention forward+backward, L=2048, vs torch SDPA"]
+    assert bf16_train["measured"] is None and not bf16_train["met"]
+    share32 = t["fp32 attention forward GFLOP/s vs fp32 GEMM GFLOP/s, L=4096 (non-causal)"]
+    assert share32["target"] == ">= 0.75" and share32["measured"] == pytest.approx(0.8) and share32["met"]
+    share16 = t["bf16 attention forward GFLOP/s vs bf16 GEMM GFLOP/s, L=4096 (non-causal)"]
+    assert share16["target"] == ">= 0.5" and share16["measured"] == pytest.approx(0.4) and not share16["met"]
+    causal_share = t["fp32 attention forward GFLOP/s vs fp32 GEMM GFLOP/s, L=4096 (causal)"]
+    assert causal_share["target"] == ">= 0.65" and causal_share["measured"] == 0.0
+
+
+def test_targets_without_their_row_are_not_measured():
+    # only bf16 rows, and an fp32 row at another shape (H=4): no fp32 target may read them
+    rows = [_target_row("bfloat16", 4096, c, m, 9.0, share=99.0) for c in (False, True) for m in ("fwd", "fwd+bwd")]
+    rows.append(_target_row("float32", 4096, True, "fwd", 9.0, share=99.0, H="4"))
+    results = targets.evaluate(rows)
+    fp32 = [t for t in results if t["name"].startswith("fp32")]
+    assert fp32 and all(t["measured"] is None and not t["met"] for t in fp32)
+    assert "not measured" in targets.markdown(results)
+    assert _targets(rows)["bf16 causal attention forward, L=4096, vs torch SDPA"]["met"]

@@ -1,35 +1,38 @@
-// fusedformer::attention_fwd / attention_bwd on CPU tensors: checks, dtype handling, mask views and
-// threading around the per-capability bodies in kernels/attention.cpp. Nothing here allocates more than
-// O(L * E) per (batch, head); the mask is read through a broadcast view, never expanded.
+// fusedformer::attention_fwd / attention_bwd on CPU tensors: checks, mask views, the choice of the
+// product engine (measured, see `calibration`), scratch and threading around the per-capability bodies
+// in kernels/attention.cpp. The tensors keep their dtype: the kernels convert tiles, never whole
+// tensors. Scratch: per thread, the packed keys and values of one (batch, kv head) pair and tile
+// buffers; O(L) per (batch, head) for the statistics; and, for bf16/fp16, a float32 accumulator of dQ.
 #include <torch/library.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <limits>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "cpu/allocator.h"
+#include "cpu/attention.h"
 #include "cpu/common.h"
 #include "cpu/kernels/attention.h"
 #include "cpu/kernels/dropout.h"
+#include "cpu/matmul.h"
 
 namespace fusedformer {
 namespace cpu {
 
-KernelStub<AttentionFwdFn<float>> attention_fwd_f32_stub;
-KernelStub<AttentionFwdFn<double>> attention_fwd_f64_stub;
-KernelStub<AttentionBwdDeltaFn<float>> attention_bwd_delta_f32_stub;
-KernelStub<AttentionBwdDeltaFn<double>> attention_bwd_delta_f64_stub;
-KernelStub<AttentionBwdFn<float>> attention_bwd_f32_stub;
-KernelStub<AttentionBwdFn<double>> attention_bwd_f64_stub;
+KernelStub<AttentionFwdFn> attention_fwd_stub;
+KernelStub<AttentionBwdFn> attention_bwd_stub;
 
 namespace {
 
 constexpr int64_t kMaxHeadDim = 256;
-// Tiles of 64 queries x 64 keys: with E = 64 every float tile is 16 KiB, so the streamed operand
-// stays in L1 and the per-thread buffers in L2. Blocks shrink, in steps of 16 (the float vector width,
-// a multiple of the double one), when that gives an idle thread a task.
-constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 64;
+// Query tiles shrink, in steps down to kMinBlock, when that gives an idle thread a task.
 constexpr int64_t kMinBlock = 16;
 // A float32 logsumexp this large has an ulp of 2^-8 or more: too coarse to carry log l (see
 // attention_bwd_cpu).
@@ -39,9 +42,34 @@ struct Dims {
   int64_t B, Hq, Hk, L, S, E, Ev;
 };
 
+// Tile sizes per engine: queries per tile, keys per block. The micro-kernel keeps a 64-key panel of
+// K^T or V in L1; oneDNN's kernels pay a per-call cost and, on AMX, load and store the accumulator
+// tiles per call, so they take longer key blocks (and P V a longer reduction). Measured on an Intel
+// Xeon (Sapphire Rapids class) with AMX: see benchmarks/NOTES.md.
+struct Blocks {
+  int64_t fwd_m, fwd_n, bwd_m, bwd_n;
+};
+
+Blocks blocks_for(const MatmulEngine* engine) {
+  if (engine->mm == nullptr) return {64, 64, 64, 64};
+  return {64, 256, 64, 128};
+}
+
+Scalar scalar_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return Scalar::kFloat32;
+    case at::kDouble: return Scalar::kFloat64;
+    case at::kBFloat16: return Scalar::kBFloat16;
+    case at::kHalf: return Scalar::kFloat16;
+    default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", t);
+  }
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The largest block <= kBlock whose task count B_H * ceil(n / block) keeps every thread busy.
+// The largest block <= full whose task count heads * ceil(n / block) keeps every thread busy.
 int64_t pick_block(int64_t full, int64_t heads, int64_t n) {
   int64_t block = full;
   while (block > kMinBlock && heads * ceil_div(n, block) < at::get_num_threads()) block /= 2;
@@ -90,16 +118,13 @@ void check_like(const char* op, const at::Tensor& t, const char* name, const at:
   TORCH_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
 }
 
-// In the compute dtype, with a contiguous last dim; other strides are kept (the kernels take them).
-at::Tensor to_compute(const at::Tensor& t, at::ScalarType ct) {
-  at::Tensor x = t.to(ct);
-  return x.stride(-1) == 1 ? x : x.contiguous();
-}
+// The kernels read rows in place: only the last dim must be contiguous.
+at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // A view of attn_mask broadcast to (B, Hq, L, S): broadcast dims have stride 0. A float mask in a
-// half dtype is converted to `ct`, distinct elements only.
+// half dtype is converted to float32 (the kernels add it in float32), distinct elements only.
 at::Tensor prepare_mask(const char* op, const std::optional<at::Tensor>& attn_mask, const at::Tensor& query,
-                        const Dims& d, at::ScalarType ct) {
+                        const Dims& d) {
   if (!attn_mask) return at::Tensor();
   at::Tensor m = *attn_mask;
   TORCH_CHECK(m.device().is_cpu(), op, ": expected attn_mask on the CPU, got ", m.device());
@@ -115,21 +140,25 @@ at::Tensor prepare_mask(const char* op, const std::optional<at::Tensor>& attn_ma
   TORCH_CHECK(broadcasts, op, ": expected attn_mask broadcastable to (B, Hq, L, S) = ",
               at::IntArrayRef(target), " (each dim 1 or full), got shape ", m.sizes());
   while (m.dim() < 4) m = m.unsqueeze(0);
-  if (m.scalar_type() != at::kBool && m.scalar_type() != ct) {
+  const at::ScalarType acc = acc_dtype(query.scalar_type());
+  if (m.scalar_type() != at::kBool && m.scalar_type() != acc) {
     for (int64_t i = 0; i < 4; ++i) {
       if (m.stride(i) == 0 && m.size(i) > 1) m = m.narrow(i, 0, 1);
     }
-    m = m.to(ct);
+    m = m.to(acc);
   }
   return m.expand(target);
 }
 
-template <typename T, typename Args>
-void set_common(Args& a, const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& mask, bool is_causal, double scale, double dropout_p, int64_t seed) {
-  a.q = q.data_ptr<T>();
-  a.k = k.data_ptr<T>();
-  a.v = v.data_ptr<T>();
+template <typename Args>
+void set_common(Args& a, const Dims& d, const MatmulEngine* engine, const at::Tensor& q, const at::Tensor& k,
+                const at::Tensor& v, const at::Tensor& mask, bool is_causal, double scale, double dropout_p,
+                int64_t seed) {
+  a.dtype = scalar_of(q.scalar_type());
+  a.engine = engine;
+  a.q = q.const_data_ptr();
+  a.k = k.const_data_ptr();
+  a.v = v.const_data_ptr();
   for (int i = 0; i < 3; ++i) {
     a.q_strides[i] = q.stride(i);
     a.k_strides[i] = k.stride(i);
@@ -139,8 +168,8 @@ void set_common(Args& a, const Dims& d, const at::Tensor& q, const at::Tensor& k
   a.mask_add = nullptr;
   for (int i = 0; i < 4; ++i) a.mask_strides[i] = mask.defined() ? mask.stride(i) : 0;
   if (mask.defined()) {
-    if (mask.scalar_type() == at::kBool) a.mask_keep = mask.data_ptr<bool>();
-    else a.mask_add = mask.data_ptr<T>();
+    if (mask.scalar_type() == at::kBool) a.mask_keep = mask.const_data_ptr<bool>();
+    else a.mask_add = mask.const_data_ptr();
   }
   a.B = d.B;
   a.Hq = d.Hq;
@@ -159,22 +188,192 @@ void check_dropout(const char* op, double dropout_p) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": expected dropout_p in [0, 1), got ", dropout_p);
 }
 
-// Fills out and lse, contiguous in T; or, given log_sum, only lse = m and log_sum = log l. Needs L, S > 0.
-template <typename T>
-void run_fwd(KernelStub<AttentionFwdFn<T>>& stub, const Dims& d, const at::Tensor& q, const at::Tensor& k,
+// Fills out (dtype) and lse (acc); or, given log_sum, only lse = m and log_sum = log l. Needs L, S > 0.
+void run_fwd(const MatmulEngine* engine, const Dims& d, const at::Tensor& q, const at::Tensor& k,
              const at::Tensor& v, const at::Tensor& mask, bool is_causal, double scale, double dropout_p,
              int64_t seed, at::Tensor& out, at::Tensor& lse, at::Tensor& log_sum) {
-  AttentionFwdArgs<T> a{};
-  set_common<T>(a, d, q, k, v, mask, is_causal, scale, dropout_p, seed);
-  a.out = log_sum.defined() ? nullptr : out.data_ptr<T>();
-  a.lse = lse.data_ptr<T>();
-  a.log_sum = log_sum.defined() ? log_sum.data_ptr<T>() : nullptr;
-  a.block_m = pick_block(kBlockM, d.B * d.Hq, d.L);
-  a.block_n = kBlockN;
-  const auto fn = stub.get();
+  AttentionFwdArgs a{};
+  set_common(a, d, engine, q, k, v, mask, is_causal, scale, dropout_p, seed);
+  a.out = log_sum.defined() ? nullptr : out.data_ptr();
+  a.lse = lse.data_ptr();
+  a.log_sum = log_sum.defined() ? log_sum.data_ptr() : nullptr;
+  const Blocks blocks = blocks_for(engine);
+  a.block_m = pick_block(blocks.fwd_m, d.B * d.Hq, d.L);
+  a.block_n = blocks.fwd_n;
+  const auto fn = attention_fwd_stub.get();
   TORCH_INTERNAL_ASSERT(fn, "no attention kernel was built for this CPU");
   const int64_t tasks = d.B * d.Hq * ceil_div(d.L, a.block_m);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+// Returns grad_q (B, Hq, L, E) in acc; fills grad_k and grad_v. Needs L, S > 0.
+at::Tensor run_bwd(const MatmulEngine* engine, const Dims& d, const at::Tensor& go, const at::Tensor& q,
+                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                   const at::Tensor& log_sum, const at::Tensor& mask, bool is_causal, double scale,
+                   double dropout_p, int64_t seed, at::Tensor& grad_k, at::Tensor& grad_v) {
+  AttentionBwdArgs a{};
+  set_common(a, d, engine, q, k, v, mask, is_causal, scale, dropout_p, seed);
+  a.grad_out = go.const_data_ptr();
+  a.out = out.const_data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    a.grad_out_strides[i] = go.stride(i);
+    a.out_strides[i] = out.stride(i);
+  }
+  a.lse = lse.const_data_ptr();
+  a.log_sum = log_sum.defined() ? log_sum.const_data_ptr() : nullptr;
+  const at::ScalarType acc = acc_dtype(q.scalar_type());
+  a.grad_k = grad_k.data_ptr();
+  a.grad_v = grad_v.data_ptr();
+  const Blocks blocks = blocks_for(engine);
+  a.block_m = blocks.bwd_m;
+  a.block_n = pick_block(blocks.bwd_n, d.B * d.Hk, d.S);
+  // the kernels' key tiles are whole panels
+  a.block_n = std::max<int64_t>(kPanel, a.block_n / kPanel * kPanel);
+  const auto fn = attention_bwd_stub.get();
+  TORCH_INTERNAL_ASSERT(fn, "no attention kernel was built for this CPU");
+
+  // One chunk of key tiles per thread; dQ is summed across the chunks in a fixed order (see
+  // AttentionBwdFn), chunks waiting only on higher ones: a thread that runs several (a parallel
+  // region nested in another runs them all inline) runs them from the highest down.
+  const int64_t tasks = d.B * d.Hk * ceil_div(d.S, a.block_n);
+  a.chunks = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), tasks);
+  const bool acc_is_dtype = acc == q.scalar_type();
+  at::Tensor grad_q = acc_is_dtype ? empty_output({d.B, d.Hq, d.L, d.E}, acc)
+                                   : at::empty({d.B, d.Hq, d.L, d.E}, q.options().dtype(acc));
+  at::Tensor row_sum = at::empty({d.B, d.Hq, d.L}, q.options().dtype(acc));
+  at::Tensor tickets = at::zeros({d.B * d.Hq * ceil_div(d.L, a.block_m)}, q.options().dtype(at::kInt));
+  a.grad_q = grad_q.data_ptr();
+  a.row_sum = row_sum.data_ptr();
+  a.tickets = tickets.data_ptr<int32_t>();
+  at::parallel_for(0, a.chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = end - 1; c >= begin; --c) fn(a, c);
+  });
+  // rows with no key to attend to have a row sum of 0, and a gradient of 0
+  return grad_q.div_(row_sum.masked_fill_(row_sum == 0, 1).unsqueeze(-1));
+}
+
+// ---- which engine runs the products: measured once per dtype and process ----------------------
+
+struct Calibration {
+  EngineKind fwd = EngineKind::kNative;
+  EngineKind bwd = EngineKind::kNative;
+  std::string how;                    // "measured", or what forced the choice
+  std::vector<EngineKind> kinds;      // the candidates, as timed
+  std::vector<double> fwd_ms, bwd_ms; // best of a few calls each; empty when not measured
+};
+
+constexpr int kNumScalars = 4;
+
+struct CalibrationSlot {
+  std::mutex mutex;
+  bool done = false;
+  std::string forced;  // "" (automatic), or an EngineKind's name, set by set_attention_engine
+  Calibration result;
+};
+
+CalibrationSlot& slot(Scalar dtype) {
+  static CalibrationSlot slots[kNumScalars];
+  return slots[static_cast<int>(dtype)];
+}
+
+std::vector<EngineKind> candidates(Scalar dtype) {
+  std::vector<EngineKind> out;
+  for (EngineKind kind : {EngineKind::kBrgemm, EngineKind::kBrgemmF32, EngineKind::kNative}) {
+    if (matmul_engine(dtype, kind) != nullptr) out.push_back(kind);
+  }
+  return out;
+}
+
+bool parse_kind(const std::string& name, EngineKind& kind) {
+  for (EngineKind k : {EngineKind::kNative, EngineKind::kBrgemmF32, EngineKind::kBrgemm}) {
+    if (name == engine_kind_name(k)) {
+      kind = k;
+      return true;
+    }
+  }
+  return false;
+}
+
+// The forced engine for dtype, falling back from "brgemm" to "brgemm-f32" where the dtype has no
+// packed engine (float32; bf16/fp16 without AMX), and to "native" where oneDNN has none (float64).
+bool forced_kind(Scalar dtype, const std::string& name, EngineKind& kind) {
+  if (!parse_kind(name, kind)) return false;
+  if (kind == EngineKind::kBrgemm && matmul_engine(dtype, kind) == nullptr) kind = EngineKind::kBrgemmF32;
+  if (kind == EngineKind::kBrgemmF32 && matmul_engine(dtype, kind) == nullptr) kind = EngineKind::kNative;
+  return true;
+}
+
+double best_ms(const std::function<void()>& fn, int repeats) {
+  fn();  // warm-up: oneDNN compiles its kernels for these shapes
+  double best = std::numeric_limits<double>::infinity();
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+// Times each candidate engine on one attention forward and backward of a fixed, mid-sized shape
+// (B = 1, 2 heads per thread, L = S = 512, E = 64, non-causal): a few milliseconds in all.
+Calibration measure(Scalar dtype, at::ScalarType st) {
+  Calibration c;
+  c.kinds = candidates(dtype);
+  const int64_t H = std::max<int64_t>(2, 2 * at::get_num_threads());
+  const Dims d{1, H, H, 512, 512, 64, 64};
+  at::Tensor q = at::randn({d.B, d.Hq, d.L, d.E}, at::TensorOptions().dtype(st));
+  at::Tensor k = at::randn({d.B, d.Hk, d.S, d.E}, q.options());
+  at::Tensor v = at::randn({d.B, d.Hk, d.S, d.Ev}, q.options());
+  at::Tensor go = at::randn({d.B, d.Hq, d.L, d.Ev}, q.options());
+  at::Tensor out = at::empty({d.B, d.Hq, d.L, d.Ev}, q.options());
+  at::Tensor lse = at::empty({d.B, d.Hq, d.L}, q.options().dtype(acc_dtype(st)));
+  at::Tensor gk = at::empty_like(k), gv = at::empty_like(v), none, mask;
+  const double scale = 0.125;
+  for (EngineKind kind : c.kinds) {
+    const MatmulEngine* e = matmul_engine(dtype, kind);
+    c.fwd_ms.push_back(best_ms([&] { run_fwd(e, d, q, k, v, mask, false, scale, 0.0, 0, out, lse, none); }, 3));
+    c.bwd_ms.push_back(best_ms(
+        [&] { run_bwd(e, d, go, q, k, v, out, lse, none, mask, false, scale, 0.0, 0, gk, gv); }, 3));
+  }
+  // One engine for both directions: the backward recomputes the forward's scores, and the same
+  // engine rounds them the same way (a row with one key then gets P = 1 exactly, as in the forward).
+  size_t best = 0;
+  for (size_t i = 1; i < c.kinds.size(); ++i) {
+    if (c.fwd_ms[i] + c.bwd_ms[i] < c.fwd_ms[best] + c.bwd_ms[best]) best = i;
+  }
+  c.fwd = c.bwd = c.kinds[best];
+  c.how = "measured";
+  return c;
+}
+
+const Calibration& calibration(Scalar dtype, at::ScalarType st) {
+  CalibrationSlot& s = slot(dtype);
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (s.done) return s.result;
+  EngineKind kind;
+  const char* env = std::getenv("FUSEDFORMER_CPU_MATMUL");
+  const std::string env_name = env != nullptr ? env : "";
+  if (!s.forced.empty() && s.forced != "auto") {
+    TORCH_INTERNAL_ASSERT(forced_kind(dtype, s.forced, kind));
+    s.result = Calibration{kind, kind, "set by set_attention_engine", {kind}, {}, {}};
+  } else if (s.forced.empty() && !env_name.empty() && env_name != "auto") {
+    TORCH_CHECK(forced_kind(dtype, env_name, kind), "fusedformer: FUSEDFORMER_CPU_MATMUL='", env_name,
+                "' names no engine; expected native, brgemm-f32, brgemm or auto");
+    s.result = Calibration{kind, kind, "set by FUSEDFORMER_CPU_MATMUL", {kind}, {}, {}};
+  } else {
+    s.result = measure(dtype, st);
+  }
+  s.done = true;
+  return s.result;
+}
+
+// The engines for a call: the calibrated ones, unless the machine changed its mind since (a packed
+// engine needs oneDNN, which torch.backends.mkldnn.enabled = False turns off).
+const MatmulEngine* engine_for(at::ScalarType st, bool backward) {
+  const Scalar dtype = scalar_of(st);
+  const Calibration& c = calibration(dtype, st);
+  const MatmulEngine* e = matmul_engine(dtype, backward ? c.bwd : c.fwd);
+  return e != nullptr ? e : matmul_engine(dtype, EngineKind::kNative);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
@@ -186,83 +385,21 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const Dims d = check_qkv(op, query, key, value);
   TORCH_CHECK(std::isfinite(scale), op, ": expected a finite scale, got ", scale);
   check_dropout(op, dropout_p);
-  const auto ct = compute_dtype(query.scalar_type());
-  const at::Tensor mask = prepare_mask(op, attn_mask, query, d, ct);
-  const at::Tensor q = to_compute(query, ct), k = to_compute(key, ct), v = to_compute(value, ct);
-  at::Tensor out = empty_output({d.B, d.Hq, d.L, d.Ev}, q.scalar_type());
-  at::Tensor lse = at::empty({d.B, d.Hq, d.L}, q.options());
+  const at::ScalarType acc = acc_dtype(query.scalar_type());
+  const at::Tensor mask = prepare_mask(op, attn_mask, query, d);
+  const at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
+  at::Tensor out = empty_output({d.B, d.Hq, d.L, d.Ev}, query.scalar_type());
+  at::Tensor lse = at::empty({d.B, d.Hq, d.L}, query.options().dtype(acc));
   if (out.numel() == 0 || d.S == 0) {
     // no key: every row is fully masked
     out.zero_();
     lse.fill_(std::numeric_limits<double>::infinity());
   } else {
     at::Tensor no_split;
-    if (ct == at::kDouble) {
-      run_fwd<double>(attention_fwd_f64_stub, d, q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse,
-                      no_split);
-    } else {
-      run_fwd<float>(attention_fwd_f32_stub, d, q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse,
-                     no_split);
-    }
+    run_fwd(engine_for(query.scalar_type(), false), d, q, k, v, mask, is_causal, scale, dropout_p, seed, out,
+            lse, no_split);
   }
-  return {out.to(query.scalar_type()), lse.to(at::kFloat)};
-}
-
-// Returns grad_q (B, Hq, L, E) in T; fills grad_k and grad_v. Needs L, S > 0.
-template <typename T>
-at::Tensor run_bwd(KernelStub<AttentionBwdDeltaFn<T>>& delta_stub, KernelStub<AttentionBwdFn<T>>& stub,
-                   const Dims& d, const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                   const at::Tensor& log_sum, const at::Tensor& mask, bool is_causal, double scale,
-                   double dropout_p, int64_t seed, at::Tensor& grad_k, at::Tensor& grad_v) {
-  AttentionBwdArgs<T> a{};
-  set_common<T>(a, d, q, k, v, mask, is_causal, scale, dropout_p, seed);
-  a.grad_out = go.data_ptr<T>();
-  a.out = out.data_ptr<T>();
-  for (int i = 0; i < 3; ++i) {
-    a.grad_out_strides[i] = go.stride(i);
-    a.out_strides[i] = out.stride(i);
-  }
-  a.lse = lse.data_ptr<T>();
-  a.log_sum = log_sum.defined() ? log_sum.data_ptr<T>() : nullptr;
-  at::Tensor delta = at::empty({d.B, d.Hq, d.L}, q.options());
-  a.delta = delta.data_ptr<T>();
-  a.grad_k = grad_k.data_ptr<T>();
-  a.grad_v = grad_v.data_ptr<T>();
-  a.block_m = kBlockM;
-  a.block_n = pick_block(kBlockN, d.B * d.Hk, d.S);
-  const auto delta_fn = delta_stub.get();
-  const auto fn = stub.get();
-  TORCH_INTERNAL_ASSERT(fn && delta_fn, "no attention kernel was built for this CPU");
-
-  const int64_t rows = d.B * d.Hq * d.L;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / d.Ev),
-                   [&](int64_t begin, int64_t end) { delta_fn(a, begin, end); });
-
-  // Each chunk (one per thread) runs consecutive tasks, whole key tiles: it owns its rows of grad_k
-  // and grad_v, and the grad_q rows of the (batch, kv head) pairs it starts. A pair whose key tiles
-  // straddle two chunks is also summed into a private copy by the later one, added in at the end.
-  const int64_t n_ktiles = ceil_div(d.S, a.block_n), group = d.Hq / d.Hk;
-  const int64_t tasks = d.B * d.Hk * n_ktiles;
-  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), tasks);
-  at::Tensor grad_q = empty_output({d.B, d.Hq, d.L, d.E}, q.scalar_type());
-  at::Tensor row_sum = at::empty({d.B, d.Hq, d.L}, q.options());
-  a.grad_q = grad_q.data_ptr<T>();
-  a.row_sum = row_sum.data_ptr<T>();
-  at::Tensor shared_grad_q = at::empty({chunks, group, d.L, d.E}, q.options());
-  at::Tensor shared_row_sum = at::empty({chunks, group, d.L}, q.options());
-  parallel_row_chunks(tasks, chunks, [&](int64_t c, int64_t begin, int64_t end) {
-    fn(a, begin, end, shared_grad_q[c].data_ptr<T>(), shared_row_sum[c].data_ptr<T>());
-  });
-  for (int64_t c = 1; c < chunks; ++c) {
-    const int64_t begin = tasks * c / chunks;  // as parallel_row_chunks splits
-    if (begin % n_ktiles == 0) continue;       // no shared pair
-    const int64_t pair = begin / n_ktiles, b = pair / d.Hk, hk = pair % d.Hk;
-    grad_q[b].narrow(0, hk * group, group).add_(shared_grad_q[c]);
-    row_sum[b].narrow(0, hk * group, group).add_(shared_row_sum[c]);
-  }
-  // rows with no key to attend to have a row sum of 0, and a gradient of 0
-  return grad_q.div_(row_sum.masked_fill_(row_sum == 0, 1).unsqueeze(-1));
+  return {out, lse.to(at::kFloat)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
@@ -280,46 +417,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
               logsumexp.scalar_type());
   TORCH_CHECK(logsumexp.sizes() == at::IntArrayRef({d.B, d.Hq, d.L}), op, ": expected logsumexp of shape ",
               at::IntArrayRef({d.B, d.Hq, d.L}), ", got ", logsumexp.sizes());
-  const auto ct = compute_dtype(query.scalar_type());
-  const at::Tensor mask = prepare_mask(op, attn_mask, query, d, ct);
-  const at::Tensor q = to_compute(query, ct), k = to_compute(key, ct), v = to_compute(value, ct);
-  at::Tensor grad_k = empty_output({d.B, d.Hk, d.S, d.E}, q.scalar_type());
-  at::Tensor grad_v = empty_output({d.B, d.Hk, d.S, d.Ev}, q.scalar_type());
+  const at::ScalarType dtype = query.scalar_type(), acc = acc_dtype(dtype);
+  const at::Tensor mask = prepare_mask(op, attn_mask, query, d);
+  const at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
+  at::Tensor grad_k = empty_output({d.B, d.Hk, d.S, d.E}, dtype);
+  at::Tensor grad_v = empty_output({d.B, d.Hk, d.S, d.Ev}, dtype);
   at::Tensor grad_q;
   if (d.B * d.Hq * d.L == 0 || d.S == 0) {
-    grad_q = at::zeros({d.B, d.Hq, d.L, d.E}, q.options());
+    grad_q = at::zeros({d.B, d.Hq, d.L, d.E}, query.options());
     grad_k.zero_();
     grad_v.zero_();
-  } else {
-    const at::Tensor go = to_compute(grad_out, ct), o = to_compute(out, ct);
-    // The backward's P = exp(score - lse) is only as exact as lse. In float64 a float32 lse would cap
-    // the gradients at float32 accuracy; and where the row max m is huge (a row masked entirely by a
-    // finite additive mask such as finfo.min, a softmax over that row), m + log l rounds to m. Then
-    // the backward recomputes lse, split as m and log l, in the compute dtype: one more Q K^T pass.
-    at::Tensor lse = logsumexp.contiguous();
-    bool split = ct == at::kDouble;
-    const float* lse_ptr = lse.data_ptr<float>();
-    for (int64_t i = 0; i < lse.numel() && !split; ++i) {
-      split = std::isfinite(lse_ptr[i]) && std::abs(lse_ptr[i]) >= kLargeLse;
-    }
-    if (split) lse = at::empty({d.B, d.Hq, d.L}, q.options());
-    at::Tensor log_sum = split ? at::empty({d.B, d.Hq, d.L}, q.options()) : at::Tensor();
+    return {grad_q, grad_k, grad_v};
+  }
+  const at::Tensor go = rows_contiguous(grad_out), o = rows_contiguous(out);
+  // The backward's P = exp(score - lse) is only as exact as lse. In float64 a float32 lse would cap
+  // the gradients at float32 accuracy; and where the row max m is huge (a row masked entirely by a
+  // finite additive mask such as finfo.min, a softmax over that row), m + log l rounds to m. Then
+  // the backward recomputes lse, split as m and log l, in the accumulation dtype: one more Q K^T pass.
+  at::Tensor lse = logsumexp.contiguous();
+  bool split = acc == at::kDouble;
+  const float* lse_ptr = lse.const_data_ptr<float>();
+  for (int64_t i = 0; i < lse.numel() && !split; ++i) {
+    split = std::isfinite(lse_ptr[i]) && std::abs(lse_ptr[i]) >= kLargeLse;
+  }
+  at::Tensor log_sum;
+  if (split) {
+    lse = at::empty({d.B, d.Hq, d.L}, query.options().dtype(acc));
+    log_sum = at::empty({d.B, d.Hq, d.L}, query.options().dtype(acc));
     at::Tensor unused;
     // the recomputed logsumexp is that of the un-dropped probabilities: no dropout in that pass
-    if (ct == at::kDouble) {
-      run_fwd<double>(attention_fwd_f64_stub, d, q, k, v, mask, is_causal, scale, 0.0, 0, unused, lse, log_sum);
-      grad_q = run_bwd<double>(attention_bwd_delta_f64_stub, attention_bwd_f64_stub, d, go, q, k, v, o, lse,
-                               log_sum, mask, is_causal, scale, dropout_p, seed, grad_k, grad_v);
-    } else {
-      if (split) {
-        run_fwd<float>(attention_fwd_f32_stub, d, q, k, v, mask, is_causal, scale, 0.0, 0, unused, lse,
-                       log_sum);
-      }
-      grad_q = run_bwd<float>(attention_bwd_delta_f32_stub, attention_bwd_f32_stub, d, go, q, k, v, o, lse,
-                              log_sum, mask, is_causal, scale, dropout_p, seed, grad_k, grad_v);
-    }
+    run_fwd(engine_for(dtype, false), d, q, k, v, mask, is_causal, scale, 0.0, 0, unused, lse, log_sum);
   }
-  return {grad_q.to(query.scalar_type()), grad_k.to(key.scalar_type()), grad_v.to(value.scalar_type())};
+  grad_q = run_bwd(engine_for(dtype, true), d, go, q, k, v, o, lse, log_sum, mask, is_causal, scale, dropout_p,
+                   seed, grad_k, grad_v);
+  return {grad_q.to(dtype), grad_k, grad_v};
 }
 
 // The dropout mask the kernels draw for these sizes, dense: (B, H, L, S) bool, True = kept. For tests.
@@ -343,6 +474,39 @@ at::Tensor attention_dropout_mask_cpu(int64_t B, int64_t H, int64_t L, int64_t S
 }
 
 }  // namespace
+
+EngineReport attention_engine_report(at::ScalarType dtype, bool measure) {
+  const Scalar s = scalar_of(dtype);
+  EngineReport r;
+  if (!measure) {
+    CalibrationSlot& cs = slot(s);
+    std::lock_guard<std::mutex> lock(cs.mutex);
+    if (!cs.done) {
+      r.how = "not measured yet";
+      for (EngineKind kind : candidates(s)) r.candidates.push_back(matmul_engine(s, kind)->name);
+      return r;
+    }
+  }
+  const Calibration c = calibration(s, dtype);
+  r.fwd = matmul_engine(s, c.fwd)->name;
+  r.bwd = matmul_engine(s, c.bwd)->name;
+  r.how = c.how;
+  for (EngineKind kind : c.kinds) r.candidates.push_back(matmul_engine(s, kind)->name);
+  r.fwd_ms = c.fwd_ms;
+  r.bwd_ms = c.bwd_ms;
+  return r;
+}
+
+void set_attention_engine(at::ScalarType dtype, const std::string& kind) {
+  const Scalar s = scalar_of(dtype);
+  EngineKind parsed;
+  TORCH_CHECK(kind == "auto" || forced_kind(s, kind, parsed), "set_attention_engine: expected 'auto', 'native', ",
+              "'brgemm-f32' or 'brgemm', got '", kind, "'");
+  CalibrationSlot& cs = slot(s);
+  std::lock_guard<std::mutex> lock(cs.mutex);
+  cs.forced = kind;
+  cs.done = false;
+}
 
 TORCH_LIBRARY_IMPL(fusedformer, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);

@@ -3,6 +3,7 @@
     fusedformer-bench --quick                      # < 2 minutes on 2 cores
     fusedformer-bench                              # the full run (meant for < 15 minutes on 2 quiet cores)
     fusedformer-bench --cases attention --lengths 512,2048 --causal yes --modes fwd+bwd
+    fusedformer-bench --cases attention --attention-dtypes bfloat16 --no-memory
 
 Prints a table at the end (stdout; progress goes to stderr) and writes into ``--out`` (default
 ``bench-results/``): ``results.csv``, ``report.txt``, ``report.md`` and the PNG plots.
@@ -62,10 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"for attention, LayerNorm and GELU (default: {','.join(MODES)})")  # fmt: skip
     p.add_argument("--layer-modes", type=_list(str, MODES), default=("fwd+bwd",),
                    help="for the encoder and decoder layers (default: fwd+bwd)")  # fmt: skip
-    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="default: float32")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32",
+                   help="for LayerNorm, GELU and the layers (default: float32); "
+                   "attention runs at --attention-dtypes")  # fmt: skip
     g = p.add_argument_group("attention")
+    g.add_argument("--attention-dtypes", type=_list(str, _DTYPES), default=None,
+                   help="attention runs at each, in one run (default: float32,bfloat16,float16; "
+                   "--quick: float32,bfloat16)")  # fmt: skip
     g.add_argument("--lengths", type=_positive_ints, default=None,
-                   help="sequence lengths L = S (default: 256,512,...,8192; --quick: 256,1024)")  # fmt: skip
+                   help="sequence lengths L = S at float32 and float64 (default: 256,512,...,8192; "
+                   "--quick: 256,1024); given alone, at every dtype")  # fmt: skip
+    g.add_argument("--lengths-16bit", type=_positive_ints, default=None,
+                   help="sequence lengths at bfloat16 and float16 (default: 512,1024,2048,4096; "
+                   "--quick: 256,1024; with --lengths: the same as --lengths)")  # fmt: skip
     g.add_argument("--batch", type=int, default=1, help="B (default: 1)")
     g.add_argument("--heads", type=int, default=8, help="H (default: 8)")
     g.add_argument("--head-dim", type=int, default=64, help="E (default: 64)")
@@ -134,7 +144,9 @@ def config_from_args(args: argparse.Namespace, argv: list[str]):
         providers=args.providers,
         modes=args.modes,
         layer_modes=args.layer_modes,
+        attention_dtypes=args.attention_dtypes,
         lengths=args.lengths,
+        lengths_16bit=args.lengths_16bit,
         batch=args.batch,
         heads=args.heads,
         head_dim=args.head_dim,

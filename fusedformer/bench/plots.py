@@ -1,15 +1,21 @@
 """PNG plots (matplotlib, Agg backend) of a run.
 
-- ``attention_time.png``: time per call against sequence length, log-log, one panel per mode and
-  mask. Naive attention's O(L²) slope shows as a straight line of slope 2 (a dotted L² guide is
+One pair of attention figures per dtype the run measured attention in (``<dtype>``: float32,
+bfloat16, ...), each titled with it:
+
+- ``attention_time_<dtype>.png``: time per call against sequence length, log-log, one panel per mode
+  and mask. Naive attention's O(L²) slope shows as a straight line of slope 2 (a dotted L² guide is
   drawn through its first point); its memory wall (where the machine can no longer hold its (L, S)
   scores) is drawn as a vertical line, and lengths it was skipped at are marked.
-- ``attention_memory.png``: peak extra memory of one call against sequence length, log-log, with the
-  machine's memory as a horizontal line: naive's O(L²) scores climb into it, the fused O(L) stay low.
-- ``rows_throughput.png``: LayerNorm and bias+GELU GB/s per shape, with the copy-bandwidth ceiling.
+- ``attention_memory_<dtype>.png``: peak extra memory of one call against sequence length, log-log,
+  with the machine's memory as a horizontal line: naive's O(L²) scores climb into it, the fused O(L)
+  stay low.
+- ``rows_throughput.png``: LayerNorm and bias+GELU GB/s per shape, with the copy-bandwidth ceiling
+  (in the run's ``--dtype``).
 
-Every figure names the machine, the date and the commit. A fusedformer line that ran on the
-reference path (a fallback) is drawn dashed and labelled as such.
+Every figure names the machine (with its AMX / AVX512-BF16 / AVX512-FP16 flags), the date and the
+commit. A fusedformer line that ran on the reference path (a fallback) is drawn dashed and labelled
+as such.
 """
 
 from __future__ import annotations
@@ -26,9 +32,16 @@ _MARKERS = {"fusedformer": "o", "torch": "s", "naive": "^"}
 _GIB = 2**30
 
 
-def _footer(result: Any) -> str:
+def _footer(fig: Any, result: Any) -> float:
+    """Write the machine (with its CPU features) and the run's versions under ``fig``, in two grey
+    lines; returns the share of the figure's height they take, the bottom of ``tight_layout``'s rect."""
     i = result.info
-    return f"{i.machine} | {i.device}, {i.threads} threads | fusedformer {i.version} @ {i.commit} | {i.date}"
+    text = (
+        f"{i.machine} | cpu features: {i.features_csv} | {i.device}, {i.threads} threads\n"
+        f"fusedformer {i.version} @ {i.commit} | torch {i.torch} | {i.date}"
+    )
+    fig.text(0.5, 0.005, text, ha="center", va="bottom", fontsize=7, color="grey")
+    return 0.3 / fig.get_figheight()  # two 7-point lines and a gap, in inches
 
 
 def _label(provider: str, rows: list[dict[str, Any]]) -> tuple[str, str]:
@@ -121,9 +134,8 @@ def _attention_time(result: Any, rows: list[dict[str, Any]], out: Path, plt: Any
         f"attention: time vs sequence length (B={first['B']}, H={first['H']}, E={first['E']}, {first['dtype']})",
         fontsize=11,
     )
-    fig.text(0.5, 0.005, _footer(result), ha="center", fontsize=7, color="grey")
-    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
-    path = out / "attention_time.png"
+    fig.tight_layout(rect=(0, _footer(fig, result), 1, 0.97))
+    path = out / f"attention_time_{first['dtype']}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -181,10 +193,9 @@ def _attention_memory(
         ax.set_ylabel("MiB over the inputs (VmHWM, fresh process)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("attention: memory vs sequence length", fontsize=11)
-    fig.text(0.5, 0.005, _footer(result), ha="center", fontsize=7, color="grey")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
-    path = out / "attention_memory.png"
+    fig.suptitle(f"attention: memory vs sequence length ({rows[0]['dtype']})", fontsize=11)
+    fig.tight_layout(rect=(0, _footer(fig, result), 1, 0.95))
+    path = out / f"attention_memory_{rows[0]['dtype']}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -220,9 +231,9 @@ def _rows_throughput(result: Any, out: Path, plt: Any) -> Path | None:
             ax.set_ylabel("GB/s")
             ax.grid(True, axis="y", alpha=0.3)
             ax.legend(fontsize=6)
-    fig.suptitle("LayerNorm and bias+GELU: achieved bandwidth (rows x width)", fontsize=11)
-    fig.text(0.5, 0.005, _footer(result), ha="center", fontsize=7, color="grey")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    dtypes = ", ".join(dict.fromkeys(r["dtype"] for r in result.rows if r["case"] in cases))
+    fig.suptitle(f"LayerNorm and bias+GELU: achieved bandwidth (rows x width, {dtypes})", fontsize=11)
+    fig.tight_layout(rect=(0, _footer(fig, result), 1, 0.95))
     path = out / "rows_throughput.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -241,8 +252,10 @@ def make_plots(result: Any, out: Path, total_memory: int | None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path | None] = []
     attention = [r for r in result.rows if r["case"] == "attention"]
-    if attention and any(r.get("status") == "ok" for r in attention):
-        paths.append(_attention_time(result, attention, out, plt, total_memory))
-        paths.append(_attention_memory(result, attention, out, plt, total_memory))
+    for dtype in dict.fromkeys(r["dtype"] for r in attention):
+        rows = [r for r in attention if r["dtype"] == dtype]
+        if any(r.get("status") == "ok" for r in rows):
+            paths.append(_attention_time(result, rows, out, plt, total_memory))
+            paths.append(_attention_memory(result, rows, out, plt, total_memory))
     paths.append(_rows_throughput(result, out, plt))
     return [p for p in paths if p is not None]

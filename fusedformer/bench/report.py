@@ -1,5 +1,9 @@
-"""The run's outputs: a plain-text table (stdout), a CSV (one row per case shape, mode and provider,
-each row carrying the machine, date, version and commit) and a Markdown page with the plots.
+"""The run's outputs: a plain-text table (stdout), a CSV (one row per case shape, dtype, mode and
+provider, each row carrying the machine, date, version and commit) and a Markdown page with the plots.
+
+The header names the machine: the CPU's model, its AMX / AVX512-BF16 / AVX512-FP16 features, on CPU
+runs the product engine fusedformer's attention uses per dtype (when the package can say), and every
+ceiling with its dtype. Each case has a section per dtype (attention runs at several in one run).
 
 Reading the table:
 
@@ -11,10 +15,26 @@ Reading the table:
   faster (likewise ``ff/naive``). In the CSV, ``ratio_vs_torch`` is that ratio for every provider.
 - throughput: GFLOP/s for attention (FlashAttention's count, 4·B·H·L·S·E, halved when causal, ×2.5
   for the backward) and for layers (their matmuls and attention); GB/s for LayerNorm and GELU (the
-  least traffic: 2 tensors forward, 3 backward); in brackets, the share of the machine's ceiling.
+  least traffic: 2 tensors forward, 3 backward); in brackets, the share of the machine's ceiling:
+  for GFLOP/s the GEMM ceiling of the section's own dtype, for GB/s the copy ceiling.
 - memory: peak extra MiB of one call over its inputs, measured in a fresh process (``VmHWM``).
 - ``†``: fusedformer ran on the reference path there (a fallback), so that cell is not a fused
   result; the footnote gives ``ff.explain``'s reasons.
+
+CSV columns beyond the table's (one name per line in ``CSV_COLUMNS``):
+
+- ``machine``: CPU model, family and model numbers, CPUs, widest SIMD, memory; ``cpu_features``: which
+  of amx_tile, amx_bf16, amx_fp16, avx512_bf16, avx512_fp16 ``/proc/cpuinfo`` lists, space-separated
+  ("none": none of them; "unknown": no ``/proc/cpuinfo``).
+- ``dtype``: the dtype the row ran in; ``backend``: what served the provider (``(FALLBACK)`` for
+  fusedformer on the reference path); ``matmul_engine``: on fusedformer's attention rows of a CPU
+  run, the engine its tile products ran on for that dtype (``fusedformer.backends.cpu_matmul_engines``;
+  empty where the package does not say, and on fallbacks).
+- ``gflops`` / ``gbps``: the rate; ``ceiling``: which ceiling bounds it (``GEMM``: ``torch.mm`` in
+  the row's own dtype; ``copy``: a large tensor copy); ``ceiling_rate``: that ceiling in the rate's
+  unit; ``share_of_ceiling_pct``: 100 · rate / ceiling_rate.
+- ``ratio_vs_torch`` / ``ratio_vs_naive``: the other provider's median / this row's median, at the
+  same shape, dtype and mode.
 """
 
 from __future__ import annotations
@@ -27,16 +47,17 @@ from pathlib import Path
 from typing import Any
 
 from fusedformer.bench.cases import PROVIDERS
+from fusedformer.bench.machine import features_text
 
 __all__ = ["CSV_COLUMNS", "format_report", "write_csv", "write_markdown"]
 
 CSV_COLUMNS = [
-    "machine", "device", "threads", "date", "version", "commit", "torch_version", "load_avg",
+    "machine", "cpu_features", "device", "threads", "date", "version", "commit", "torch_version", "load_avg",
     "case", "shape", "provider", "mode", "dtype",
     "B", "H", "L", "S", "E", "causal",
     "rows", "width", "approximate",
     "batch", "length", "d_model", "nhead", "dim_feedforward", "dropout", "activation",
-    "backend", "fallback", "status", "repeats", "calls_per_sample",
+    "backend", "matmul_engine", "fallback", "status", "repeats", "calls_per_sample",
     "median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "spread_pct",
     "gflops", "gbps", "ceiling", "ceiling_rate", "share_of_ceiling_pct",
     "ratio_vs_torch", "ratio_vs_naive",
@@ -146,11 +167,13 @@ def format_table(headers: list[str], body: list[list[str]], right: set[int]) -> 
     return "\n".join([line(headers), rule, *(line(r) for r in body)])
 
 
-def _groups(rows: list[dict[str, Any]], case: str) -> list[tuple[list[str], str, dict[str, dict]]]:
-    """[(key cells, mode, {provider: row})] in run order, for one case."""
+def _groups(
+    rows: list[dict[str, Any]], case: str, dtype: str
+) -> list[tuple[list[str], str, dict[str, dict]]]:
+    """[(key cells, mode, {provider: row})] in run order, for one case at one dtype."""
     out: dict[tuple, tuple[list[str], str, dict[str, dict]]] = {}
     for r in rows:
-        if r["case"] != case:
+        if r["case"] != case or r["dtype"] != dtype:
             continue
         if case == "attention":
             key_cells = ["causal" if r["causal"] else "full", str(r["L"])]
@@ -170,26 +193,30 @@ _TITLES = {
 }
 
 
-def _case_section(result: Any, case: str) -> str:
-    rows = [r for r in result.rows if r["case"] == case]
+def _case_section(result: Any, case: str, dtype: str) -> str:
+    rows = [r for r in result.rows if r["case"] == case and r["dtype"] == dtype]
     if not rows:
         return ""
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
     c = result.ceilings
     first = rows[0]
+    gemm_unit = f"GFLOP/s (% of {dtype} GEMM {c.gemm_gflops(dtype):.0f})"
     if case == "attention":
         key_headers = ["mask", "L"]
-        detail = f"B={first['B']} H={first['H']} E={first['E']} S=L {first['dtype']}"
-        rate_unit = f"GFLOP/s (% of GEMM {c.gemm_gflops:.0f})"
+        detail = f"B={first['B']} H={first['H']} E={first['E']} S=L {dtype}"
+        engine = result.info.matmul_engines.get(dtype)
+        if engine:
+            detail += f", fusedformer's products on {engine}"
+        rate_unit = gemm_unit
     elif case in ("layer_norm", "gelu"):
         key_headers = ["rows x width"]
-        detail = first["dtype"] + (f" approximate={first.get('approximate')}" if case == "gelu" else "")
+        detail = dtype + (f" approximate={first.get('approximate')}" if case == "gelu" else "")
         rate_unit = f"GB/s (% of copy {c.copy_gbps:.0f})"
     else:
         key_headers = ["shape"]
-        detail = f"{first['dtype']} activation={first.get('activation')}"
-        rate_unit = f"GFLOP/s (% of GEMM {c.gemm_gflops:.0f})"
-    groups = _groups(result.rows, case)
+        detail = f"{dtype} activation={first.get('activation')}"
+        rate_unit = gemm_unit
+    groups = _groups(result.rows, case, dtype)
     others = [o for o in ("torch", "naive") if o in providers] if "fusedformer" in providers else []
 
     headers = [*key_headers, "mode", *[f"{p} ms" for p in providers], *[f"ff/{o}" for o in others]]
@@ -245,7 +272,7 @@ def _footnotes(result: Any) -> list[str]:
                 and not status.startswith("ok")
                 and not (key == "memory_status" and status == r.get("status"))
             ):
-                text = f"* {r['case']} {r['shape']} {r['mode']} {r['provider']}: {status}"
+                text = f"* {r['case']} {r['dtype']} {r['shape']} {r['mode']} {r['provider']}: {status}"
                 if text not in seen:
                     seen.add(text)
                     notes.append(text)
@@ -253,12 +280,13 @@ def _footnotes(result: Any) -> list[str]:
 
 
 def format_report(result: Any) -> str:
-    """The whole text report: header (machine, ceilings), one section per case, footnotes."""
+    """The whole text report: header (machine, ceilings), one section per case and dtype, footnotes."""
     info, c, cfg = result.info, result.ceilings, result.config
     lines = [
         cfg.command or f"fusedformer-bench{' --quick' if cfg.quick else ''}",
         info.header(),
-        f"ceilings (the better of start and end of the run): {c.describe()}",
+        "ceilings (the better of start and end of the run; GFLOP/s shares are of their own dtype's GEMM):",
+        *(f"  {line}" for line in c.describe()),
         "modes: fwd = forward under no_grad; fwd+bwd = forward and backward timed as one unit; bwd = the backward"
         " alone, timed inside those same calls from the end of the forward",
     ]
@@ -272,8 +300,8 @@ def format_report(result: Any) -> str:
         )
     elif not cfg.memory:
         lines.append("memory not measured (--no-memory)")
-    for case in dict.fromkeys(r["case"] for r in result.rows):
-        lines += ["", _case_section(result, case)]
+    for case, dtype in dict.fromkeys((r["case"], r["dtype"]) for r in result.rows):
+        lines += ["", _case_section(result, case, dtype)]
     notes = _footnotes(result)
     if notes:
         lines += ["", *notes]
@@ -289,7 +317,7 @@ def write_markdown(result: Any, text: str, plots: list[Path], path: Path, comman
         "",
         f"Measured on **{result.info.machine}** ({result.info.device}, {result.info.threads} torch threads), "
         f"{result.info.date}, fusedformer {result.info.version} at commit `{result.info.commit}`, "
-        f"torch {result.info.torch}.",
+        f"torch {result.info.torch}. CPU features: {features_text(result.info.cpu_features)}.",
         "",
         "Reproduce with:",
         "",
@@ -300,9 +328,10 @@ def write_markdown(result: Any, text: str, plots: list[Path], path: Path, comman
         "How to read it: times are medians of interleaved repeats (warm-up excluded) with ± half the",
         "interquartile range; `ff/torch` is torch's time over fusedformer's (above 1, fusedformer is faster);",
         "throughput is GFLOP/s for attention (FlashAttention's count) and GB/s for LayerNorm and GELU, with",
-        "the share of this machine's own measured ceilings; MiB is the peak extra memory of one call, measured",
-        f"in a fresh process. A `{_FALLBACK_MARK}` marks a fusedformer cell that ran on the reference path",
-        "(a fallback), which is not a fused result.",
+        "the share of this machine's own measured ceilings (GFLOP/s of `torch.mm` in the section's own",
+        "dtype, GB/s of a large copy); MiB is the peak extra memory of one call, measured in a fresh",
+        f"process. A `{_FALLBACK_MARK}` marks a fusedformer cell that ran on the reference path (a",
+        "fallback), which is not a fused result.",
         "",
         "```text",
         text,

@@ -1,8 +1,10 @@
 """One benchmark run: which cases at which sizes (``Config``), and the loop that measures them into rows.
 
-A row is one (case shape, mode, provider): its time statistics, throughput, the backend that served
-it, its ratios to torch and naive, and its peak extra memory. ``run(config)`` returns the rows and the
-ceilings; ``report`` and ``plots`` turn them into the table, the CSV and the PNGs.
+A row is one (case shape, dtype, mode, provider): its time statistics, throughput, the backend that
+served it, its ratios to torch and naive, and its peak extra memory. Attention runs at each of
+``Config.attention_dtypes`` in the same run (float32, bfloat16 and float16 by default), everything
+else at ``Config.dtype``. ``run(config)`` returns the rows and the ceilings (a GEMM ceiling per dtype
+measured); ``report`` and ``plots`` turn them into the table, the CSV and the PNGs.
 """
 
 from __future__ import annotations
@@ -41,18 +43,22 @@ _GIB = 2**30
 # a call is skipped when its estimated memory exceeds this share of what the machine has free (less
 # a fixed reserve): the rest of the process and the other providers' inputs need room too
 _MEMORY_SHARE, _MEMORY_RESERVE = 0.85, _GIB // 2
+_16BIT = ("bfloat16", "float16")  # attention at these dtypes runs at Config.lengths_16bit
 
 
 @dataclasses.dataclass
 class Config:
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"  # LayerNorm, GELU and the layers; attention runs at attention_dtypes
     cases: tuple[str, ...] = CASES
     providers: tuple[str, ...] = PROVIDERS
     modes: tuple[str, ...] = MODES
     layer_modes: tuple[str, ...] = ("fwd+bwd",)
     # attention
-    lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
+    attention_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)  # at float32 and float64
+    # at bfloat16 and float16: fewer, to keep the run short, but with the targets' L=2048 and L=4096
+    lengths_16bit: tuple[int, ...] = (512, 1024, 2048, 4096)
     batch: int = 1
     heads: int = 8
     head_dim: int = 64
@@ -88,10 +94,15 @@ class Result:
 
 
 def default_config(quick: bool = False, **overrides: Any) -> Config:
-    """The default run, or the ``--quick`` one (< 2 minutes on 2 busy cores); ``overrides`` win."""
+    """The default run, or the ``--quick`` one (< 2 minutes on 2 busy cores); ``overrides`` win.
+
+    ``lengths`` given without ``lengths_16bit`` sets both: the lengths asked for, at every dtype.
+    """
     if quick:
         base = dict(
+            attention_dtypes=("float32", "bfloat16"),
             lengths=(256, 1024),
+            lengths_16bit=(256, 1024),
             rows=(4096,),
             widths=(1024, 4096),
             layer_batch=4,
@@ -106,6 +117,8 @@ def default_config(quick: bool = False, **overrides: Any) -> Config:
     else:
         base = {}
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("lengths") is not None and overrides.get("lengths_16bit") is None:
+        base["lengths_16bit"] = overrides["lengths"]
     return Config(**base)
 
 
@@ -115,10 +128,11 @@ def specs(config: Config) -> list[Spec]:
     out: list[Spec] = []
     for case in config.cases:
         if case == "attention":
-            for causal in config.causal:
-                for L in config.lengths:
-                    params = dict(B=config.batch, H=config.heads, L=L, S=L, E=config.head_dim, causal=causal)
-                    out.append(Spec("attention", params, dev, dt))
+            B, H, E = config.batch, config.heads, config.head_dim
+            for adt in config.attention_dtypes:
+                for causal in config.causal:
+                    for L in config.lengths_16bit if adt in _16BIT else config.lengths:
+                        out.append(Spec("attention", dict(B=B, H=H, L=L, S=L, E=E, causal=causal), dev, adt))
         elif case in ("layer_norm", "gelu"):
             for rows in config.rows:
                 for width in config.widths:
@@ -143,7 +157,7 @@ def specs(config: Config) -> list[Spec]:
 
 
 def _memory_specs(config: Config, all_specs: list[Spec]) -> set[str]:
-    """The specs (as JSON) whose memory is probed: all, or per case (and causal) the largest."""
+    """The specs (as JSON) whose memory is probed: all, or per case (and causal, and dtype) the largest."""
     if not config.memory:
         return set()
     if config.memory_all_sizes:
@@ -154,7 +168,7 @@ def _memory_specs(config: Config, all_specs: list[Spec]) -> set[str]:
         return math.prod(v for v in s.params.values() if isinstance(v, int) and not isinstance(v, bool))
 
     for s in all_specs:
-        key = (s.case, s.params.get("causal"))
+        key = (s.case, s.params.get("causal"), s.dtype)
         if key not in largest or size(s) > size(largest[key]):
             largest[key] = s
     return {s.to_json() for s in largest.values()}
@@ -167,6 +181,7 @@ def _modes_of(config: Config, spec: Spec) -> tuple[str, ...]:
 def _base_row(info: RunInfo, config: Config, case: Case, provider: str, mode: str) -> dict[str, Any]:
     row: dict[str, Any] = {
         "machine": info.machine,
+        "cpu_features": info.features_csv,
         "device": info.device,
         "threads": info.threads,
         "date": info.date,
@@ -225,11 +240,13 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
     t_start = time.perf_counter()
     device = torch.device(config.device)
     info = run_info(device)
-    log(f"fusedformer-bench: {info.machine}; {info.threads} torch threads; measuring the ceilings ...")
-    ceilings = measure_ceilings(device, getattr(torch, config.dtype), quick=config.quick)
-    log(f"ceilings at start: {ceilings.describe()}")
-
     all_specs = specs(config)
+    # a GEMM ceiling for every dtype a row is measured in, and for the run's dtype
+    ceiling_dtypes = list(dict.fromkeys([config.dtype, *(s.dtype for s in all_specs)]))
+    log(f"fusedformer-bench: {info.machine}; {info.threads} torch threads; measuring the ceilings ...")
+    ceilings = measure_ceilings(device, ceiling_dtypes, quick=config.quick)
+    log(f"ceilings at start: {'; '.join(ceilings.describe())}")
+
     probe_specs = _memory_specs(config, all_specs)
     total = 0
     for s in all_specs:
@@ -250,7 +267,7 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
                 case = make_case(spec)
                 spec_rows = _run_spec(config, info, ceilings, case, bar)
                 if "fusedformer" in config.providers and case.is_fallback("fusedformer"):
-                    fallbacks[f"{spec.case} {case.label()}"] = case.fallback_reason()
+                    fallbacks[f"{spec.case} {spec.dtype} {case.label()}"] = case.fallback_reason()
                 if probe is not None and spec.to_json() in probe_specs:
                     _probe_spec(config, case, spec_rows, probe, bar)
                 rows.extend(spec_rows)
@@ -261,7 +278,7 @@ def run(config: Config, progress: bool = True, log: Callable[[str], None] | None
         if probe is not None:
             probe.close()
     log("measuring the ceilings again ...")
-    ceilings = best_of(ceilings, measure_ceilings(device, getattr(torch, config.dtype), quick=config.quick))
+    ceilings = best_of(ceilings, measure_ceilings(device, ceiling_dtypes, quick=config.quick))
     _fill_shares(rows, ceilings)
     return Result(info, ceilings, config, rows, fallbacks, time.perf_counter() - t_start)
 
@@ -293,7 +310,8 @@ def _run_spec(config: Config, info: RunInfo, ceilings: Ceilings, case: Case, bar
     modes = _modes_of(config, case.spec)
     by_mode: dict[str, dict[str, dict[str, Any]]] = {}
     for group in _timing_groups(modes):
-        bar.describe(f"{case.spec.case} {case.label()} {'+'.join(group) if len(group) == 1 else 'bwd, fwd+bwd'}")
+        what = "+".join(group) if len(group) == 1 else "bwd, fwd+bwd"
+        bar.describe(f"{case.spec.case} {case.spec.dtype} {case.label()} {what}")
         group_rows = {m: {p: _base_row(info, config, case, p, m) for p in providers} for m in group}
         units = {}
         for p in providers:
@@ -303,6 +321,8 @@ def _run_spec(config: Config, info: RunInfo, ceilings: Ceilings, case: Case, bar
                 for row in rows_p:
                     row["backend"] = case.backend(p)
                     row["fallback"] = case.is_fallback(p)
+                    if p == "fusedformer" and case.spec.case == "attention" and not row["fallback"]:
+                        row["matmul_engine"] = info.matmul_engines.get(case.spec.dtype)
                 why = skip_reason(case, p, "fwd" if group == ("fwd",) else "fwd+bwd")
             if why is None:
                 try:
@@ -340,12 +360,13 @@ def _fill_stats(row: dict[str, Any], case: Case, mode: str, st: Stats, ceilings:
 
 
 def _fill_shares(rows: list[dict[str, Any]], ceilings: Ceilings) -> None:
-    """Each rate's share of the ceiling it is bound by (GEMM for FLOP/s, copy for bytes/s)."""
+    """Each rate's share of the ceiling it is bound by: FLOP/s of the GEMM ceiling of the row's own
+    dtype (a bfloat16 row against bfloat16 ``torch.mm``), bytes/s of the copy ceiling."""
     for row in rows:
         if row.get("status") != "ok":
             continue
         rate = row.get("gflops") if row["ceiling"] == "GEMM" else row.get("gbps")
-        ceiling = ceilings.gemm_gflops if row["ceiling"] == "GEMM" else ceilings.copy_gbps
+        ceiling = ceilings.gemm_gflops(row["dtype"]) if row["ceiling"] == "GEMM" else ceilings.copy_gbps
         row["ceiling_rate"] = ceiling  # in the unit of the rate: GFLOP/s or GB/s
         row["share_of_ceiling_pct"] = 100.0 * rate / ceiling if ceiling > 0 else float("nan")
 
@@ -370,7 +391,7 @@ def _probe_spec(
     by_key = {(r["provider"], r["mode"]): r for r in rows}
     for p in [p for p in config.providers if p in case.providers]:
         for kind in kinds:
-            bar.describe(f"memory {case.spec.case} {case.label()} {p} {kind}")
+            bar.describe(f"memory {case.spec.case} {case.spec.dtype} {case.label()} {p} {kind}")
             kind_modes = ["fwd"] if kind == "fwd" else [m for m in ("bwd", "fwd+bwd") if m in modes]
             targets = [by_key[(p, m)] for m in kind_modes if (p, m) in by_key]
             # a call that was skipped or could not run is not probed: its row already says why

@@ -32,11 +32,12 @@ def run_benchmark(benchmark, spec: Spec, provider: str, mode: str) -> None:
         warnings.simplefilter("ignore", ff.FallbackWarning)  # recorded in extra_info instead
         u = unit(case, provider, mode)
         kind, count = case.work(mode)
-        benchmark.group = f"{spec.case} {case.label()} {mode}"
+        benchmark.group = f"{spec.case} {spec.dtype} {case.label()} {mode}"
         benchmark.extra_info.update(
             {
                 "provider": provider,
                 "mode": mode,
+                "dtype": spec.dtype,
                 "backend": case.backend(provider),
                 "fallback": case.is_fallback(provider),
                 kind: count,

@@ -3,7 +3,10 @@
     python -m fusedformer.bench.targets bench-results/results.csv    # prints a Markdown table
 
 Each row names the measurement it reads; a target whose measurement is missing from the CSV (a case
-not run, a fallback) is reported as such, never as met.
+not run, a fallback) is reported as such, never as met. Every lookup is by dtype too (float32 unless a
+target says otherwise) and by the target's shape (attention's B=1, H=8, E=64; the encoder layer's
+d=512, 8 heads, L=1024, batch 8), so a bfloat16 row, or a ``--quick`` run's smaller shape, never
+answers for a float32 target at the issue's shape.
 """
 
 from __future__ import annotations
@@ -13,16 +16,31 @@ import sys
 
 __all__ = ["evaluate", "markdown"]
 
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
-def _find(table, **want) -> dict | None:
+
+def _find(table: list[dict], dtype: str = "float32", **want) -> dict | None:
+    """The first row of ``table`` in ``dtype`` whose every ``want`` field reads the same (as text)."""
+    want["dtype"] = dtype
     for r in table:
         if all(str(r.get(k, "")) == str(v) for k, v in want.items()):
             return r
     return None
 
 
-def _attention(rows, L, causal, mode, provider="fusedformer"):
-    return _find(rows, case="attention", provider=provider, mode=mode, L=L, causal=causal)
+def _attention(
+    rows: list[dict], L: int, causal: bool, mode: str, dtype: str = "float32", provider: str = "fusedformer"
+) -> dict | None:
+    """The attention row at the issue's shape (B=1, H=8, E=64, S=L)."""
+    return _find(rows, dtype, case="attention", provider=provider, mode=mode, B=1, H=8, E=64, L=L, S=L,
+                 causal=causal)  # fmt: skip
+
+
+def _fused(r: dict | None, field: str) -> float | None:
+    """``r[field]`` as a number, or None when the row is missing, is a fallback or has no such value."""
+    if r is None or str(r.get("fallback")) == "True" or r.get(field) in (None, ""):
+        return None
+    return float(r[field])
 
 
 def evaluate(rows: list[dict]) -> list[dict]:
@@ -34,42 +52,47 @@ def evaluate(rows: list[dict]) -> list[dict]:
         out.append({"name": name, "target": f"{cmp} {goal:g}", "measured": value, "met": met, "detail": detail})
 
     def ratio_row(name, goal, r, field, detail):
-        value = None
-        if r is not None and r.get("fallback") != "True" and r.get(field):
-            value = float(r[field])
-        add(name, goal, ">=", value, detail if r is not None else "not measured")
+        add(name, goal, ">=", _fused(r, field), detail if r is not None else "not measured")
 
-    ratio_row("causal attention forward, L=4096, vs torch SDPA", 1.25,
-              _attention(rows, 4096, True, "fwd"), "ratio_vs_torch", "torch time / fusedformer time")
-    ratio_row("non-causal attention forward, L=4096, vs torch SDPA", 1.0,
-              _attention(rows, 4096, False, "fwd"), "ratio_vs_torch", "torch time / fusedformer time")
-    ratio_row("causal attention forward+backward, L=2048, vs torch SDPA", 1.3,
-              _attention(rows, 2048, True, "fwd+bwd"), "ratio_vs_torch", "torch time / fusedformer time")
+    vs_torch = "torch time / fusedformer time"
+    for dtype in ("float32", "bfloat16"):
+        short = _SHORT[dtype]
+        ratio_row(f"{short} causal attention forward, L=4096, vs torch SDPA", 1.25,
+                  _attention(rows, 4096, True, "fwd", dtype), "ratio_vs_torch", vs_torch)
+        ratio_row(f"{short} non-causal attention forward, L=4096, vs torch SDPA", 1.1,
+                  _attention(rows, 4096, False, "fwd", dtype), "ratio_vs_torch", vs_torch)
+        ratio_row(f"{short} causal attention forward+backward, L=2048, vs torch SDPA", 1.3,
+                  _attention(rows, 2048, True, "fwd+bwd", dtype), "ratio_vs_torch", vs_torch)
     for causal in (False, True):
-        ratio_row(f"attention forward vs naive, L=4096 ({'causal' if causal else 'non-causal'})", 5.0,
+        ratio_row(f"fp32 attention forward vs naive, L=4096 ({'causal' if causal else 'non-causal'})", 5.0,
                   _attention(rows, 4096, causal, "fwd"), "ratio_vs_naive", "naive time / fusedformer time")
-    for causal in (False, True):
-        r = _attention(rows, 4096, causal, "fwd")
-        value = float(r["share_of_ceiling_pct"]) / 100 if r is not None and r.get("share_of_ceiling_pct") else None
-        add(f"attention forward GFLOP/s vs fp32 GEMM GFLOP/s, L=4096 ({'causal' if causal else 'non-causal'})",
-            0.65, ">=", value, f"{r['gflops']} GFLOP/s of GEMM {r['ceiling_rate']}" if r else "not measured")
+    # share of torch.mm's rate in the row's own dtype (the CSV's share_of_ceiling_pct)
+    for dtype, causal, goal in (("float32", False, 0.75), ("float32", True, 0.65), ("bfloat16", False, 0.5)):
+        r = _attention(rows, 4096, causal, "fwd", dtype)
+        pct = _fused(r, "share_of_ceiling_pct")
+        short = _SHORT[dtype]
+        detail = f"{r['gflops']} GFLOP/s of {short} GEMM {r['ceiling_rate']}" if pct is not None else ""
+        add(f"{short} attention forward GFLOP/s vs {short} GEMM GFLOP/s, L=4096 "
+            f"({'causal' if causal else 'non-causal'})", goal, ">=", pct / 100 if pct is not None else None,
+            detail)  # fmt: skip
     for mode in ("fwd", "fwd+bwd"):
-        ff, naive = _attention(rows, 8192, False, mode), _attention(rows, 8192, False, mode, "naive")
+        ff, naive = _attention(rows, 8192, False, mode), _attention(rows, 8192, False, mode, provider="naive")
         value = None
         if ff and naive and ff.get("peak_extra_mib") and naive.get("peak_extra_mib"):
             value = float(ff["peak_extra_mib"]) / float(naive["peak_extra_mib"])
         detail = (f"{ff['peak_extra_mib']} MiB vs {naive['peak_extra_mib']} MiB" if value is not None
                   else "not measured (memory probe off, or naive skipped)")
-        add(f"peak extra memory of attention {mode}, L=8192, vs naive", 0.01, "<=", value, detail)
-    ratio_row("LayerNorm forward+backward, (8192, 1024), vs F.layer_norm", 1.2,
+        add(f"peak extra memory of fp32 attention {mode}, L=8192, vs naive", 0.01, "<=", value, detail)
+    ratio_row("fp32 LayerNorm forward+backward, (8192, 1024), vs F.layer_norm", 1.2,
               _find(rows, case="layer_norm", provider="fusedformer", mode="fwd+bwd", rows=8192, width=1024),
-              "ratio_vs_torch", "torch time / fusedformer time")
-    ratio_row("bias+GELU forward+backward, (8192, 4096), vs F.gelu(x + b)", 1.8,
+              "ratio_vs_torch", vs_torch)
+    ratio_row("fp32 bias+GELU forward+backward, (8192, 4096), vs F.gelu(x + b)", 1.8,
               _find(rows, case="gelu", provider="fusedformer", mode="fwd+bwd", rows=8192, width=4096),
-              "ratio_vs_torch", "torch time / fusedformer time")
-    enc = _find(rows, case="encoder", provider="fusedformer", mode="fwd+bwd")
-    ratio_row("encoder layer forward+backward (d=512, 8 heads, L=1024, batch 8, dropout 0.1) vs "
-              "nn.TransformerEncoderLayer", 1.2, enc, "ratio_vs_torch", "torch time / fusedformer time")
+              "ratio_vs_torch", vs_torch)
+    enc = _find(rows, case="encoder", provider="fusedformer", mode="fwd+bwd", d_model=512, nhead=8,
+                length=1024, batch=8, dropout=0.1)  # fmt: skip
+    ratio_row("fp32 encoder layer forward+backward (d=512, 8 heads, L=1024, batch 8, dropout 0.1) vs "
+              "nn.TransformerEncoderLayer", 1.2, enc, "ratio_vs_torch", vs_torch)
     return out
 
 

@@ -1,27 +1,38 @@
 // Attention forward and backward, FlashAttention-2 style; compiled once per CPU capability.
 //
-// Forward, one task per (batch, head, query tile of block_m rows): stream key tiles of block_n keys
-// with an online softmax (running max m, running sum l, accumulator rescaled by exp(m_old - m_new)),
-// then write out = acc / l and lse = m + log l. Tiles are held transposed, queries in the vector
-// lanes: S^T = K Q^T and O^T += V^T P^T are broadcast-FMA products that read K and V in place, and
-// the softmax's row max and row sum are lane-wise, with no horizontal reduction.
+// The tile products run on a MatmulEngine (kernels/matmul.h): oneDNN's batch-reduce GEMM, which the
+// glue JIT-compiles for the CPU at hand (AMX tiles for bf16 where present, AVX-512/AVX2 otherwise), or
+// the register-blocked micro-kernel below; the glue measures which is faster here. bf16 and fp16 tiles
+// stay in their dtype through the products where the engine takes them (fp32 accumulation); otherwise
+// tiles are converted to fp32 as they are packed, never whole tensors. What no GEMM library does is
+// ours: the online softmax, masks, causal skipping, dropout, dead rows, GQA, and the scheduling.
 //
-// Backward, one task per (batch, kv head, key tile): keys in the lanes. It recomputes
-// P = exp(scale * Q K^T + mask - lse) for every query tile of every query head of its group, and
-//   dV^T += dO^T P,  dP = dO V^T,  dS = scale * P * (dP - delta),  dK^T += Q^T dS,  dQ += dS K,
-// owning its rows of dK and dV; dQ rows are shared between the key tiles (see AttentionBwdFn).
+// Forward, one task per (batch, head, query tile of block_m rows): stream key blocks of block_n keys,
+//   S = Q K^T,  m' = max(m, rowmax(scale * S + mask)),  P = exp(scale * S + mask - m'),
+//   l' = l exp(m - m') + rowsum(P),  O' = O exp(m - m') + P V,
+// then out = O / l and lse = m + log l. K^T and V are packed into the engine's panels once per
+// (batch, kv head) per thread and reused by every query tile of that head the thread runs (the heads
+// of a GQA group included); causal key blocks past a tile's last query are never visited.
+//
+// Backward, one task per (batch, kv head, key tile of block_n keys); each thread runs a contiguous
+// range of tasks and, per query head of the group and query tile of block_m rows, every key tile of
+// its range: it recomputes P = exp(scale * Q K^T + mask - lse) and
+//   dV += P^T dO,  dP = dO V^T,  dS = scale * P * (dP - delta),  dK += dS^T Q,  dQ += dS K.
+// It owns its key tiles' dK and dV. dQ of a query tile is summed over the thread's key tiles in a tile
+// buffer, then added into the shared dQ once, in a fixed order of threads (AttentionBwdFn): no atomics,
+// no per-thread copy of dQ, and the same bits whatever the timing.
 //
 // Dropout (kernels/dropout.h) acts on P after the softmax: the forward sums the un-dropped P into l
-// (the logsumexp is the ordinary one) and multiplies P^T by D = M / (1 - p) before O^T += V^T P^T, so
+// (the logsumexp is the ordinary one) and multiplies P by D = M / (1 - p) before P V, so
 // O = (P * D) V. The backward draws M again and, with dP~ = dO V^T the gradient of P * D,
-//   dV^T += dO^T (P * D),  dP = dP~ * D,  dS = scale * P * (dP - delta),
+//   dV += (P * D)^T dO,  dP = dP~ * D,  dS = scale * P * (dP - delta),
 // where delta = rowsum(P * dP) = rowsum((P * D) * dP~) = rowsum(dO * O), O being the dropped output:
 // the delta pass is unchanged.
 //
 // P's rows hold exp(lse_true - lse) instead of 1 in total, where lse is the float32 logsumexp: off by
 // up to half an ulp of lse, i.e. 2^-21 relative for |lse| in [8, 16), several times the rounding of the
 // float32 reference's own softmax. That common factor of a row passes unchanged into dQ's row, so the
-// tasks also sum P's rows and the caller divides dQ by them: dQ then uses exactly normalised rows.
+// backward also sums P's rows and the caller divides dQ by them: dQ then uses exactly normalised rows.
 // (dK and dV mix many rows, whose factors do not line up, and stay as they are.)
 #include "cpu/kernels/attention.h"
 
@@ -31,28 +42,114 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <type_traits>
 
 #include "cpu/kernels/dropout.h"
 #include "cpu/kernels/vec.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#include <sched.h>
 
 namespace fusedformer {
 namespace cpu {
 namespace FF_CPU_CAPABILITY {
 namespace {
 
-// Register blocking of the micro-kernel, kRows broadcast rows x kVecs vectors of accumulators, sized
-// to the register file: a 64-byte Vec is one zmm with AVX-512 (32 registers), two ymm with AVX2 (16)
-// and four xmm in the baseline build (16).
-#if FF_CPU_CAPABILITY_INDEX == 2
-constexpr int kRows = 4;
-constexpr int kVecs = 4;
-#elif FF_CPU_CAPABILITY_INDEX == 1
-constexpr int kRows = 2;
-constexpr int kVecs = 2;
-#else
-constexpr int kRows = 2;
-constexpr int kVecs = 1;
-#endif
+// ---- element types ------------------------------------------------------------------------------
+
+struct bf16_t {
+  uint16_t bits;
+};
+struct fp16_t {
+  uint16_t bits;
+};
+
+// Conversions between a storage type and its accumulation type (float64 for float64, else float32).
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  using acc = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+template <>
+struct Elem<double> {
+  using acc = double;
+  static double load(double x) { return x; }
+  static double store(double x) { return x; }
+};
+template <>
+struct Elem<bf16_t> {
+  using acc = float;
+  static float load(bf16_t x) {
+    const uint32_t u = uint32_t(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static bf16_t store(float f) {  // round to nearest even; NaN stays NaN
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return {uint16_t((u >> 16) | 0x40)};
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return {uint16_t(u >> 16)};
+  }
+};
+template <>
+struct Elem<fp16_t> {
+  using acc = float;
+  static float load(fp16_t x) {
+    _Float16 h;
+    std::memcpy(&h, &x.bits, 2);
+    return static_cast<float>(h);
+  }
+  static fp16_t store(float f) {
+    const _Float16 h = static_cast<_Float16>(f);
+    fp16_t x;
+    std::memcpy(&x.bits, &h, 2);
+    return x;
+  }
+};
+
+template <typename T>
+using acc_t = typename Elem<T>::acc;
+
+template <typename Dst, typename Src>
+inline Dst convert(Src x) {
+  return Elem<Dst>::store(static_cast<acc_t<Dst>>(Elem<Src>::load(x)));
+}
+
+template <typename Dst, typename Src>
+inline void convert_row(Dst* dst, const Src* src, int64_t n) {
+  if constexpr (std::is_same_v<Dst, Src>) {
+    std::memcpy(dst, src, n * sizeof(Dst));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = convert<Dst>(src[i]);
+  }
+}
+
+// W float lanes rounded to bf16 (to nearest even; the probabilities are finite).
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+typedef uint16_t vu16 __attribute__((vector_size(32)));
+
+template <typename Op, typename Acc>
+inline void store_lanes(Op* dst, vec_t<Acc> x) {
+  if constexpr (std::is_same_v<Op, Acc>) {
+    vstore(dst, x);
+  } else if constexpr (std::is_same_v<Op, bf16_t>) {
+    vu32 u = (vu32)x;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    const vu16 h = __builtin_convertvector(u >> 16, vu16);
+    std::memcpy(dst, &h, sizeof(h));
+  } else {
+    for (int i = 0; i < Vec<Acc>::kSize; ++i) dst[i] = Elem<Op>::store(x[i]);
+  }
+}
+
+// ---- helpers ------------------------------------------------------------------------------------
 
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -76,6 +173,7 @@ class Buffer {
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // 0, n-1, 1, n-2, ...: consecutive tasks pair a long causal tile with a short one, so that the
 // contiguous task ranges of the threads get about equal work.
@@ -88,16 +186,73 @@ inline vec_t<T> viota() {
   return v;
 }
 
-// C[r, :] = (C[r, :] * col_scale if accumulate) + sum_k A[r, k] * B[k, :] for R rows and NV vectors
-// of columns, where A[r, k] = a[r * a_rs + k * a_ks] is broadcast and row k of B is b + k * ldb.
-// col_scale (or nullptr) is the online softmax's rescale of the accumulator, fused in.
-// The sum runs in chunks of k_chunk terms, each from zero and then added to C: summed tile by tile,
-// long accumulations (over S keys in the forward, L queries in the backward) round about as a blocked
-// GEMM does, and short chunks make the dot products below (see kSumChunk) as exact as the reference's.
+// Horizontal max and sum by halving: log2(W) shuffles instead of W scalar steps.
+inline vf vhalf_max(vf v) {
+  v = vmax<float>(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = vmax<float>(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = vmax<float>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = vmax<float>(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v;
+}
+inline float vhmax(vf v) { return vhalf_max(v)[0]; }
+inline float vhsum(vf v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+inline double vhmax(vd v) { return vmax_reduce<double>(v); }
+inline double vhsum(vd v) { return vsum<double>(v); }
+
+// exp(x) of the softmax, for x <= 88 (scores minus a row max or a logsumexp): exp(-inf) = 0 exactly,
+// NaN propagates. vexp's Cody-Waite reduction and polynomial (~1 ulp), without its overflow and NaN
+// selects: below -127 ln 2 the power of two is built as +0, so the result is 0 with no select.
+inline vf vexp_softmax(vf x) {
+  const vf lo = vbroadcast(-88.02969193111305f);  // -127 ln 2
+  const vf xc = x < lo ? lo : x;                  // NaN stays NaN
+  const vf magic = vbroadcast(12582912.0f);       // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (xc * 1.44269504088896341f + magic) - magic;
+  vf r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = vbroadcast(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vi32 bits = (__builtin_convertvector(n, vi32) + 127) << 23;
+  return p * (vf)bits;
+}
+inline vd vexp_softmax(vd x) { return vexp(x); }
+
+// ---- the kernels' own product: register-blocked micro-kernel ------------------------------------
+
+// Register blocking, kRows broadcast rows x kVecs vectors, each with a chunk accumulator and a
+// running total, sized to the register file: a 64-byte Vec is one zmm with AVX-512 (32 registers:
+// 2 x 4 x 2 accumulators, 2 of B, 1 broadcast, room for the compiler), two ymm with AVX2 (16) and four
+// xmm in the baseline build (16).
+#if FF_CPU_CAPABILITY_INDEX == 2
+constexpr int kRows = 4;
+constexpr int kVecs = 2;
+#elif FF_CPU_CAPABILITY_INDEX == 1
+constexpr int kRows = 2;
+constexpr int kVecs = 1;
+#else
+constexpr int kRows = 1;
+constexpr int kVecs = 1;
+#endif
+
+// C[r, :] = (C[r, :] if accumulate) + sum_k A[r, k] * B[k, :] for R rows and NV vectors of columns,
+// where A[r, k] = a[r * lda + k] is broadcast and row k of B is b + k * ldb. The sum runs in chunks of
+// k_chunk terms, each from zero and then added to the running total, in registers (see kSumChunk):
+// total = chunk + total, the first chunk starting from C (accumulate) or from nothing.
 template <typename T, int R, int NV>
-void micro_kernel(int64_t K, const T* a, int64_t a_rs, int64_t a_ks, const T* b, int64_t ldb, T* c,
-                  int64_t ldc, bool accumulate, const T* col_scale, int64_t k_chunk) {
+void micro_kernel(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                  bool accumulate, int64_t k_chunk) {
   constexpr int W = Vec<T>::kSize;
+  vec_t<T> tot[R][NV];
   int64_t k0 = 0;
   do {  // at least once: K = 0 still stores C
     const int64_t k1 = std::min(K, k0 + k_chunk);
@@ -113,32 +268,31 @@ void micro_kernel(int64_t K, const T* a, int64_t a_rs, int64_t a_ks, const T* b,
       for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * W);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const vec_t<T> av = vbroadcast(a[r * a_rs + k * a_ks]);
+        const vec_t<T> av = vbroadcast(a[r * lda + k]);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
-      }
-    }
-    if (accumulate || k0 > 0) {
-      const bool scaled = k0 == 0 && col_scale != nullptr;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const vec_t<T> s = scaled ? vload(col_scale + v * W) : vbroadcast(T(1));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[r][v] += vload(c + r * ldc + v * W) * s;
       }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * W, acc[r][v]);
+      for (int v = 0; v < NV; ++v) {
+        if (k0 > 0) tot[r][v] = acc[r][v] + tot[r][v];
+        else if (accumulate) tot[r][v] = acc[r][v] + vload(c + r * ldc + v * W);
+        else tot[r][v] = acc[r][v];
+      }
     }
     k0 = k1;
   } while (k0 < K);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * W, tot[r][v]);
+  }
 }
 
 template <typename T>
-using MicroKernel = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, bool,
-                             const T*, int64_t);
+using MicroKernel = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool, int64_t);
 
 // The micro-kernel for a block of r <= R rows and nv <= NV vectors.
 template <typename T, int R, int NV>
@@ -152,36 +306,101 @@ MicroKernel<T> micro_kernel_for(int64_t r, int64_t nv) {
   return &micro_kernel<T, R, NV>;
 }
 
-// C (M rows x nvec vectors, row stride ldc) = [C * col_scale +] A (M x K) B (K x nvec vectors), with A
-// and B addressed as in micro_kernel. B's panel of kVecs vectors stays in L1 across the row blocks.
+// C (M rows x nvec vectors, ldc) = [C +] A (M x K, lda) B (K x nvec vectors, ldb). B's panel of kVecs
+// vectors stays in L1 across the row blocks.
 template <typename T>
-void gemm(int64_t M, int64_t nvec, int64_t K, const T* a, int64_t a_rs, int64_t a_ks, const T* b,
-          int64_t ldb, T* c, int64_t ldc, bool accumulate, const T* col_scale = nullptr,
-          int64_t k_chunk = 0) {
+void native_gemm(int64_t M, int64_t nvec, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                 int64_t ldc, bool accumulate, int64_t k_chunk) {
   constexpr int64_t W = Vec<T>::kSize;
   if (k_chunk <= 0) k_chunk = std::max<int64_t>(K, 1);
   for (int64_t v0 = 0; v0 < nvec; v0 += kVecs) {
     const int64_t nv = std::min<int64_t>(kVecs, nvec - v0);
-    const T* cs = col_scale != nullptr ? col_scale + v0 * W : nullptr;
     const MicroKernel<T> full = micro_kernel_for<T, kRows, kVecs>(kRows, nv);
     int64_t r0 = 0;
     for (; r0 + kRows <= M; r0 += kRows) {
-      full(K, a + r0 * a_rs, a_rs, a_ks, b + v0 * W, ldb, c + r0 * ldc + v0 * W, ldc, accumulate, cs,
-           k_chunk);
+      full(K, a + r0 * lda, lda, b + v0 * W, ldb, c + r0 * ldc + v0 * W, ldc, accumulate, k_chunk);
     }
     if (r0 < M) {
-      micro_kernel_for<T, kRows, kVecs>(M - r0, nv)(K, a + r0 * a_rs, a_rs, a_ks, b + v0 * W, ldb,
-                                                    c + r0 * ldc + v0 * W, ldc, accumulate, cs, k_chunk);
+      micro_kernel_for<T, kRows, kVecs>(M - r0, nv)(K, a + r0 * lda, lda, b + v0 * W, ldb, c + r0 * ldc + v0 * W,
+                                                    ldc, accumulate, k_chunk);
     }
   }
 }
 
 // The products whose result goes through a softmax or a cancellation, S = Q K^T (K = E) and
-// dP = dO V^T (K = Ev; dP - delta cancels to the small dS where a row has few keys), are summed in
-// chunks of kSumChunk terms. One chain of E fused multiply-adds rounds measurably worse than the
-// float32 reference's GEMMs and dot products (up to 2-3x on single rows), and these products' rounding
-// goes straight to the output and the gradients.
+// dP = dO V^T (K = Ev; dP - delta cancels to the small dS where a row has few keys), are summed by the
+// micro-kernel in chunks of kSumChunk terms. One chain of E fused multiply-adds rounds measurably worse
+// than the float32 reference's GEMMs and dot products (up to 2-3x on single rows), and these products'
+// rounding goes straight to the output and the gradients. In float32 these products take the chunked
+// sums whatever the engine: with oneDNN's single chains there, gradients came out over 3x the float32
+// reference's error (rows that attend to a few keys through a float mask with causal masking; one key
+// with dropout; E = 16 with L < S). The other products, P V, dV, dK and dQ, stay on the engine.
 constexpr int64_t kSumChunk = 8;
+
+// Probability tiles are padded with zeros to a multiple of this many keys (queries, in the
+// backward's P^T): fewer distinct product shapes for the engine to compile, whole AMX K-tiles.
+constexpr int64_t kKeyAlign = 32;
+
+// ---- panels: the B operands -------------------------------------------------------------------
+
+// The column width of B's panels for a B of N columns: kPanel (VNNI panels are at most 64 wide, and
+// a 64-wide panel of E = 64 float rows, 16 KiB, stays in L1 under the micro-kernel), or less for a
+// narrow B.
+inline int64_t panel_width(const MatmulEngine&, int64_t N) { return std::min(kPanel, round_up(N, 16)); }
+
+// Writes B (K x N), B[k][n] = src[k * rs + n * cs] converted to Op, as the engine's panels at dst:
+// panels of ldb columns (panel_width), panel p at dst + p * k_fill * ldb, rows [K, k_fill) and columns
+// past N zero; each passed through eng.pack when it has one. staging: k_fill * ldb elements.
+template <typename Op, typename Src>
+void pack_b(const MatmulEngine& eng, int64_t K, int64_t N, const Src* src, int64_t rs, int64_t cs,
+            int64_t k_fill, int64_t ldb, Op* dst, Op* staging) {
+  const int64_t panel_stride = k_fill * ldb;
+  for (int64_t n0 = 0; n0 < std::max<int64_t>(N, 1); n0 += ldb) {
+    const int64_t nb = std::min(ldb, N - n0);
+    Op* out = dst + (n0 / ldb) * panel_stride;
+    Op* st = eng.pack != nullptr ? staging : out;
+    if (cs == 1) {
+      for (int64_t k = 0; k < K; ++k) {
+        convert_row(st + k * ldb, src + k * rs + n0, nb);
+        std::memset(static_cast<void*>(st + k * ldb + nb), 0, (ldb - nb) * sizeof(Op));
+      }
+    } else {  // a transpose: walk the source rows (src + n * cs), write the panel's columns
+      if (nb < ldb) std::memset(static_cast<void*>(st), 0, K * ldb * sizeof(Op));
+      for (int64_t n = 0; n < nb; ++n) {
+        const Src* row = src + (n0 + n) * cs;
+        for (int64_t k = 0; k < K; ++k) st[k * ldb + n] = convert<Op>(row[k * rs]);
+      }
+    }
+    std::memset(static_cast<void*>(st + K * ldb), 0, (k_fill - K) * ldb * sizeof(Op));
+    if (eng.pack != nullptr) eng.pack(k_fill, ldb, st, ldb, out, ldb);
+  }
+}
+
+// C (M x N, ldc) = [C +] A (M x K, lda) B, B in panels of ldb columns panel_stride apart (pack_b). K is
+// rounded up to the engine's k_align: A's padding columns and B's padding rows are zero. The
+// micro-kernel writes C's columns up to N rounded up to its vector width: ldc must leave room
+// (round_up(N, 16)).
+//
+// k_chunk > 0 asks for the micro-kernel's chunked sums (see kSumChunk) even where the engine is
+// oneDNN's, whose kernels sum each element in one chain: its row-major float32 panels are the
+// micro-kernel's layout too. Only the float32 attention asks (see dP in the backward).
+template <typename Op, typename Acc>
+void mm(const MatmulEngine& eng, int64_t M, int64_t N, int64_t K, const Op* A, int64_t lda, const Op* B,
+        int64_t ldb, int64_t panel_stride, Acc* C, int64_t ldc, bool add, int64_t k_chunk) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t Kp = round_up(K, eng.k_align);
+  for (int64_t n0 = 0; n0 < N; n0 += ldb) {
+    const int64_t nb = std::min(ldb, N - n0);
+    const Op* b = B + (n0 / ldb) * panel_stride;
+    if (eng.mm != nullptr && (k_chunk <= 0 || eng.pack != nullptr || !std::is_same_v<Op, Acc>)) {
+      eng.mm(M, nb, Kp, A, lda, b, ldb, C + n0, ldc, add);
+    } else if constexpr (std::is_same_v<Op, Acc>) {
+      native_gemm<Acc>(M, ceil_div(nb, Vec<Acc>::kSize), Kp, A, lda, b, ldb, C + n0, ldc, add, k_chunk);
+    }
+  }
+}
+
+// ---- masks and dropout --------------------------------------------------------------------------
 
 // The mask's contribution to W lanes of scores: lane l reads element off + l * lane_stride of the
 // mask (0 or -inf for a bool mask). Lanes >= n are never read; their value is unspecified.
@@ -234,324 +453,484 @@ inline vec_t<T> apply_dropout(vec_t<T> x, dropout_bits_t<T> bits, uint32_t thres
   return keep ? x * keep_scale : vec_t<T>{};
 }
 
-template <typename T>
-void attention_fwd(const AttentionFwdArgs<T>& a, int64_t task_begin, int64_t task_end) {
-  constexpr int64_t W = Vec<T>::kSize;
-  const int64_t BM = a.block_m, BN = a.block_n;
-  const int64_t E = a.E, Ev = a.Ev;
+// The scores of one row of a tile, x = scale * S[j] + mask (scale is 1 where the caller folded it
+// into Q, see load_q), with -inf at keys j >= limit (past the tile's keys, or causal, after the row's
+// query). Rewrites x in place where it differs from S; n: the tile's keys rounded up to whole vectors.
+// Returns the row's max. The forward and the backward both take x from here, through memory: bit for
+// bit the same scores, with no multiply-add contracted differently in one of them (a row with one key
+// then gets P = exp(x - lse) = 1 exactly in the backward, as in the forward).
+template <typename Acc>
+inline Acc score_row(Acc* s, int64_t n, int64_t limit, Acc scale, const bool* keep, const Acc* add,
+                     int64_t mask_off, int64_t mask_stride) {
+  constexpr int64_t W = Vec<Acc>::kSize;
+  const vec_t<Acc> iota = viota<Acc>();
+  const vec_t<Acc> neg_inf = vbroadcast(kNegInf<Acc>);
+  const bool has_mask = keep != nullptr || add != nullptr;
+  const bool scaled = scale != Acc(1);
+  vec_t<Acc> row_max = neg_inf;
+  for (int64_t c = 0; c < n; c += W) {
+    vec_t<Acc> x = vload(s + c);
+    const int64_t lanes = limit - c;  // visible lanes of this vector
+    if (scaled || has_mask || lanes < W) {
+      if (scaled) x *= scale;
+      if (has_mask && lanes > 0) {
+        x += mask_bias<Acc>(keep, add, mask_off + c * mask_stride, mask_stride, std::min(W, lanes));
+      }
+      if (lanes < W) x = iota < Acc(std::max<int64_t>(lanes, 0)) ? x : neg_inf;
+      vstore(s + c, x);
+    }
+    row_max = vmax<Acc>(row_max, x);
+  }
+  __asm__ volatile("" ::: "memory");  // the callers' next pass reads x back from memory
+  return vhmax(row_max);
+}
+
+// Whether multiplying by x is exact (a power of two, or 1): then Q takes the scale (load_q).
+inline bool is_power_of_two(double x) {
+  int e;
+  return x > 0.0 && std::frexp(x, &e) == 0.5;
+}
+
+// A tile of Q (im rows of E) as the A operand of S = Q K^T: converted to Op, times q_scale (the softmax
+// scale when that is a power of two, so exactly; else 1, and score_row scales), zero-padded to Ep.
+template <typename Op, typename In, typename Acc>
+void load_q(Op* dst, const In* q, int64_t q_stride, int64_t im, int64_t E, int64_t Ep, Acc q_scale) {
+  for (int64_t i = 0; i < im; ++i) {
+    for (int64_t e = 0; e < E; ++e) {
+      dst[i * Ep + e] = Elem<Op>::store(static_cast<acc_t<Op>>(Elem<In>::load(q[i * q_stride + e]) * q_scale));
+    }
+    for (int64_t e = E; e < Ep; ++e) dst[i * Ep + e] = convert<Op>(Acc(0));
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+template <typename In, typename Op>
+void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  using Acc = acc_t<In>;
+  constexpr int64_t W = Vec<Acc>::kSize;
+  const MatmulEngine& eng = *a.engine;
+  const int64_t BM = a.block_m, KB = a.block_n;
+  const int64_t E = a.E, Ev = a.Ev, S = a.S;
+  const int64_t Ep = round_up(E, eng.k_align);
+  const int64_t ldo = round_up(Ev, 16);
   const int64_t n_qtiles = ceil_div(a.L, BM);
   const int64_t group = a.Hq / a.Hk;
-  const bool has_mask = a.mask_keep != nullptr || a.mask_add != nullptr;
+  const int64_t n_blocks = ceil_div(S, KB);
+  const int64_t ldk = panel_width(eng, KB), ldv = panel_width(eng, Ev);
+  const int64_t kt_block = round_up(KB, ldk) * Ep;   // K^T of KB keys: Ep x KB in panels
+  const int64_t v_block = round_up(Ev, ldv) * KB;    // V of KB keys: KB x Ev in panels
   const bool lse_only = a.log_sum != nullptr;
-  const int64_t* ms = a.mask_strides;
-  const T scale = static_cast<T>(a.scale);
-  const vec_t<T> iota = viota<T>();
-  const vec_t<T> neg_inf = vbroadcast(kNegInf<T>);
-  const vec_t<T> zero = vbroadcast(T(0));
   const bool dropout = a.dropout_p > 0.0 && !lse_only;
   const uint32_t threshold = dropout_threshold(a.dropout_p);
-  const T keep_scale = static_cast<T>(1.0 / (1.0 - a.dropout_p));
+  const Acc keep_scale = static_cast<Acc>(1.0 / (1.0 - a.dropout_p));
+  const Acc scale = static_cast<Acc>(a.scale);
+  const Acc q_scale = is_power_of_two(a.scale) ? scale : Acc(1), s_scale = scale / q_scale;
+  // S: chunked sums on the micro-kernel, and in float32 whatever the engine (see kSumChunk)
+  const int64_t native_chunk = eng.mm == nullptr || std::is_same_v<In, float> ? kSumChunk : 0;
+  const int64_t* ms = a.mask_strides;
+  const Acc* mask_add = static_cast<const Acc*>(a.mask_add);
+  const In* q_all = static_cast<const In*>(a.q);
+  const In* k_all = static_cast<const In*>(a.k);
+  const In* v_all = static_cast<const In*>(a.v);
 
-  Buffer<T> qt_buf(E * BM);    // Q^T tile (E, BM), zero-padded lanes
-  Buffer<uint32_t> row_hash_buf(BM);  // dropout: the tile's queries' row hashes A_i, by lane
-  uint32_t* row_hash = row_hash_buf.get();
-  Buffer<T> st_buf(BN * BM);   // S^T then P^T tile (BN, BM)
-  Buffer<T> ot_buf(Ev * BM);   // unnormalised O^T (Ev, BM)
-  Buffer<T> m_buf(BM), l_buf(BM), alpha_buf(BM);
-  T* qt = qt_buf.get();
-  T* st = st_buf.get();
-  T* ot = ot_buf.get();
-  T* m = m_buf.get();
-  T* l = l_buf.get();
-  T* alpha = alpha_buf.get();
+  // the packed K^T and V of the (batch, kv head) pair last used, blocks [0, packed_blocks)
+  Buffer<Op> kt_buf(n_blocks * kt_block);
+  Buffer<Op> v_buf(lse_only ? 1 : n_blocks * v_block);
+  Buffer<Op> staging(std::max(Ep * ldk, KB * ldv));
+  Buffer<Op> q_buf(BM * Ep);    // the query tile (load_q), A of S = Q K^T
+  Buffer<Acc> s_buf(BM * KB);   // scores
+  Buffer<Op> p_buf(BM * KB);    // probabilities, A of P V
+  Buffer<Acc> o_buf(BM * ldo);  // unnormalised output
+  Buffer<Acc> m_buf(BM), l_buf(BM);
+  Buffer<uint32_t> col_hash(KB);  // dropout: the block's keys' hashes C_j
+  Op* kt = kt_buf.get();
+  Op* vp = v_buf.get();
+  Op* qb = q_buf.get();
+  Acc* s = s_buf.get();
+  Op* p = p_buf.get();
+  Acc* o = o_buf.get();
+  Acc* m = m_buf.get();
+  Acc* l = l_buf.get();
+  int64_t packed_pair = -1, packed_blocks = 0;
 
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t bh = task / n_qtiles;
     const int64_t b = bh / a.Hq, h = bh % a.Hq, hk = h / group;
+    const int64_t pair = b * a.Hk + hk;
     const int64_t i0 = zigzag(task % n_qtiles, n_qtiles) * BM;
     const int64_t im = std::min(BM, a.L - i0);
-    const int64_t nvq = ceil_div(im, W);  // lane vectors holding real queries
-    const T* q = a.q + b * a.q_strides[0] + h * a.q_strides[1] + i0 * a.q_strides[2];
-    const T* k = a.k + b * a.k_strides[0] + hk * a.k_strides[1];
-    const T* v = a.v + b * a.v_strides[0] + hk * a.v_strides[1];
-    const int64_t mask_off = b * ms[0] + h * ms[1] + i0 * ms[2];
-
-    for (int64_t i = 0; i < nvq * W; ++i) {
-      for (int64_t e = 0; e < E; ++e) qt[e * BM + i] = i < im ? q[i * a.q_strides[2] + e] : T(0);
-    }
-    std::fill(m, m + BM, kNegInf<T>);
-    std::fill(l, l + BM, T(0));
-    if (!lse_only) std::fill(ot, ot + Ev * BM, T(0));
-    const DropoutKeys keys = dropout_keys(a.seed, bh);
-    if (dropout) {
-      for (int64_t i = 0; i < nvq * W; ++i) row_hash[i] = dropout_row_hash<uint32_t>(keys, uint32_t(i0 + i));
-    }
-
     // causal: query i sees keys j <= i, so this tile needs keys j < i0 + im only
-    const int64_t j_end = a.is_causal ? std::min(a.S, i0 + im) : a.S;
-    for (int64_t j0 = 0; j0 < j_end; j0 += BN) {
-      const int64_t jn = std::min(BN, j_end - j0);
-      gemm<T>(jn, nvq, E, k + j0 * a.k_strides[2], a.k_strides[2], 1, qt, BM, st, BM, false, nullptr,
-              kSumChunk);
-      // only tiles crossing the diagonal have a key j > query i
-      const bool diagonal = a.is_causal && j0 + jn - 1 > i0;
-      for (int64_t c = 0; c < nvq; ++c) {
-        vec_t<T> tile_max = neg_inf;
-        for (int64_t j = 0; j < jn; ++j) {
-          T* p = st + j * BM + c * W;
-          vec_t<T> x = vload(p) * scale;
-          if (has_mask) {
-            x += mask_bias<T>(a.mask_keep, a.mask_add, mask_off + c * W * ms[2] + (j0 + j) * ms[3], ms[2],
-                              std::min(W, im - c * W));
-          }
-          if (diagonal) {  // lane l is query i0 + cW + l: masked when it precedes key j0 + j
-            x = iota < T(std::clamp<int64_t>(j0 + j - i0 - c * W, 0, W)) ? neg_inf : x;
-          }
-          vstore(p, x);
-          tile_max = vmax<T>(tile_max, x);
-        }
-        const vec_t<T> m_old = vload(m + c * W);
-        const vec_t<T> m_new = vmax<T>(m_old, tile_max);
+    const int64_t j_end = a.is_causal ? std::min(S, i0 + im) : S;
+
+    if (pair != packed_pair) {
+      packed_pair = pair;
+      packed_blocks = 0;
+    }
+    for (; packed_blocks < ceil_div(j_end, KB); ++packed_blocks) {
+      const int64_t j0 = packed_blocks * KB, jn = std::min(KB, S - j0);
+      const In* kb = k_all + b * a.k_strides[0] + hk * a.k_strides[1] + j0 * a.k_strides[2];
+      pack_b(eng, E, jn, kb, 1, a.k_strides[2], Ep, ldk, kt + packed_blocks * kt_block, staging.get());
+      if (!lse_only) {
+        const In* vb = v_all + b * a.v_strides[0] + hk * a.v_strides[1] + j0 * a.v_strides[2];
+        pack_b(eng, jn, Ev, vb, a.v_strides[2], 1, KB, ldv, vp + packed_blocks * v_block, staging.get());
+      }
+    }
+
+    load_q(qb, q_all + b * a.q_strides[0] + h * a.q_strides[1] + i0 * a.q_strides[2], a.q_strides[2], im, E, Ep,
+           q_scale);
+    std::fill(m, m + im, kNegInf<Acc>);
+    std::fill(l, l + im, Acc(0));
+    const DropoutKeys keys = dropout_keys(a.seed, bh);
+    const int64_t mask_row = b * ms[0] + h * ms[1] + i0 * ms[2];
+
+    for (int64_t j0 = 0; j0 < j_end; j0 += KB) {
+      const int64_t jn = std::min(KB, j_end - j0);
+      const int64_t jv = round_up(jn, W);                          // the score lanes of whole vectors
+      const int64_t kpv = std::min(KB, round_up(jn, kKeyAlign));   // K of P V
+      mm<Op, Acc>(eng, im, jn, E, qb, Ep, kt + (j0 / KB) * kt_block, ldk, Ep * ldk, s, KB, false, native_chunk);
+      if (dropout) {
+        for (int64_t j = 0; j < jn; ++j) col_hash.get()[j] = dropout_col_hash<uint32_t>(keys, uint32_t(j0 + j));
+      }
+      for (int64_t i = 0; i < im; ++i) {
+        Acc* sr = s + i * KB;
+        const int64_t limit = a.is_causal ? std::min(jn, i0 + i - j0 + 1) : jn;
+        const Acc row_max = score_row<Acc>(sr, jv, limit, s_scale, a.mask_keep, mask_add,
+                                           mask_row + i * ms[2] + j0 * ms[3], ms[3]);
+        const Acc m_new = std::max(m[i], row_max);
         // a row that has seen only -inf keeps m = -inf; subtracting 0 instead gives p = 0, not NaN
-        const vec_t<T> m_safe = m_new == neg_inf ? zero : m_new;
-        const vec_t<T> rescale = vexp(m_old - m_safe);
-        vec_t<T> sum = zero;
-        if (dropout) {  // l sums P; P^T V sees P * M / (1 - p)
-          const dropout_bits_t<T> row = load_bits<T>(row_hash + c * W);
-          for (int64_t j = 0; j < jn; ++j) {
-            T* p = st + j * BM + c * W;
-            const vec_t<T> e = vexp(vload(p) - m_safe);
+        const Acc m_safe = m_new == kNegInf<Acc> ? Acc(0) : m_new;
+        const Acc alpha = std::exp(m[i] - m_safe);
+        const vec_t<Acc> mv = vbroadcast(m_safe);
+        vec_t<Acc> sum{};
+        Op* pr = p + i * KB;
+        if (dropout) {  // l sums P; P V sees P * M / (1 - p)
+          const dropout_bits_t<Acc> row = broadcast_bits<Acc>(dropout_row_hash<uint32_t>(keys, uint32_t(i0 + i)));
+          for (int64_t c = 0; c < jv; c += W) {
+            const vec_t<Acc> e = vexp_softmax(vload(sr + c) - mv);
             sum += e;
-            const uint32_t col = dropout_col_hash<uint32_t>(keys, uint32_t(j0 + j));
-            vstore(p, apply_dropout<T>(e, dropout_bits<dropout_bits_t<T>>(row, broadcast_bits<T>(col)),
-                                       threshold, keep_scale));
+            const dropout_bits_t<Acc> bits = dropout_bits<dropout_bits_t<Acc>>(row, load_bits<Acc>(col_hash.get() + c));
+            store_lanes<Op, Acc>(pr + c, apply_dropout<Acc>(e, bits, threshold, keep_scale));
           }
         } else {
-          for (int64_t j = 0; j < jn; ++j) {
-            T* p = st + j * BM + c * W;
-            const vec_t<T> e = vexp(vload(p) - m_safe);
-            vstore(p, e);
+          for (int64_t c = 0; c < jv; c += W) {
+            const vec_t<Acc> e = vexp_softmax(vload(sr + c) - mv);
             sum += e;
+            store_lanes<Op, Acc>(pr + c, e);
           }
         }
-        vstore(l + c * W, vload(l + c * W) * rescale + sum);
-        vstore(m + c * W, m_new);
-        vstore(alpha + c * W, rescale);
+        for (int64_t c = jv; c < kpv; ++c) pr[c] = convert<Op>(Acc(0));
+        l[i] = l[i] * alpha + vhsum(sum);
+        m[i] = m_new;
+        if (!lse_only && j0 > 0 && alpha != Acc(1)) {
+          Acc* orow = o + i * ldo;
+          for (int64_t e = 0; e < Ev; ++e) orow[e] *= alpha;
+        }
       }
       if (!lse_only) {
-        gemm<T>(Ev, nvq, jn, v + j0 * a.v_strides[2], 1, a.v_strides[2], st, BM, ot, BM, true, alpha);
+        mm<Op, Acc>(eng, im, Ev, kpv, p, KB, vp + (j0 / KB) * v_block, ldv, KB * ldv, o, ldo, j0 > 0, 0);
       }
     }
 
-    T* lse = a.lse + bh * a.L + i0;
+    Acc* lse = static_cast<Acc*>(a.lse) + bh * a.L + i0;
     if (lse_only) {
+      Acc* log_sum = static_cast<Acc*>(a.log_sum) + bh * a.L + i0;
       for (int64_t i = 0; i < im; ++i) {
-        lse[i] = l[i] > T(0) ? m[i] : std::numeric_limits<T>::infinity();
-        a.log_sum[bh * a.L + i0 + i] = l[i] > T(0) ? std::log(l[i]) : T(0);
+        lse[i] = l[i] > Acc(0) ? m[i] : std::numeric_limits<Acc>::infinity();
+        log_sum[i] = l[i] > Acc(0) ? std::log(l[i]) : Acc(0);
       }
       continue;
     }
-    T* out = a.out + (bh * a.L + i0) * Ev;
+    In* out = static_cast<In*>(a.out) + (bh * a.L + i0) * Ev;
     for (int64_t i = 0; i < im; ++i) {
-      lse[i] = l[i] > T(0) ? m[i] + std::log(l[i]) : std::numeric_limits<T>::infinity();
-      // a row with no key to attend to outputs 0
-      const T li = l[i] > T(0) ? l[i] : T(1);
-      for (int64_t e = 0; e < Ev; ++e) out[i * Ev + e] = ot[e * BM + i] / li;
+      lse[i] = l[i] > Acc(0) ? m[i] + std::log(l[i]) : std::numeric_limits<Acc>::infinity();
+      // a row with no key to attend to outputs 0 (its O row is 0)
+      const Acc li = l[i] > Acc(0) ? l[i] : Acc(1);
+      for (int64_t e = 0; e < Ev; ++e) out[i * Ev + e] = Elem<In>::store(o[i * ldo + e] / li);
     }
   }
+  if (eng.release != nullptr) eng.release();
 }
 
-// a * b + c, rounded as micro_kernel's vector multiply-add is: the compiler fuses that one wherever
-// the build has FMA instructions, and has none to fuse with in the baseline build.
-template <typename T>
-inline T mul_add(T a, T b, T c) {
-#ifdef __FMA__
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
+// ---- backward -----------------------------------------------------------------------------------
+
+// The chunk that runs task t of n split into `chunks` ranges [n c / chunks, n (c + 1) / chunks).
+inline int64_t chunk_of(int64_t t, int64_t n, int64_t chunks) { return ((t + 1) * chunks - 1) / n; }
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
 #endif
 }
 
-// delta_i = sum_e dO[i, e] O[i, e], summed in the order and with the rounding of a lane of
-// dP = dO V^T in micro_kernel: a row with a single key (the first row of causal attention) has O = V
-// exactly, so dP - delta, hence its gradient, comes out exactly 0, not a rounding residue.
-template <typename T>
-void attention_bwd_delta(const AttentionBwdArgs<T>& a, int64_t row_begin, int64_t row_end) {
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const int64_t bh = r / a.L, i = r % a.L, b = bh / a.Hq, h = bh % a.Hq;
-    const int64_t* gs = a.grad_out_strides;
-    const T* go = a.grad_out + b * gs[0] + h * gs[1] + i * gs[2];
-    const T* o = a.out + b * a.out_strides[0] + h * a.out_strides[1] + i * a.out_strides[2];
-    T d = 0;
-    for (int64_t e0 = 0; e0 < a.Ev; e0 += kSumChunk) {
-      T part = 0;
-      for (int64_t e = e0; e < std::min(a.Ev, e0 + kSumChunk); ++e) part = mul_add(go[e], o[e], part);
-      d = e0 == 0 ? part : part + d;
-    }
-    a.delta[r] = d;
+// Waits until *ticket == turn (the later chunks sharing the tile are done with it).
+inline void wait_turn(const int32_t* ticket, int32_t turn) {
+  for (int64_t spins = 0; __atomic_load_n(ticket, __ATOMIC_ACQUIRE) != turn; ++spins) {
+    if (spins < 4096) cpu_relax();
+    else sched_yield();
   }
 }
 
-template <typename T>
-void attention_bwd(const AttentionBwdArgs<T>& a, int64_t task_begin, int64_t task_end, T* shared_grad_q,
-                   T* shared_row_sum) {
-  constexpr int64_t W = Vec<T>::kSize;
+template <typename In, typename Op>
+void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
+  using Acc = acc_t<In>;
+  constexpr int64_t W = Vec<Acc>::kSize;
+  const MatmulEngine& eng = *a.engine;
   const int64_t BM = a.block_m, BN = a.block_n;
-  const int64_t E = a.E, Ev = a.Ev;
-  const int64_t Ep = ceil_div(E, W) * W;
-  const int64_t n_ktiles = ceil_div(a.S, BN);
+  const int64_t E = a.E, Ev = a.Ev, S = a.S, L = a.L;
+  const int64_t Ep = round_up(E, eng.k_align), Evp = round_up(Ev, eng.k_align);
+  const int64_t ldk = round_up(E, 16), ldv = round_up(Ev, 16);  // rows of the dK, dV, dQ accumulators
+  const int64_t BMp = round_up(BM, kKeyAlign);  // K of dV += P^T dO and dK += dS^T Q
+  const int64_t n_ktiles = ceil_div(S, BN), n_qtiles = ceil_div(L, BM);
   const int64_t group = a.Hq / a.Hk;
-  const bool has_mask = a.mask_keep != nullptr || a.mask_add != nullptr;
-  const int64_t* ms = a.mask_strides;
-  const int64_t qs = a.q_strides[2], dos = a.grad_out_strides[2];
-  const T scale = static_cast<T>(a.scale);
-  const vec_t<T> iota = viota<T>();
-  const vec_t<T> neg_inf = vbroadcast(kNegInf<T>);
+  const int64_t tasks = a.B * a.Hk * n_ktiles;
+  const int64_t t_begin = tasks * chunk / a.chunks, t_end = tasks * (chunk + 1) / a.chunks;
+  if (t_begin >= t_end) return;
+  const int64_t max_tiles = std::min(t_end - t_begin, n_ktiles);  // key tiles of one pair in this chunk
+  // panel widths and the B operands' sizes
+  const int64_t pw_keys = panel_width(eng, BN);   // K^T and V^T: columns are the tile's keys
+  const int64_t pw_e = panel_width(eng, E), pw_ev = panel_width(eng, Ev), pw_q = panel_width(eng, BM);
+  const int64_t kt_tile = Ep * round_up(BN, pw_keys);    // K^T (E x BN), B of S = Q K^T
+  const int64_t vt_tile = Evp * round_up(BN, pw_keys);   // V^T (Ev x BN), B of dP = dO V^T
+  const int64_t kp_tile = BN * round_up(E, pw_e);        // K (BN x E), B of dQ = dS K
   const bool dropout = a.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(a.dropout_p);
-  const T keep_scale = static_cast<T>(1.0 / (1.0 - a.dropout_p));
+  const Acc keep_scale = static_cast<Acc>(1.0 / (1.0 - a.dropout_p));
+  const Acc scale = static_cast<Acc>(a.scale);
+  const Acc q_scale = is_power_of_two(a.scale) ? scale : Acc(1), s_scale = scale / q_scale;
+  // S, dP and delta: chunked sums on the micro-kernel, and in float32 whatever the engine (kSumChunk)
+  const int64_t native_chunk = eng.mm == nullptr || std::is_same_v<In, float> ? kSumChunk : 0;
+  const int64_t* ms = a.mask_strides;
+  const Acc* mask_add = static_cast<const Acc*>(a.mask_add);
+  const In* q_all = static_cast<const In*>(a.q);
+  const In* k_all = static_cast<const In*>(a.k);
+  const In* v_all = static_cast<const In*>(a.v);
+  const In* go_all = static_cast<const In*>(a.grad_out);
+  const In* out_all = static_cast<const In*>(a.out);
+  const Acc* lse_all = static_cast<const Acc*>(a.lse);
+  const Acc* log_sum_all = static_cast<const Acc*>(a.log_sum);
+  Acc* grad_q = static_cast<Acc*>(a.grad_q);
+  Acc* row_sum = static_cast<Acc*>(a.row_sum);
 
-  Buffer<T> kt_buf(E * BN);    // K^T tile (E, BN), zero-padded lanes
-  Buffer<uint32_t> col_hash_buf(BN);  // dropout: the tile's keys' hashes C_j, by lane
-  uint32_t* col_hash = col_hash_buf.get();
-  Buffer<T> vt_buf(Ev * BN);   // V^T tile (Ev, BN)
-  Buffer<T> kp_buf(BN * Ep);   // K tile (BN, Ep), zero-padded columns
-  Buffer<T> dkt_buf(E * BN);   // dK^T accumulator (E, BN)
-  Buffer<T> dvt_buf(Ev * BN);  // dV^T accumulator (Ev, BN)
-  Buffer<T> p_buf(BM * BN);    // P tile (BM, BN)
-  Buffer<T> ds_buf(BM * BN);   // dP then dS tile (BM, BN)
-  Buffer<T> dq_buf(BM * Ep);   // this tile's dQ (BM, Ep)
-  T* kt = kt_buf.get();
-  T* vt = vt_buf.get();
-  T* kp = kp_buf.get();
-  T* dkt = dkt_buf.get();
-  T* dvt = dvt_buf.get();
-  T* p = p_buf.get();
-  T* ds = ds_buf.get();
-  T* dq = dq_buf.get();
+  // per key tile of the chunk's range of one pair
+  Buffer<Op> kt_buf(max_tiles * kt_tile), vt_buf(max_tiles * vt_tile), kp_buf(max_tiles * kp_tile);
+  Buffer<Acc> dk_buf(max_tiles * BN * ldk), dv_buf(max_tiles * BN * ldv);
+  Buffer<uint32_t> col_hash(max_tiles * BN);
+  // per query tile
+  Buffer<Op> staging(std::max({Ep * pw_keys, Evp * pw_keys, BN * pw_e, BMp * std::max(pw_e, pw_ev), Evp * pw_q}));
+  Buffer<Op> qa_buf(BM * Ep), doa_buf(BM * Evp);               // Q (load_q) and dO, A of S and of dP
+  Buffer<Op> qp_buf(BMp * round_up(E, pw_e));                  // Q, B of dK = dS^T Q
+  Buffer<Op> dop_buf(BMp * round_up(Ev, pw_ev));               // dO, B of dV = P^T dO
+  Buffer<Op> ot_buf(Evp * round_up(BM, pw_q));                 // O^T, B of delta = diag(dO O^T)
+  Buffer<Acc> s_buf(BM * BN), dp_buf(BM * BN);                 // S then P; dP then dS (zeroed: see dS)
+  Buffer<Op> pt_buf(BN * BMp), dst_buf(BN * BMp);              // P^T and dS^T, A of dV and dK
+  Buffer<Op> ds_buf(BM * BN);                                  // dS, A of dQ
+  Buffer<Acc> dq_buf(BM * ldk), rs_buf(BM), delta_buf(BM);
+  Op* kt = kt_buf.get();
+  Op* vt = vt_buf.get();
+  Op* kp = kp_buf.get();
+  Acc* dk = dk_buf.get();
+  Acc* dv = dv_buf.get();
+  Op* qa = qa_buf.get();
+  Op* doa = doa_buf.get();
+  Acc* sp = s_buf.get();
+  Acc* dp = dp_buf.get();
+  Op* pt = pt_buf.get();
+  Op* dst = dst_buf.get();
+  Op* dsb = ds_buf.get();
+  Acc* dq = dq_buf.get();
+  Acc* rs = rs_buf.get();
+  Acc* delta = delta_buf.get();
+  const Op op_zero = convert<Op>(Acc(0));
+  std::fill(dp, dp + BM * BN, Acc(0));
 
-  for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t bhk = task / n_ktiles;
-    const int64_t b = bhk / a.Hk, hk = bhk % a.Hk;
-    // this pair's rows of grad_q and row_sum, for its group of query heads (see AttentionBwdFn)
-    const bool shared = bhk == task_begin / n_ktiles && task_begin % n_ktiles != 0;
-    T* gq_pair = shared ? shared_grad_q : a.grad_q + bhk * group * a.L * E;
-    T* row_sum_pair = shared ? shared_row_sum : a.row_sum + bhk * group * a.L;
-    if (task == task_begin || task % n_ktiles == 0) {  // the call's first task of this pair
-      std::fill(gq_pair, gq_pair + group * a.L * E, T(0));
-      std::fill(row_sum_pair, row_sum_pair + group * a.L, T(0));
+  for (int64_t pair = t_begin / n_ktiles; pair * n_ktiles < t_end; ++pair) {
+    const int64_t first = pair * n_ktiles;
+    const int64_t u0 = std::max(t_begin, first) - first;
+    const int64_t n_tiles = std::min(t_end, first + n_ktiles) - first - u0;
+    // the chunks sharing this pair add into its dQ from the last chunk down: this one's turn
+    const int32_t turn = static_cast<int32_t>(chunk_of(first + n_ktiles - 1, tasks, a.chunks) - chunk);
+    const int64_t b = pair / a.Hk, hk = pair % a.Hk;
+    const In* k = k_all + b * a.k_strides[0] + hk * a.k_strides[1];
+    const In* v = v_all + b * a.v_strides[0] + hk * a.v_strides[1];
+    // local tile t is key tile zigzag(u0 + t) of the pair: keys [tile_j0(t), tile_j0(t) + BN)
+    auto tile_j0 = [&](int64_t t) { return zigzag(u0 + t, n_ktiles) * BN; };
+    int64_t first_key = S;
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t j0 = tile_j0(t), jn = std::min(BN, S - j0);
+      first_key = std::min(first_key, j0);
+      pack_b(eng, E, jn, k + j0 * a.k_strides[2], 1, a.k_strides[2], Ep, pw_keys, kt + t * kt_tile, staging.get());
+      pack_b(eng, Ev, jn, v + j0 * a.v_strides[2], 1, a.v_strides[2], Evp, pw_keys, vt + t * vt_tile, staging.get());
+      pack_b(eng, jn, E, k + j0 * a.k_strides[2], a.k_strides[2], 1, BN, pw_e, kp + t * kp_tile, staging.get());
     }
-    const int64_t j0 = zigzag(task % n_ktiles, n_ktiles) * BN;
-    const int64_t jn = std::min(BN, a.S - j0);
-    const int64_t nvk = ceil_div(jn, W);  // lane vectors holding real keys
-    const int64_t lanes = nvk * W;
-    const T* k = a.k + b * a.k_strides[0] + hk * a.k_strides[1] + j0 * a.k_strides[2];
-    const T* v = a.v + b * a.v_strides[0] + hk * a.v_strides[1] + j0 * a.v_strides[2];
-
-    for (int64_t j = 0; j < lanes; ++j) {
-      const T* kr = k + j * a.k_strides[2];
-      const T* vr = v + j * a.v_strides[2];
-      for (int64_t e = 0; e < E; ++e) kt[e * BN + j] = j < jn ? kr[e] : T(0);
-      for (int64_t e = 0; e < Ev; ++e) vt[e * BN + j] = j < jn ? vr[e] : T(0);
-      for (int64_t e = 0; e < Ep; ++e) kp[j * Ep + e] = j < jn && e < E ? kr[e] : T(0);
-    }
-    std::fill(dkt, dkt + E * BN, T(0));
-    std::fill(dvt, dvt + Ev * BN, T(0));
+    std::fill(dk, dk + n_tiles * BN * ldk, Acc(0));
+    std::fill(dv, dv + n_tiles * BN * ldv, Acc(0));
 
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       const int64_t bh = b * a.Hq + h;
-      const T* q = a.q + b * a.q_strides[0] + h * a.q_strides[1];
-      const T* go = a.grad_out + b * a.grad_out_strides[0] + h * a.grad_out_strides[1];
-      const T* lse = a.lse + bh * a.L;
-      const T* log_sum = a.log_sum != nullptr ? a.log_sum + bh * a.L : nullptr;
-      const T* delta = a.delta + bh * a.L;
-      T* gq = gq_pair + (h - hk * group) * a.L * E;
-      T* row_sum = row_sum_pair + (h - hk * group) * a.L;
-      const int64_t mask_off = b * ms[0] + h * ms[1] + j0 * ms[3];
+      const In* q = q_all + b * a.q_strides[0] + h * a.q_strides[1];
+      const In* go = go_all + b * a.grad_out_strides[0] + h * a.grad_out_strides[1];
+      const In* o = out_all + b * a.out_strides[0] + h * a.out_strides[1];
+      const int64_t qs = a.q_strides[2], gos = a.grad_out_strides[2], os = a.out_strides[2];
       const DropoutKeys keys = dropout_keys(a.seed, bh);
       if (dropout) {
-        for (int64_t j = 0; j < lanes; ++j) col_hash[j] = dropout_col_hash<uint32_t>(keys, uint32_t(j0 + j));
+        for (int64_t t = 0; t < n_tiles; ++t) {
+          const int64_t j0 = tile_j0(t), jn = std::min(BN, S - j0);
+          for (int64_t j = 0; j < jn; ++j) col_hash.get()[t * BN + j] = dropout_col_hash<uint32_t>(keys, uint32_t(j0 + j));
+        }
       }
-      // causal: queries i < j0 see none of these keys
-      const int64_t i_begin = a.is_causal ? j0 / BM * BM : 0;
-      for (int64_t i0 = i_begin; i0 < a.L; i0 += BM) {
-        const int64_t im = std::min(BM, a.L - i0);
-        const T* qi = q + i0 * qs;
-        const T* goi = go + i0 * dos;
-        // P = exp(scale * Q K^T + mask - lse), or exp((... - m) - log l)
-        gemm<T>(im, nvk, E, qi, qs, 1, kt, BN, p, BN, false, nullptr, kSumChunk);
-        for (int64_t i = 0; i < im; ++i) {
-          const T lse_i = lse[i0 + i];
-          const T log_sum_i = log_sum != nullptr ? log_sum[i0 + i] : T(0);
-          vec_t<T> p_sum{};
-          for (int64_t c = 0; c < nvk; ++c) {
-            T* pr = p + i * BN + c * W;
-            // lanes >= limit are masked: past the tile's keys or, causal, after query i0 + i
-            int64_t limit = jn - c * W;
-            if (a.is_causal) limit = std::min(limit, i0 + i - j0 - c * W + 1);
-            vec_t<T> x = vload(pr) * scale;
-            if (has_mask && limit > 0) {
-              x += mask_bias<T>(a.mask_keep, a.mask_add, mask_off + (i0 + i) * ms[2] + c * W * ms[3], ms[3],
-                                std::min(W, limit));
-            }
-            if (limit < W) x = iota < T(std::max<int64_t>(limit, 0)) ? x : neg_inf;
-            const vec_t<T> pv = vexp((x - lse_i) - log_sum_i);
-            vstore(pr, pv);
-            p_sum += pv;
+      for (int64_t qt = 0; qt < n_qtiles; ++qt) {
+        const int64_t i0 = qt * BM, im = std::min(BM, L - i0);
+        const int64_t kq = round_up(im, kKeyAlign);
+        // causal: query i sees keys j <= i; this tile's last query may see none of the chunk's keys
+        const bool contributes = !a.is_causal || i0 + im - 1 >= first_key;
+        if (contributes) {
+          load_q(qa, q + i0 * qs, qs, im, E, Ep, q_scale);
+          for (int64_t i = 0; i < im; ++i) {
+            convert_row(doa + i * Evp, go + (i0 + i) * gos, Ev);
+            for (int64_t e = Ev; e < Evp; ++e) doa[i * Evp + e] = op_zero;
           }
-          row_sum[i0 + i] += vsum<T>(p_sum);
-        }
-        // dS = scale * P * (dO V^T - delta); with dropout, dS = scale * P * (dO V^T * D - delta) and
-        // P becomes P * D for dV
-        gemm<T>(im, nvk, Ev, goi, dos, 1, vt, BN, ds, BN, false, nullptr, kSumChunk);
-        for (int64_t i = 0; i < im; ++i) {
-          const T d = delta[i0 + i];
-          if (dropout) {
-            const dropout_bits_t<T> row =
-                broadcast_bits<T>(dropout_row_hash<uint32_t>(keys, uint32_t(i0 + i)));
-            for (int64_t c = 0; c < nvk; ++c) {
-              T* dr = ds + i * BN + c * W;
-              T* pr = p + i * BN + c * W;
-              const dropout_bits_t<T> bits = dropout_bits<dropout_bits_t<T>>(row, load_bits<T>(col_hash + c * W));
-              const vec_t<T> pv = vload(pr);
-              vstore(dr, pv * (apply_dropout<T>(vload(dr), bits, threshold, keep_scale) - d) * scale);
-              vstore(pr, apply_dropout<T>(pv, bits, threshold, keep_scale));
+          pack_b(eng, im, E, q + i0 * qs, qs, 1, BMp, pw_e, qp_buf.get(), staging.get());
+          pack_b(eng, im, Ev, go + i0 * gos, gos, 1, BMp, pw_ev, dop_buf.get(), staging.get());
+          // delta_i = dO_i . O_i, as the diagonal of dO O^T: summed in the order and with the rounding
+          // of dP = dO V^T, so that a row with a single key (the first row of causal attention), where
+          // O = V exactly, gets dP - delta, hence a gradient, of exactly 0, not a rounding residue.
+          pack_b(eng, Ev, im, o + i0 * os, 1, os, Evp, pw_q, ot_buf.get(), staging.get());
+          mm<Op, Acc>(eng, im, im, Ev, doa, Evp, ot_buf.get(), pw_q, Evp * pw_q, dp, BN, false, native_chunk);
+          for (int64_t i = 0; i < im; ++i) delta[i] = dp[i * BN + i];
+          std::fill(dq, dq + im * ldk, Acc(0));
+          std::fill(rs, rs + im, Acc(0));
+          const Acc* lse = lse_all + bh * L + i0;
+          const Acc* log_sum = log_sum_all != nullptr ? log_sum_all + bh * L + i0 : nullptr;
+          for (int64_t t = 0; t < n_tiles; ++t) {
+            const int64_t j0 = tile_j0(t), jn = std::min(BN, S - j0);
+            if (a.is_causal && j0 > i0 + im - 1) continue;
+            const int64_t jv = round_up(jn, W), kjn = std::min(BN, round_up(jn, kKeyAlign));
+            // P = exp(x - lse), or exp((x - m) - log l), x the scores as the forward had them
+            mm<Op, Acc>(eng, im, jn, E, qa, Ep, kt + t * kt_tile, pw_keys, Ep * pw_keys, sp, BN, false, native_chunk);
+            for (int64_t i = 0; i < im; ++i) {
+              Acc* sr = sp + i * BN;
+              const int64_t limit = a.is_causal ? std::min(jn, i0 + i - j0 + 1) : jn;
+              score_row<Acc>(sr, jv, limit, s_scale, a.mask_keep, mask_add,
+                             b * ms[0] + h * ms[1] + (i0 + i) * ms[2] + j0 * ms[3], ms[3]);
+              const vec_t<Acc> shift = vbroadcast(lse[i]);
+              const vec_t<Acc> shift2 = vbroadcast(log_sum != nullptr ? log_sum[i] : Acc(0));
+              vec_t<Acc> p_sum{};
+              for (int64_t c = 0; c < jv; c += W) {
+                const vec_t<Acc> pv = vexp_softmax((vload(sr + c) - shift) - shift2);
+                vstore(sr + c, pv);
+                p_sum += pv;
+              }
+              rs[i] += vhsum(p_sum);
             }
-          } else {
-            for (int64_t c = 0; c < nvk; ++c) {
-              T* dr = ds + i * BN + c * W;
-              vstore(dr, vload(p + i * BN + c * W) * (vload(dr) - d) * scale);
+            // dS = scale * P * (dO V^T - delta); with dropout, dS = scale * P * (dO V^T * D - delta) and
+            // P becomes P * D for dV. Lanes past the tile's keys have P = 0, hence dS = 0: dp's lanes
+            // there hold finite leftovers (the buffer starts zeroed), never NaN.
+            mm<Op, Acc>(eng, im, jn, Ev, doa, Evp, vt + t * vt_tile, pw_keys, Evp * pw_keys, dp, BN, false, native_chunk);
+            for (int64_t i = 0; i < im; ++i) {
+              Acc* dr = dp + i * BN;
+              Acc* pr = sp + i * BN;
+              const vec_t<Acc> d = vbroadcast(delta[i]);
+              if (dropout) {
+                const dropout_bits_t<Acc> row =
+                    broadcast_bits<Acc>(dropout_row_hash<uint32_t>(keys, uint32_t(i0 + i)));
+                for (int64_t c = 0; c < jv; c += W) {
+                  const dropout_bits_t<Acc> bits =
+                      dropout_bits<dropout_bits_t<Acc>>(row, load_bits<Acc>(col_hash.get() + t * BN + c));
+                  const vec_t<Acc> pv = vload(pr + c);
+                  vstore(dr + c, pv * (apply_dropout<Acc>(vload(dr + c), bits, threshold, keep_scale) - d) * scale);
+                  vstore(pr + c, apply_dropout<Acc>(pv, bits, threshold, keep_scale));
+                }
+              } else {
+                for (int64_t c = 0; c < jv; c += W) vstore(dr + c, vload(pr + c) * (vload(dr + c) - d) * scale);
+              }
+              Op* dsr = dsb + i * BN;
+              for (int64_t c = 0; c < jv; c += W) store_lanes<Op, Acc>(dsr + c, vload(dr + c));
+              for (int64_t c = jv; c < kjn; ++c) dsr[c] = op_zero;
             }
+            // P^T and dS^T, zero past the tile's queries
+            for (int64_t j = 0; j < jn; ++j) {
+              Op* ptr = pt + j * BMp;
+              Op* dstr = dst + j * BMp;
+              for (int64_t i = 0; i < im; ++i) {
+                ptr[i] = Elem<Op>::store(static_cast<acc_t<Op>>(sp[i * BN + j]));
+                dstr[i] = Elem<Op>::store(static_cast<acc_t<Op>>(dp[i * BN + j]));
+              }
+              for (int64_t i = im; i < kq; ++i) ptr[i] = dstr[i] = op_zero;
+            }
+            mm<Op, Acc>(eng, jn, Ev, kq, pt, BMp, dop_buf.get(), pw_ev, BMp * pw_ev, dv + t * BN * ldv, ldv, true, 0);
+            mm<Op, Acc>(eng, jn, E, kq, dst, BMp, qp_buf.get(), pw_e, BMp * pw_e, dk + t * BN * ldk, ldk, true, 0);
+            mm<Op, Acc>(eng, im, E, kjn, dsb, BN, kp + t * kp_tile, pw_e, BN * pw_e, dq, ldk, true, 0);
           }
         }
-        gemm<T>(Ev, nvk, im, goi, 1, dos, p, BN, dvt, BN, true);  // dV^T += dO^T P (P * D with dropout)
-        gemm<T>(E, nvk, im, qi, 1, qs, ds, BN, dkt, BN, true);    // dK^T += Q^T dS
-        gemm<T>(im, Ep / W, jn, ds, BN, 1, kp, Ep, dq, Ep, false);  // dQ = dS K
-        for (int64_t i = 0; i < im; ++i) {
-          T* g = gq + (i0 + i) * E;
-          const T* t = dq + i * Ep;
-          for (int64_t e = 0; e < E; ++e) g[e] += t[e];
+        // this chunk's share of the tile's dQ rows and row sums, in turn
+        int32_t* ticket = a.tickets + bh * n_qtiles + qt;
+        wait_turn(ticket, turn);
+        Acc* gq = grad_q + (bh * L + i0) * E;
+        Acc* rsum = row_sum + bh * L + i0;
+        if (turn == 0) {
+          for (int64_t i = 0; i < im; ++i) {
+            if (contributes) std::memcpy(gq + i * E, dq + i * ldk, E * sizeof(Acc));
+            else std::fill(gq + i * E, gq + (i + 1) * E, Acc(0));
+            rsum[i] = contributes ? rs[i] : Acc(0);
+          }
+        } else if (contributes) {
+          for (int64_t i = 0; i < im; ++i) {
+            for (int64_t e = 0; e < E; ++e) gq[i * E + e] += dq[i * ldk + e];
+            rsum[i] += rs[i];
+          }
         }
+        __atomic_store_n(ticket, turn + 1, __ATOMIC_RELEASE);
       }
     }
 
-    T* gk = a.grad_k + (bhk * a.S + j0) * E;
-    T* gv = a.grad_v + (bhk * a.S + j0) * Ev;
-    for (int64_t j = 0; j < jn; ++j) {
-      for (int64_t e = 0; e < E; ++e) gk[j * E + e] = dkt[e * BN + j];
-      for (int64_t e = 0; e < Ev; ++e) gv[j * Ev + e] = dvt[e * BN + j];
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t j0 = tile_j0(t), jn = std::min(BN, S - j0);
+      In* gk = static_cast<In*>(a.grad_k) + (pair * S + j0) * E;
+      In* gv = static_cast<In*>(a.grad_v) + (pair * S + j0) * Ev;
+      const Acc* dkt = dk + t * BN * ldk;
+      const Acc* dvt = dv + t * BN * ldv;
+      for (int64_t j = 0; j < jn; ++j) {
+        for (int64_t e = 0; e < E; ++e) gk[j * E + e] = Elem<In>::store(dkt[j * ldk + e]);
+        for (int64_t e = 0; e < Ev; ++e) gv[j * Ev + e] = Elem<In>::store(dvt[j * ldv + e]);
+      }
     }
+  }
+  if (eng.release != nullptr) eng.release();
+}
+
+// ---- dispatch on the tensors' dtype and the engine's operand type -------------------------------
+
+void attention_fwd(const AttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  const bool in_dtype = a.engine->operand != Scalar::kFloat32;
+  switch (a.dtype) {
+    case Scalar::kFloat32: return attention_fwd_impl<float, float>(a, task_begin, task_end);
+    case Scalar::kFloat64: return attention_fwd_impl<double, double>(a, task_begin, task_end);
+    case Scalar::kBFloat16:
+      return in_dtype ? attention_fwd_impl<bf16_t, bf16_t>(a, task_begin, task_end)
+                      : attention_fwd_impl<bf16_t, float>(a, task_begin, task_end);
+    case Scalar::kFloat16:
+      return in_dtype ? attention_fwd_impl<fp16_t, fp16_t>(a, task_begin, task_end)
+                      : attention_fwd_impl<fp16_t, float>(a, task_begin, task_end);
+  }
+}
+
+void attention_bwd(const AttentionBwdArgs& a, int64_t chunk) {
+  const bool in_dtype = a.engine->operand != Scalar::kFloat32;
+  switch (a.dtype) {
+    case Scalar::kFloat32: return attention_bwd_impl<float, float>(a, chunk);
+    case Scalar::kFloat64: return attention_bwd_impl<double, double>(a, chunk);
+    case Scalar::kBFloat16:
+      return in_dtype ? attention_bwd_impl<bf16_t, bf16_t>(a, chunk) : attention_bwd_impl<bf16_t, float>(a, chunk);
+    case Scalar::kFloat16:
+      return in_dtype ? attention_bwd_impl<fp16_t, fp16_t>(a, chunk) : attention_bwd_impl<fp16_t, float>(a, chunk);
   }
 }
 
 }  // namespace
 
-FF_REGISTER_KERNEL(attention_fwd_f32_stub, &attention_fwd<float>);
-FF_REGISTER_KERNEL(attention_fwd_f64_stub, &attention_fwd<double>);
-FF_REGISTER_KERNEL(attention_bwd_delta_f32_stub, &attention_bwd_delta<float>);
-FF_REGISTER_KERNEL(attention_bwd_delta_f64_stub, &attention_bwd_delta<double>);
-FF_REGISTER_KERNEL(attention_bwd_f32_stub, &attention_bwd<float>);
-FF_REGISTER_KERNEL(attention_bwd_f64_stub, &attention_bwd<double>);
+FF_REGISTER_KERNEL(attention_fwd_stub, &attention_fwd);
+FF_REGISTER_KERNEL(attention_bwd_stub, &attention_bwd);
 
 }  // namespace FF_CPU_CAPABILITY
 }  // namespace cpu

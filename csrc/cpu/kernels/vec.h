@@ -54,9 +54,16 @@ inline void vstore_partial(T* p, vec_t<T> v, int64_t n) {
   std::memcpy(p, buf, n * sizeof(T));
 }
 
+// A splat: an initialiser of equal lanes, which the compiler emits as one broadcast (vec_t<T>{} + x
+// would cost an add, since 0 + x is not x for x = -0).
 template <typename T>
 inline vec_t<T> vbroadcast(T x) {
-  return vec_t<T>{} + x;
+  static_assert(Vec<T>::kSize == 16 || Vec<T>::kSize == 8, "a 64-byte vector of 4- or 8-byte lanes");
+  if constexpr (Vec<T>::kSize == 16) {
+    return vec_t<T>{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+  } else {
+    return vec_t<T>{x, x, x, x, x, x, x, x};
+  }
 }
 
 template <typename T>

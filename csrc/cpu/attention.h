@@ -1,0 +1,32 @@
+// What the attention glue (csrc/cpu/attention.cpp) tells the Python module about its product engines.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace fusedformer {
+namespace cpu {
+
+// Which engine runs the tile products of attention in `dtype`, forward and backward, and why: measured
+// at first use in this process (the times of each candidate, in ms), or forced.
+struct EngineReport {
+  std::string fwd, bwd;  // engine names (kernels/matmul.h MatmulEngine::name)
+  std::string how;       // "measured", "set by FUSEDFORMER_CPU_MATMUL", "set by set_attention_engine"
+  std::vector<std::string> candidates;
+  std::vector<double> fwd_ms, bwd_ms;  // per candidate; empty when not measured
+};
+
+// Runs the measurement if this dtype has not been served yet and `measure`; else reports
+// how = "not measured yet" (the measurement runs attention on torch's thread pool: a process that
+// forks afterwards must not have started that pool, and GNU OpenMP's does not survive a fork).
+EngineReport attention_engine_report(at::ScalarType dtype, bool measure);
+
+// Forces the engine kind for dtype ("native", "brgemm-f32", "brgemm"), or "auto" to measure again.
+// Where dtype has no such engine here, the next one down serves: brgemm (the dtype's own packed
+// engine) -> brgemm-f32 -> native.
+void set_attention_engine(at::ScalarType dtype, const std::string& kind);
+
+}  // namespace cpu
+}  // namespace fusedformer
