@@ -2,7 +2,7 @@
 
 The op glue (csrc/fusedformer.cpp, csrc/cpu/*.cpp) is compiled once, for baseline x86-64. The kernel
 bodies (csrc/cpu/kernels/*.cpp) include no torch header and are compiled once per CPU capability
-(default, AVX2, AVX-512), as ATen does; csrc/cpu/dispatch.cpp picks one at run time. Never
+(default, AVX2, AVX-512, AVX-512 with BF16), as ATen does; csrc/cpu/dispatch.cpp picks one at run time. Never
 -march=native: the wheel must run on any x86-64 with AVX2.
 """
 
@@ -19,6 +19,8 @@ CPU_CAPABILITIES = {
     "default": (0, []),
     "avx2": (1, ["-mavx2", "-mfma", "-mf16c"]),
     "avx512": (2, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
+    # AVX-512 with the bf16 conversions (Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later)
+    "avx512bf16": (3, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mavx512bf16"]),
 }
 KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
 GLUE_SOURCES = ["csrc/fusedformer.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))

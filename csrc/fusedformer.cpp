@@ -63,7 +63,8 @@ void set_cpu_capability(const std::string& name) {
   if (name == "default") cap = kDefault;
   else if (name == "avx2") cap = kAVX2;
   else if (name == "avx512") cap = kAVX512;
-  else TORCH_CHECK(false, "set_cpu_capability: expected 'default', 'avx2' or 'avx512', got '", name, "'");
+  else if (name == "avx512bf16") cap = kAVX512BF16;
+  else TORCH_CHECK(false, "set_cpu_capability: expected 'default', 'avx2', 'avx512' or 'avx512bf16', got '", name, "'");
   TORCH_CHECK(set_capability(cap), "set_cpu_capability: this CPU does not support '", name,
               "' (best: '", capability_name(best_supported_capability()), "')");
 }

@@ -70,7 +70,7 @@ def cpu_capability(name: str):
 def _supported_capabilities() -> list[str]:
     from fusedformer import _C
 
-    order = ["default", "avx2", "avx512"]
+    order = ["default", "avx2", "avx512", "avx512bf16"]
     return order[: order.index(_C.best_cpu_capability()) + 1]
 
 

@@ -121,7 +121,7 @@ def test_profile_shows_fused_ops_serving_the_public_api():
 def test_cpu_capability_is_reported_and_switchable():
     from fusedformer import _C
 
-    assert _C.cpu_capability() in ("default", "avx2", "avx512")
+    assert _C.cpu_capability() in ("default", "avx2", "avx512", "avx512bf16")
     with pytest.raises(RuntimeError, match="expected 'default'"):
         _C.set_cpu_capability("sse9")
 

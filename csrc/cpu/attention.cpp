@@ -42,17 +42,18 @@ struct Dims {
   int64_t B, Hq, Hk, L, S, E, Ev;
 };
 
-// Tile sizes per engine: queries per tile, keys per block. The micro-kernel keeps a 64-key panel of
-// K^T or V in L1; oneDNN's kernels pay a per-call cost and, on AMX, load and store the accumulator
-// tiles per call, so they take longer key blocks (and P V a longer reduction). Measured on an Intel
-// Xeon (Sapphire Rapids class) with AMX: see benchmarks/NOTES.md.
+// Tile sizes per engine: queries per tile, keys per block (forward) or per task (backward; its query
+// tiles are at most kPanel). The micro-kernel keeps a 64-key panel of K^T or V in L1; oneDNN's
+// kernels pay a per-call cost and, on AMX, load and store the accumulator tiles per call, so the
+// forward gives them 128 x 512 tiles (P V a 512-long reduction). Measured on an Intel Xeon of the
+// Sapphire Rapids class with AMX, forward 64 x 256 -> 128 x 512: bf16 non-causal L=4096 1.16x -> 1.28x
+// torch; backward key tiles 64/128/256/512: 128 best (benchmarks/NOTES.md).
 struct Blocks {
   int64_t fwd_m, fwd_n, bwd_m, bwd_n;
 };
 
 Blocks blocks_for(const MatmulEngine* engine) {
-  if (engine->mm == nullptr) return {64, 64, 64, 64};
-  return {64, 256, 64, 128};
+  return engine->mm == nullptr ? Blocks{64, 64, 64, 64} : Blocks{128, 512, 64, 128};
 }
 
 Scalar scalar_of(at::ScalarType t) {

@@ -16,7 +16,7 @@ Capability detect() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("fma")) {
-    return kAVX512;
+    return __builtin_cpu_supports("avx512bf16") ? kAVX512BF16 : kAVX512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAVX2;
 #endif
@@ -30,6 +30,7 @@ Capability from_environment(Capability best) {
   if (std::strcmp(env, "default") == 0) wanted = kDefault;
   else if (std::strcmp(env, "avx2") == 0) wanted = kAVX2;
   else if (std::strcmp(env, "avx512") == 0) wanted = kAVX512;
+  else if (std::strcmp(env, "avx512bf16") == 0) wanted = kAVX512BF16;
   // An unknown value or one the CPU cannot run keeps the best supported capability; the Python side
   // (fusedformer.backends) reports it.
   return wanted <= best ? wanted : best;
@@ -58,6 +59,7 @@ bool set_capability(Capability cap) {
 const char* capability_name(Capability cap) {
   switch (cap) {
     case kAVX512: return "avx512";
+    case kAVX512BF16: return "avx512bf16";
     case kAVX2: return "avx2";
     default: return "default";
   }

@@ -9,10 +9,10 @@
 namespace fusedformer {
 namespace cpu {
 
-enum Capability : int { kDefault = 0, kAVX2 = 1, kAVX512 = 2, kNumCapabilities = 3 };
+enum Capability : int { kDefault = 0, kAVX2 = 1, kAVX512 = 2, kAVX512BF16 = 3, kNumCapabilities = 4 };
 
 // The capability the kernels run with: the best the CPU supports, unless lowered by the environment
-// variable FUSEDFORMER_CPU_CAPABILITY=default|avx2|avx512 or by set_capability().
+// variable FUSEDFORMER_CPU_CAPABILITY=default|avx2|avx512|avx512bf16 or by set_capability().
 Capability active_capability();
 // Returns false (and changes nothing) if the CPU lacks `cap`.
 bool set_capability(Capability cap);

@@ -131,7 +131,8 @@ inline void convert_row(Dst* dst, const Src* src, int64_t n) {
   }
 }
 
-// W float lanes rounded to bf16 (to nearest even; the probabilities are finite).
+// W lanes stored as Op: bf16 rounded to nearest even (the probabilities are finite), by one
+// instruction where the build has AVX512-BF16; fp16 by the AVX-512 conversion.
 typedef uint32_t vu32 __attribute__((vector_size(64)));
 typedef uint16_t vu16 __attribute__((vector_size(32)));
 
@@ -140,10 +141,18 @@ inline void store_lanes(Op* dst, vec_t<Acc> x) {
   if constexpr (std::is_same_v<Op, Acc>) {
     vstore(dst, x);
   } else if constexpr (std::is_same_v<Op, bf16_t>) {
+#if defined(__AVX512BF16__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh((__m512)x));
+#else
     vu32 u = (vu32)x;
+    u = (vu32)(x != x ? (vu32)vbroadcast(std::numeric_limits<float>::quiet_NaN()) : u);  // any NaN stays NaN
     u += 0x7FFFu + ((u >> 16) & 1u);
     const vu16 h = __builtin_convertvector(u >> 16, vu16);
     std::memcpy(dst, &h, sizeof(h));
+#endif
+  } else if constexpr (std::is_same_v<Op, fp16_t> && FF_CPU_CAPABILITY_INDEX >= 2) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   } else {
     for (int i = 0; i < Vec<Acc>::kSize; ++i) dst[i] = Elem<Op>::store(x[i]);
   }
@@ -205,27 +214,63 @@ inline float vhsum(vf v) {
 inline double vhmax(vd v) { return vmax_reduce<double>(v); }
 inline double vhsum(vd v) { return vsum<double>(v); }
 
-// exp(x) of the softmax, for x <= 88 (scores minus a row max or a logsumexp): exp(-inf) = 0 exactly,
-// NaN propagates. vexp's Cody-Waite reduction and polynomial (~1 ulp), without its overflow and NaN
-// selects: below -127 ln 2 the power of two is built as +0, so the result is 0 with no select.
-inline vf vexp_softmax(vf x) {
-  const vf lo = vbroadcast(-88.02969193111305f);  // -127 ln 2
-  const vf xc = x < lo ? lo : x;                  // NaN stays NaN
-  const vf magic = vbroadcast(12582912.0f);       // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (xc * 1.44269504088896341f + magic) - magic;
-  vf r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = vbroadcast(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
+// exp(x) of the softmax, x <= 0 or about (scores minus a row max or a logsumexp), as 2^t with
+// t = x log2(e): exp(-inf) = 0 exactly, exp(0) = 1 exactly, NaN propagates. t = n + f with n the
+// nearest integer, 2^f by a polynomial on [-1/2, 1/2] with p(0) = 1 (fitted for the least relative
+// error: 9.7e-8 at degree 6, which the float32 kernels use, 2.9e-6 at degree 4, for probabilities that
+// are rounded to bf16 or fp16 next, 2^-9 or 2^-12), 2^n by the exponent: results below 2^-126 are 0.
+template <int Degree>
+inline vf vexp2_softmax(vf t) {
+  static_assert(Degree == 4 || Degree == 6, "fitted for degrees 4 and 6");
+#if FF_CPU_CAPABILITY_INDEX >= 2
+  const __m512 x = (__m512)t;
+  const vf n = (vf)_mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  const vf lo = vbroadcast(-127.0f);
+  t = t < lo ? lo : t;                        // NaN stays NaN; -inf -> 2^-127, built as 0 below
+  const vf magic = vbroadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (t + magic) - magic;
+#endif
+  const vf f = t - n;
+  vf p;
+  if constexpr (Degree == 6) {
+    p = vbroadcast(1.5353359521e-4f);
+    p = p * f + 1.3398876647e-3f;
+    p = p * f + 9.6184373854e-3f;
+    p = p * f + 5.5503324648e-2f;
+    p = p * f + 2.4022647913e-1f;
+    p = p * f + 6.9314720286e-1f;
+  } else {
+    p = vbroadcast(9.582848005e-3f);
+    p = p * f + 5.5906443199e-2f;
+    p = p * f + 2.4024098834e-1f;
+    p = p * f + 6.9312419064e-1f;
+  }
+  p = p * f + 1.0f;
+#if FF_CPU_CAPABILITY_INDEX >= 2
+  // p 2^n, and 0 where t <= -126 (-inf included: there f and p are NaN); NaN t is kept
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLE_UQ);
+  return (vf)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)n);
+#else
   const vi32 bits = (__builtin_convertvector(n, vi32) + 127) << 23;
   return p * (vf)bits;
+#endif
 }
-inline vd vexp_softmax(vd x) { return vexp(x); }
+
+// The softmax's exp for x <= 0: float lanes through vexp2_softmax, Degree as there; double lanes by
+// libm (float64 is there for accuracy).
+template <int Degree>
+inline vf vexp_softmax(vf x) {
+  return vexp2_softmax<Degree>(x * 1.44269504088896341f);
+}
+template <int Degree>
+inline vd vexp_softmax(vd x) {
+  return vexp(x);
+}
+
+// The polynomial degree of the softmax's exp for probabilities that are rounded to Op next.
+template <typename Op>
+constexpr int kExpDegree = sizeof(Op) == 2 ? 4 : 6;
 
 // ---- the kernels' own product: register-blocked micro-kernel ------------------------------------
 
@@ -233,7 +278,7 @@ inline vd vexp_softmax(vd x) { return vexp(x); }
 // running total, sized to the register file: a 64-byte Vec is one zmm with AVX-512 (32 registers:
 // 2 x 4 x 2 accumulators, 2 of B, 1 broadcast, room for the compiler), two ymm with AVX2 (16) and four
 // xmm in the baseline build (16).
-#if FF_CPU_CAPABILITY_INDEX == 2
+#if FF_CPU_CAPABILITY_INDEX >= 2
 constexpr int kRows = 4;
 constexpr int kVecs = 2;
 #elif FF_CPU_CAPABILITY_INDEX == 1
@@ -542,7 +587,9 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
   Buffer<Acc> s_buf(BM * KB);   // scores
   Buffer<Op> p_buf(BM * KB);    // probabilities, A of P V
   Buffer<Acc> o_buf(BM * ldo);  // unnormalised output
-  Buffer<Acc> m_buf(BM), l_buf(BM);
+  // per row: running max m, sum l, and the block's row max, rescale and exp shift (max, or 0)
+  const int64_t BMv = round_up(BM, W);
+  Buffer<Acc> m_buf(BMv), l_buf(BMv), row_max_buf(BMv), alpha_buf(BMv), shift_buf(BMv);
   Buffer<uint32_t> col_hash(KB);  // dropout: the block's keys' hashes C_j
   Op* kt = kt_buf.get();
   Op* vp = v_buf.get();
@@ -552,6 +599,11 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
   Acc* o = o_buf.get();
   Acc* m = m_buf.get();
   Acc* l = l_buf.get();
+  Acc* row_max = row_max_buf.get();
+  Acc* alpha = alpha_buf.get();
+  Acc* shift = shift_buf.get();
+  const vec_t<Acc> neg_inf = vbroadcast(kNegInf<Acc>);
+  std::fill(row_max, row_max + BMv, kNegInf<Acc>);  // lanes past a tile's rows: -inf, never NaN
   int64_t packed_pair = -1, packed_blocks = 0;
 
   for (int64_t task = task_begin; task < task_end; ++task) {
@@ -579,7 +631,7 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
 
     load_q(qb, q_all + b * a.q_strides[0] + h * a.q_strides[1] + i0 * a.q_strides[2], a.q_strides[2], im, E, Ep,
            q_scale);
-    std::fill(m, m + im, kNegInf<Acc>);
+    std::fill(m, m + BMv, kNegInf<Acc>);
     std::fill(l, l + im, Acc(0));
     const DropoutKeys keys = dropout_keys(a.seed, bh);
     const int64_t mask_row = b * ms[0] + h * ms[1] + i0 * ms[2];
@@ -592,39 +644,47 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
       if (dropout) {
         for (int64_t j = 0; j < jn; ++j) col_hash.get()[j] = dropout_col_hash<uint32_t>(keys, uint32_t(j0 + j));
       }
+      // the rows' maxes, then, 16 rows to a vector, the new running max and the rescale alpha
       for (int64_t i = 0; i < im; ++i) {
-        Acc* sr = s + i * KB;
         const int64_t limit = a.is_causal ? std::min(jn, i0 + i - j0 + 1) : jn;
-        const Acc row_max = score_row<Acc>(sr, jv, limit, s_scale, a.mask_keep, mask_add,
-                                           mask_row + i * ms[2] + j0 * ms[3], ms[3]);
-        const Acc m_new = std::max(m[i], row_max);
+        row_max[i] = score_row<Acc>(s + i * KB, jv, limit, s_scale, a.mask_keep, mask_add,
+                                    mask_row + i * ms[2] + j0 * ms[3], ms[3]);
+      }
+      for (int64_t c = 0; c < im; c += W) {
+        const vec_t<Acc> m_old = vload(m + c);
+        const vec_t<Acc> m_new = vmax<Acc>(m_old, vload(row_max + c));
         // a row that has seen only -inf keeps m = -inf; subtracting 0 instead gives p = 0, not NaN
-        const Acc m_safe = m_new == kNegInf<Acc> ? Acc(0) : m_new;
-        const Acc alpha = std::exp(m[i] - m_safe);
-        const vec_t<Acc> mv = vbroadcast(m_safe);
+        const vec_t<Acc> m_safe = m_new == neg_inf ? vec_t<Acc>{} : m_new;
+        vstore(alpha + c, vexp_softmax<6>(m_old - m_safe));
+        vstore(m + c, m_new);
+        vstore(shift + c, m_safe);
+      }
+      for (int64_t i = 0; i < im; ++i) {
+        const Acc* sr = s + i * KB;
+        const vec_t<Acc> mv = vbroadcast(shift[i]);
         vec_t<Acc> sum{};
         Op* pr = p + i * KB;
         if (dropout) {  // l sums P; P V sees P * M / (1 - p)
           const dropout_bits_t<Acc> row = broadcast_bits<Acc>(dropout_row_hash<uint32_t>(keys, uint32_t(i0 + i)));
           for (int64_t c = 0; c < jv; c += W) {
-            const vec_t<Acc> e = vexp_softmax(vload(sr + c) - mv);
+            const vec_t<Acc> e = vexp_softmax<kExpDegree<Op>>(vload(sr + c) - mv);
             sum += e;
             const dropout_bits_t<Acc> bits = dropout_bits<dropout_bits_t<Acc>>(row, load_bits<Acc>(col_hash.get() + c));
             store_lanes<Op, Acc>(pr + c, apply_dropout<Acc>(e, bits, threshold, keep_scale));
           }
         } else {
           for (int64_t c = 0; c < jv; c += W) {
-            const vec_t<Acc> e = vexp_softmax(vload(sr + c) - mv);
+            const vec_t<Acc> e = vexp_softmax<kExpDegree<Op>>(vload(sr + c) - mv);
             sum += e;
             store_lanes<Op, Acc>(pr + c, e);
           }
         }
         for (int64_t c = jv; c < kpv; ++c) pr[c] = convert<Op>(Acc(0));
-        l[i] = l[i] * alpha + vhsum(sum);
-        m[i] = m_new;
-        if (!lse_only && j0 > 0 && alpha != Acc(1)) {
+        l[i] = l[i] * alpha[i] + vhsum(sum);
+        if (!lse_only && j0 > 0 && alpha[i] != Acc(1)) {
           Acc* orow = o + i * ldo;
-          for (int64_t e = 0; e < Ev; ++e) orow[e] *= alpha;
+          const vec_t<Acc> av = vbroadcast(alpha[i]);
+          for (int64_t e = 0; e < ldo; e += W) vstore(orow + e, vload(orow + e) * av);
         }
       }
       if (!lse_only) {
@@ -646,7 +706,10 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
       lse[i] = l[i] > Acc(0) ? m[i] + std::log(l[i]) : std::numeric_limits<Acc>::infinity();
       // a row with no key to attend to outputs 0 (its O row is 0)
       const Acc li = l[i] > Acc(0) ? l[i] : Acc(1);
-      for (int64_t e = 0; e < Ev; ++e) out[i * Ev + e] = Elem<In>::store(o[i * ldo + e] / li);
+      const vec_t<Acc> lv = vbroadcast(li);
+      int64_t e = 0;
+      for (; e + W <= Ev; e += W) store_lanes<In, Acc>(out + i * Ev + e, vload(o + i * ldo + e) / lv);
+      for (; e < Ev; ++e) out[i * Ev + e] = Elem<In>::store(o[i * ldo + e] / li);
     }
   }
   if (eng.release != nullptr) eng.release();
@@ -675,12 +738,15 @@ template <typename In, typename Op>
 void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
   using Acc = acc_t<In>;
   constexpr int64_t W = Vec<Acc>::kSize;
+  // float operands (float32 tensors, or half ones on float tiles): P and dS serve as B operands as
+  // they are, row-major; packed engines (bf16/fp16 VNNI) get them converted and packed
+  constexpr bool kDirect = std::is_same_v<Op, Acc>;
   const MatmulEngine& eng = *a.engine;
   const int64_t BM = a.block_m, BN = a.block_n;
   const int64_t E = a.E, Ev = a.Ev, S = a.S, L = a.L;
   const int64_t Ep = round_up(E, eng.k_align), Evp = round_up(Ev, eng.k_align);
-  const int64_t ldk = round_up(E, 16), ldv = round_up(Ev, 16);  // rows of the dK, dV, dQ accumulators
-  const int64_t BMp = round_up(BM, kKeyAlign);  // K of dV += P^T dO and dK += dS^T Q
+  const int64_t ldq = round_up(E, 16);            // dQ tile rows
+  const int64_t BMp = round_up(BM, kKeyAlign);    // K of dV^T += dO^T P and dK^T += Q^T dS
   const int64_t n_ktiles = ceil_div(S, BN), n_qtiles = ceil_div(L, BM);
   const int64_t group = a.Hq / a.Hk;
   const int64_t tasks = a.B * a.Hk * n_ktiles;
@@ -688,18 +754,18 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
   if (t_begin >= t_end) return;
   const int64_t max_tiles = std::min(t_end - t_begin, n_ktiles);  // key tiles of one pair in this chunk
   // panel widths and the B operands' sizes
-  const int64_t pw_keys = panel_width(eng, BN);   // K^T and V^T: columns are the tile's keys
-  const int64_t pw_e = panel_width(eng, E), pw_ev = panel_width(eng, Ev), pw_q = panel_width(eng, BM);
+  const int64_t pw_keys = panel_width(eng, BN);   // K^T, V^T, P and dS: columns are the tile's keys
+  const int64_t pw_e = panel_width(eng, E), pw_q = panel_width(eng, BM);
   const int64_t kt_tile = Ep * round_up(BN, pw_keys);    // K^T (E x BN), B of S = Q K^T
   const int64_t vt_tile = Evp * round_up(BN, pw_keys);   // V^T (Ev x BN), B of dP = dO V^T
   const int64_t kp_tile = BN * round_up(E, pw_e);        // K (BN x E), B of dQ = dS K
-  const bool dropout = a.dropout_p > 0.0;
-  const uint32_t threshold = dropout_threshold(a.dropout_p);
-  const Acc keep_scale = static_cast<Acc>(1.0 / (1.0 - a.dropout_p));
   const Acc scale = static_cast<Acc>(a.scale);
   const Acc q_scale = is_power_of_two(a.scale) ? scale : Acc(1), s_scale = scale / q_scale;
   // S, dP and delta: chunked sums on the micro-kernel, and in float32 whatever the engine (kSumChunk)
   const int64_t native_chunk = eng.mm == nullptr || std::is_same_v<In, float> ? kSumChunk : 0;
+  const bool dropout = a.dropout_p > 0.0;
+  const uint32_t threshold = dropout_threshold(a.dropout_p);
+  const Acc keep_scale = static_cast<Acc>(1.0 / (1.0 - a.dropout_p));
   const int64_t* ms = a.mask_strides;
   const Acc* mask_add = static_cast<const Acc*>(a.mask_add);
   const In* q_all = static_cast<const In*>(a.q);
@@ -712,37 +778,63 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
   Acc* grad_q = static_cast<Acc*>(a.grad_q);
   Acc* row_sum = static_cast<Acc*>(a.row_sum);
 
-  // per key tile of the chunk's range of one pair
+  // per key tile of the chunk's range of one pair: the B operands, and dK^T, dV^T
   Buffer<Op> kt_buf(max_tiles * kt_tile), vt_buf(max_tiles * vt_tile), kp_buf(max_tiles * kp_tile);
-  Buffer<Acc> dk_buf(max_tiles * BN * ldk), dv_buf(max_tiles * BN * ldv);
+  Buffer<Acc> dkt_buf(max_tiles * E * BN), dvt_buf(max_tiles * Ev * BN);
   Buffer<uint32_t> col_hash(max_tiles * BN);
-  // per query tile
-  Buffer<Op> staging(std::max({Ep * pw_keys, Evp * pw_keys, BN * pw_e, BMp * std::max(pw_e, pw_ev), Evp * pw_q}));
-  Buffer<Op> qa_buf(BM * Ep), doa_buf(BM * Evp);               // Q (load_q) and dO, A of S and of dP
-  Buffer<Op> qp_buf(BMp * round_up(E, pw_e));                  // Q, B of dK = dS^T Q
-  Buffer<Op> dop_buf(BMp * round_up(Ev, pw_ev));               // dO, B of dV = P^T dO
-  Buffer<Op> ot_buf(Evp * round_up(BM, pw_q));                 // O^T, B of delta = diag(dO O^T)
-  Buffer<Acc> s_buf(BM * BN), dp_buf(BM * BN);                 // S then P; dP then dS (zeroed: see dS)
-  Buffer<Op> pt_buf(BN * BMp), dst_buf(BN * BMp);              // P^T and dS^T, A of dV and dK
-  Buffer<Op> ds_buf(BM * BN);                                  // dS, A of dQ
-  Buffer<Acc> dq_buf(BM * ldk), rs_buf(BM), delta_buf(BM);
+  // per query tile: Q (load_q) and dO as A of S and of dP; Q^T and dO^T as A of dK^T and dV^T
+  Buffer<Op> staging(std::max({Ep * pw_keys, Evp * pw_keys, BN * pw_e, Evp * pw_q}));
+  Buffer<Op> qa_buf(BM * Ep), doa_buf(BM * Evp), qt_buf(E * BMp), dot_buf(Ev * BMp);
+  Buffer<Op> ot_buf(Evp * round_up(BM, pw_q));  // O^T, B of delta = diag(dO O^T)
+  // per (query tile, key tile): S then P, dP then dS, in Acc (rows past the tile: finite leftovers,
+  // which meet zero columns of Q^T and dO^T); in Op and packed where the engine needs that
+  Buffer<Acc> s_buf(BMp * BN), dp_buf(BMp * BN);
+  Buffer<Op> p_op_buf(kDirect ? 1 : BMp * BN), ds_op_buf(kDirect ? 1 : BMp * BN);
+  Buffer<Op> pp_buf(kDirect ? 1 : BMp * round_up(BN, pw_keys)), dsp_buf(kDirect ? 1 : BMp * round_up(BN, pw_keys));
+  Buffer<Acc> dq_buf(BM * ldq), rs_buf(BM), delta_buf(BM);
   Op* kt = kt_buf.get();
   Op* vt = vt_buf.get();
   Op* kp = kp_buf.get();
-  Acc* dk = dk_buf.get();
-  Acc* dv = dv_buf.get();
+  Acc* dkt = dkt_buf.get();
+  Acc* dvt = dvt_buf.get();
   Op* qa = qa_buf.get();
   Op* doa = doa_buf.get();
+  Op* qt = qt_buf.get();
+  Op* dot = dot_buf.get();
   Acc* sp = s_buf.get();
   Acc* dp = dp_buf.get();
-  Op* pt = pt_buf.get();
-  Op* dst = dst_buf.get();
-  Op* dsb = ds_buf.get();
   Acc* dq = dq_buf.get();
   Acc* rs = rs_buf.get();
   Acc* delta = delta_buf.get();
   const Op op_zero = convert<Op>(Acc(0));
-  std::fill(dp, dp + BM * BN, Acc(0));
+  std::fill(sp, sp + BMp * BN, Acc(0));
+  std::fill(dp, dp + BMp * BN, Acc(0));
+  if constexpr (!kDirect) {
+    std::fill(p_op_buf.get(), p_op_buf.get() + BMp * BN, op_zero);
+    std::fill(ds_op_buf.get(), ds_op_buf.get() + BMp * BN, op_zero);
+  }
+  // The B operand of dV^T += dO^T P (dK^T += Q^T dS): the Acc tile itself, row-major with ldb = BN, or
+  // its Op copy packed in panels.
+  auto b_operand = [&](const Acc* tile, Op* op_tile, Op* packed, int64_t kq, int64_t jn, int64_t& ldb,
+                       int64_t& stride) -> const Op* {
+    if constexpr (kDirect) {
+      ldb = BN;
+      stride = 0;
+      (void)op_tile;
+      (void)packed;
+      (void)kq;
+      (void)jn;
+      return tile;
+    } else {
+      (void)tile;
+      ldb = pw_keys;
+      stride = kq * pw_keys;
+      for (int64_t n0 = 0; n0 < jn; n0 += pw_keys) {
+        eng.pack(kq, pw_keys, op_tile + n0, BN, packed + (n0 / pw_keys) * stride, pw_keys);
+      }
+      return packed;
+    }
+  };
 
   for (int64_t pair = t_begin / n_ktiles; pair * n_ktiles < t_end; ++pair) {
     const int64_t first = pair * n_ktiles;
@@ -763,8 +855,8 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
       pack_b(eng, Ev, jn, v + j0 * a.v_strides[2], 1, a.v_strides[2], Evp, pw_keys, vt + t * vt_tile, staging.get());
       pack_b(eng, jn, E, k + j0 * a.k_strides[2], a.k_strides[2], 1, BN, pw_e, kp + t * kp_tile, staging.get());
     }
-    std::fill(dk, dk + n_tiles * BN * ldk, Acc(0));
-    std::fill(dv, dv + n_tiles * BN * ldv, Acc(0));
+    std::fill(dkt, dkt + n_tiles * E * BN, Acc(0));
+    std::fill(dvt, dvt + n_tiles * Ev * BN, Acc(0));
 
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       const int64_t bh = b * a.Hq + h;
@@ -779,8 +871,8 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
           for (int64_t j = 0; j < jn; ++j) col_hash.get()[t * BN + j] = dropout_col_hash<uint32_t>(keys, uint32_t(j0 + j));
         }
       }
-      for (int64_t qt = 0; qt < n_qtiles; ++qt) {
-        const int64_t i0 = qt * BM, im = std::min(BM, L - i0);
+      for (int64_t qt_i = 0; qt_i < n_qtiles; ++qt_i) {
+        const int64_t i0 = qt_i * BM, im = std::min(BM, L - i0);
         const int64_t kq = round_up(im, kKeyAlign);
         // causal: query i sees keys j <= i; this tile's last query may see none of the chunk's keys
         const bool contributes = !a.is_causal || i0 + im - 1 >= first_key;
@@ -790,15 +882,22 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
             convert_row(doa + i * Evp, go + (i0 + i) * gos, Ev);
             for (int64_t e = Ev; e < Evp; ++e) doa[i * Evp + e] = op_zero;
           }
-          pack_b(eng, im, E, q + i0 * qs, qs, 1, BMp, pw_e, qp_buf.get(), staging.get());
-          pack_b(eng, im, Ev, go + i0 * gos, gos, 1, BMp, pw_ev, dop_buf.get(), staging.get());
+          // Q^T and dO^T (E x kq, Ev x kq), zero past the tile's queries
+          for (int64_t e = 0; e < E; ++e) {
+            for (int64_t i = 0; i < im; ++i) qt[e * BMp + i] = convert<Op>(q[(i0 + i) * qs + e]);
+            for (int64_t i = im; i < kq; ++i) qt[e * BMp + i] = op_zero;
+          }
+          for (int64_t e = 0; e < Ev; ++e) {
+            for (int64_t i = 0; i < im; ++i) dot[e * BMp + i] = convert<Op>(go[(i0 + i) * gos + e]);
+            for (int64_t i = im; i < kq; ++i) dot[e * BMp + i] = op_zero;
+          }
           // delta_i = dO_i . O_i, as the diagonal of dO O^T: summed in the order and with the rounding
           // of dP = dO V^T, so that a row with a single key (the first row of causal attention), where
           // O = V exactly, gets dP - delta, hence a gradient, of exactly 0, not a rounding residue.
           pack_b(eng, Ev, im, o + i0 * os, 1, os, Evp, pw_q, ot_buf.get(), staging.get());
           mm<Op, Acc>(eng, im, im, Ev, doa, Evp, ot_buf.get(), pw_q, Evp * pw_q, dp, BN, false, native_chunk);
           for (int64_t i = 0; i < im; ++i) delta[i] = dp[i * BN + i];
-          std::fill(dq, dq + im * ldk, Acc(0));
+          std::fill(dq, dq + im * ldq, Acc(0));
           std::fill(rs, rs + im, Acc(0));
           const Acc* lse = lse_all + bh * L + i0;
           const Acc* log_sum = log_sum_all != nullptr ? log_sum_all + bh * L + i0 : nullptr;
@@ -817,7 +916,7 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
               const vec_t<Acc> shift2 = vbroadcast(log_sum != nullptr ? log_sum[i] : Acc(0));
               vec_t<Acc> p_sum{};
               for (int64_t c = 0; c < jv; c += W) {
-                const vec_t<Acc> pv = vexp_softmax((vload(sr + c) - shift) - shift2);
+                const vec_t<Acc> pv = vexp_softmax<kExpDegree<Op>>((vload(sr + c) - shift) - shift2);
                 vstore(sr + c, pv);
                 p_sum += pv;
               }
@@ -827,6 +926,8 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
             // P becomes P * D for dV. Lanes past the tile's keys have P = 0, hence dS = 0: dp's lanes
             // there hold finite leftovers (the buffer starts zeroed), never NaN.
             mm<Op, Acc>(eng, im, jn, Ev, doa, Evp, vt + t * vt_tile, pw_keys, Evp * pw_keys, dp, BN, false, native_chunk);
+            Op* p_op = p_op_buf.get();
+            Op* ds_op = ds_op_buf.get();
             for (int64_t i = 0; i < im; ++i) {
               Acc* dr = dp + i * BN;
               Acc* pr = sp + i * BN;
@@ -844,39 +945,37 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
               } else {
                 for (int64_t c = 0; c < jv; c += W) vstore(dr + c, vload(pr + c) * (vload(dr + c) - d) * scale);
               }
-              Op* dsr = dsb + i * BN;
-              for (int64_t c = 0; c < jv; c += W) store_lanes<Op, Acc>(dsr + c, vload(dr + c));
-              for (int64_t c = jv; c < kjn; ++c) dsr[c] = op_zero;
-            }
-            // P^T and dS^T, zero past the tile's queries
-            for (int64_t j = 0; j < jn; ++j) {
-              Op* ptr = pt + j * BMp;
-              Op* dstr = dst + j * BMp;
-              for (int64_t i = 0; i < im; ++i) {
-                ptr[i] = Elem<Op>::store(static_cast<acc_t<Op>>(sp[i * BN + j]));
-                dstr[i] = Elem<Op>::store(static_cast<acc_t<Op>>(dp[i * BN + j]));
+              if constexpr (!kDirect) {
+                for (int64_t c = 0; c < jv; c += W) {
+                  store_lanes<Op, Acc>(p_op + i * BN + c, vload(pr + c));
+                  store_lanes<Op, Acc>(ds_op + i * BN + c, vload(dr + c));
+                }
+                for (int64_t c = jv; c < kjn; ++c) p_op[i * BN + c] = ds_op[i * BN + c] = op_zero;
               }
-              for (int64_t i = im; i < kq; ++i) ptr[i] = dstr[i] = op_zero;
             }
-            mm<Op, Acc>(eng, jn, Ev, kq, pt, BMp, dop_buf.get(), pw_ev, BMp * pw_ev, dv + t * BN * ldv, ldv, true, 0);
-            mm<Op, Acc>(eng, jn, E, kq, dst, BMp, qp_buf.get(), pw_e, BMp * pw_e, dk + t * BN * ldk, ldk, true, 0);
-            mm<Op, Acc>(eng, im, E, kjn, dsb, BN, kp + t * kp_tile, pw_e, BN * pw_e, dq, ldk, true, 0);
+            int64_t ldb_p, stride_p, ldb_ds, stride_ds;
+            const Op* pb = b_operand(sp, p_op, pp_buf.get(), kq, jn, ldb_p, stride_p);
+            const Op* dsb = b_operand(dp, ds_op, dsp_buf.get(), kq, jn, ldb_ds, stride_ds);
+            mm<Op, Acc>(eng, Ev, jn, kq, dot, BMp, pb, ldb_p, stride_p, dvt + t * Ev * BN, BN, true, 0);   // dV^T += dO^T P
+            mm<Op, Acc>(eng, E, jn, kq, qt, BMp, dsb, ldb_ds, stride_ds, dkt + t * E * BN, BN, true, 0);  // dK^T += Q^T dS
+            const Op* ds_a = kDirect ? reinterpret_cast<const Op*>(dp) : ds_op;
+            mm<Op, Acc>(eng, im, E, kjn, ds_a, BN, kp + t * kp_tile, pw_e, BN * pw_e, dq, ldq, true, 0);  // dQ += dS K
           }
         }
         // this chunk's share of the tile's dQ rows and row sums, in turn
-        int32_t* ticket = a.tickets + bh * n_qtiles + qt;
+        int32_t* ticket = a.tickets + bh * n_qtiles + qt_i;
         wait_turn(ticket, turn);
         Acc* gq = grad_q + (bh * L + i0) * E;
         Acc* rsum = row_sum + bh * L + i0;
         if (turn == 0) {
           for (int64_t i = 0; i < im; ++i) {
-            if (contributes) std::memcpy(gq + i * E, dq + i * ldk, E * sizeof(Acc));
+            if (contributes) std::memcpy(gq + i * E, dq + i * ldq, E * sizeof(Acc));
             else std::fill(gq + i * E, gq + (i + 1) * E, Acc(0));
             rsum[i] = contributes ? rs[i] : Acc(0);
           }
         } else if (contributes) {
           for (int64_t i = 0; i < im; ++i) {
-            for (int64_t e = 0; e < E; ++e) gq[i * E + e] += dq[i * ldk + e];
+            for (int64_t e = 0; e < E; ++e) gq[i * E + e] += dq[i * ldq + e];
             rsum[i] += rs[i];
           }
         }
@@ -888,11 +987,11 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
       const int64_t j0 = tile_j0(t), jn = std::min(BN, S - j0);
       In* gk = static_cast<In*>(a.grad_k) + (pair * S + j0) * E;
       In* gv = static_cast<In*>(a.grad_v) + (pair * S + j0) * Ev;
-      const Acc* dkt = dk + t * BN * ldk;
-      const Acc* dvt = dv + t * BN * ldv;
+      const Acc* dk_t = dkt + t * E * BN;
+      const Acc* dv_t = dvt + t * Ev * BN;
       for (int64_t j = 0; j < jn; ++j) {
-        for (int64_t e = 0; e < E; ++e) gk[j * E + e] = Elem<In>::store(dkt[j * ldk + e]);
-        for (int64_t e = 0; e < Ev; ++e) gv[j * Ev + e] = Elem<In>::store(dvt[j * ldv + e]);
+        for (int64_t e = 0; e < E; ++e) gk[j * E + e] = Elem<In>::store(dk_t[e * BN + j]);
+        for (int64_t e = 0; e < Ev; ++e) gv[j * Ev + e] = Elem<In>::store(dv_t[e * BN + j]);
       }
     }
   }
