@@ -438,7 +438,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
         return [torch.randn(1, 8, L, 64, requires_grad=True) for _ in range(3)]
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)  # the backward keeps one dQ partial per thread: fix their number
+    torch.set_num_threads(2)  # the kernels' scratch grows with the threads: fix their number
     dropout_p = float(sys.argv[1])
     # warm-up at a small size: thread pools, allocator arenas and lazy imports are paid for here
     ff.scaled_dot_product_attention(*inputs(256), is_causal=True, dropout_p=dropout_p).sum().backward()
@@ -468,6 +468,56 @@ def test_memory(dropout_p):
     # forward: out (logsumexp is 128 KiB)
     grown = (after_fwd - start) / MiB
     assert after_fwd - start < tensor + 64 * MiB, f"the forward grew the peak by {grown:.0f} MiB"
-    # backward: out, the three gradients, the two threads' dQ partials
+    # backward: out, the three gradients, the two threads' packed keys and values
     grown = (after_bwd - start) / MiB
     assert after_bwd - start < 6 * tensor + 64 * MiB, f"forward and backward grew the peak by {grown:.0f} MiB"
+
+
+_GQA_SCRATCH_SCRIPT = textwrap.dedent(
+    """
+    import gc
+    import torch
+
+    def rss(field):  # KiB
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    torch.manual_seed(0)
+    torch.set_num_threads(16)
+    op = torch.ops.fusedformer
+    import fusedformer  # noqa: F401  (registers the ops)
+    B, Hq, Hk, L, E = 1, 16, 2, 8192, 64
+    q, k, v = torch.randn(B, Hq, L, E), torch.randn(B, Hk, L, E), torch.randn(B, Hk, L, E)
+    out, lse = op.attention_fwd(q, k, v, None, True, 0.125)
+    grad_out = torch.randn_like(out)
+    small = [t[:, :, :256].contiguous() for t in (grad_out, q, k, v, out, lse)]
+    op.attention_bwd(*small, None, True, 0.125)  # warm-up: engine choice, threads, oneDNN kernels
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:  # the peak restarts from the resident set now
+        f.write("5")
+    base = rss("VmRSS")
+    grads = op.attention_bwd(grad_out, q, k, v, out, lse, None, True, 0.125)
+    print(rss("VmHWM") - base, sum(g.numel() * g.element_size() for g in grads) // 1024)
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_gqa_backward_scratch_is_bounded():
+    """The backward's scratch grows with threads x tile, not threads x L x E: at L = 8192, Hq = 16,
+    Hk = 2 and 16 threads (each a contiguous share of one kv head's key tiles, so every query tile's dQ
+    is summed across 8 threads), it stays under 24 MiB beyond the 40 MiB of gradients (a per-thread
+    copy of a kv group's dQ, the earlier design, took 274 MiB).
+
+    The process's high-water mark is reset before the call; large blocks are mmapped
+    (MALLOC_MMAP_THRESHOLD_) and fusedformer's output cache is off, so memory freed earlier cannot hide
+    the call's own."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), MALLOC_MMAP_THRESHOLD_="65536",
+               FUSEDFORMER_CPU_CACHE_MB="0")
+    result = subprocess.run([sys.executable, "-c", _GQA_SCRATCH_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    peak_kib, grads_kib = map(int, result.stdout.split())
+    assert grads_kib == 40 * 1024
+    beyond = (peak_kib - grads_kib) / 1024
+    assert beyond < 24, f"the backward took {beyond:.1f} MiB beyond its gradients"

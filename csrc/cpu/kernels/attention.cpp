@@ -45,6 +45,7 @@
 #include <type_traits>
 
 #include "cpu/kernels/dropout.h"
+#include "cpu/kernels/half.h"
 #include "cpu/kernels/vec.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -56,107 +57,6 @@ namespace fusedformer {
 namespace cpu {
 namespace FF_CPU_CAPABILITY {
 namespace {
-
-// ---- element types ------------------------------------------------------------------------------
-
-struct bf16_t {
-  uint16_t bits;
-};
-struct fp16_t {
-  uint16_t bits;
-};
-
-// Conversions between a storage type and its accumulation type (float64 for float64, else float32).
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  using acc = float;
-  static float load(float x) { return x; }
-  static float store(float x) { return x; }
-};
-template <>
-struct Elem<double> {
-  using acc = double;
-  static double load(double x) { return x; }
-  static double store(double x) { return x; }
-};
-template <>
-struct Elem<bf16_t> {
-  using acc = float;
-  static float load(bf16_t x) {
-    const uint32_t u = uint32_t(x.bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  static bf16_t store(float f) {  // round to nearest even; NaN stays NaN
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return {uint16_t((u >> 16) | 0x40)};
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return {uint16_t(u >> 16)};
-  }
-};
-template <>
-struct Elem<fp16_t> {
-  using acc = float;
-  static float load(fp16_t x) {
-    _Float16 h;
-    std::memcpy(&h, &x.bits, 2);
-    return static_cast<float>(h);
-  }
-  static fp16_t store(float f) {
-    const _Float16 h = static_cast<_Float16>(f);
-    fp16_t x;
-    std::memcpy(&x.bits, &h, 2);
-    return x;
-  }
-};
-
-template <typename T>
-using acc_t = typename Elem<T>::acc;
-
-template <typename Dst, typename Src>
-inline Dst convert(Src x) {
-  return Elem<Dst>::store(static_cast<acc_t<Dst>>(Elem<Src>::load(x)));
-}
-
-template <typename Dst, typename Src>
-inline void convert_row(Dst* dst, const Src* src, int64_t n) {
-  if constexpr (std::is_same_v<Dst, Src>) {
-    std::memcpy(dst, src, n * sizeof(Dst));
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = convert<Dst>(src[i]);
-  }
-}
-
-// W lanes stored as Op: bf16 rounded to nearest even (the probabilities are finite), by one
-// instruction where the build has AVX512-BF16; fp16 by the AVX-512 conversion.
-typedef uint32_t vu32 __attribute__((vector_size(64)));
-typedef uint16_t vu16 __attribute__((vector_size(32)));
-
-template <typename Op, typename Acc>
-inline void store_lanes(Op* dst, vec_t<Acc> x) {
-  if constexpr (std::is_same_v<Op, Acc>) {
-    vstore(dst, x);
-  } else if constexpr (std::is_same_v<Op, bf16_t>) {
-#if defined(__AVX512BF16__)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh((__m512)x));
-#else
-    vu32 u = (vu32)x;
-    u = (vu32)(x != x ? (vu32)vbroadcast(std::numeric_limits<float>::quiet_NaN()) : u);  // any NaN stays NaN
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    const vu16 h = __builtin_convertvector(u >> 16, vu16);
-    std::memcpy(dst, &h, sizeof(h));
-#endif
-  } else if constexpr (std::is_same_v<Op, fp16_t> && FF_CPU_CAPABILITY_INDEX >= 2) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                        _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {
-    for (int i = 0; i < Vec<Acc>::kSize; ++i) dst[i] = Elem<Op>::store(x[i]);
-  }
-}
 
 // ---- helpers ------------------------------------------------------------------------------------
 
@@ -758,7 +658,11 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
   const int64_t pw_e = panel_width(eng, E), pw_q = panel_width(eng, BM);
   const int64_t kt_tile = Ep * round_up(BN, pw_keys);    // K^T (E x BN), B of S = Q K^T
   const int64_t vt_tile = Evp * round_up(BN, pw_keys);   // V^T (Ev x BN), B of dP = dO V^T
-  const int64_t kp_tile = BN * round_up(E, pw_e);        // K (BN x E), B of dQ = dS K
+  // K (BN x E), B of dQ = dS K: read in place from float tensors where the product reads exactly its
+  // columns (oneDNN) or whole vectors of them (E a multiple of W), else packed
+  const bool k_in_place =
+      kDirect && std::is_same_v<In, Op> && a.k_strides[2] >= E && (eng.mm != nullptr || E % W == 0);
+  const int64_t kp_tile = k_in_place ? 0 : BN * round_up(E, pw_e);
   const Acc scale = static_cast<Acc>(a.scale);
   const Acc q_scale = is_power_of_two(a.scale) ? scale : Acc(1), s_scale = scale / q_scale;
   // S, dP and delta: chunked sums on the micro-kernel, and in float32 whatever the engine (kSumChunk)
@@ -853,7 +757,9 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
       first_key = std::min(first_key, j0);
       pack_b(eng, E, jn, k + j0 * a.k_strides[2], 1, a.k_strides[2], Ep, pw_keys, kt + t * kt_tile, staging.get());
       pack_b(eng, Ev, jn, v + j0 * a.v_strides[2], 1, a.v_strides[2], Evp, pw_keys, vt + t * vt_tile, staging.get());
-      pack_b(eng, jn, E, k + j0 * a.k_strides[2], a.k_strides[2], 1, BN, pw_e, kp + t * kp_tile, staging.get());
+      if (!k_in_place) {
+        pack_b(eng, jn, E, k + j0 * a.k_strides[2], a.k_strides[2], 1, BN, pw_e, kp + t * kp_tile, staging.get());
+      }
     }
     std::fill(dkt, dkt + n_tiles * E * BN, Acc(0));
     std::fill(dvt, dvt + n_tiles * Ev * BN, Acc(0));
@@ -959,7 +865,12 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
             mm<Op, Acc>(eng, Ev, jn, kq, dot, BMp, pb, ldb_p, stride_p, dvt + t * Ev * BN, BN, true, 0);   // dV^T += dO^T P
             mm<Op, Acc>(eng, E, jn, kq, qt, BMp, dsb, ldb_ds, stride_ds, dkt + t * E * BN, BN, true, 0);  // dK^T += Q^T dS
             const Op* ds_a = kDirect ? reinterpret_cast<const Op*>(dp) : ds_op;
-            mm<Op, Acc>(eng, im, E, kjn, ds_a, BN, kp + t * kp_tile, pw_e, BN * pw_e, dq, ldq, true, 0);  // dQ += dS K
+            if (k_in_place) {  // K = jn: the rows past the tile's keys may lie past the tensor
+              const Op* kr = reinterpret_cast<const Op*>(k + j0 * a.k_strides[2]);
+              mm<Op, Acc>(eng, im, E, jn, ds_a, BN, kr, a.k_strides[2], 0, dq, ldq, true, 0);  // dQ += dS K
+            } else {
+              mm<Op, Acc>(eng, im, E, kjn, ds_a, BN, kp + t * kp_tile, pw_e, BN * pw_e, dq, ldq, true, 0);
+            }
           }
         }
         // this chunk's share of the tile's dQ rows and row sums, in turn
