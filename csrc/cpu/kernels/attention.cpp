@@ -17,17 +17,19 @@
 // Backward, one task per (batch, kv head, key tile of block_n keys); each thread runs a contiguous
 // range of tasks and, per query head of the group and query tile of block_m rows, every key tile of
 // its range: it recomputes P = exp(scale * Q K^T + mask - lse) and
-//   dV += P^T dO,  dP = dO V^T,  dS = scale * P * (dP - delta),  dK += dS^T Q,  dQ += dS K.
-// It owns its key tiles' dK and dV. dQ of a query tile is summed over the thread's key tiles in a tile
-// buffer, then added into the shared dQ once, in a fixed order of threads (AttentionBwdFn): no atomics,
-// no per-thread copy of dQ, and the same bits whatever the timing.
+//   dV^T += dO^T P,  dP = dO V^T,  dS = scale * P * (dP - delta),  dK^T += Q^T dS,  dQ += dS K,
+// with delta = rowsum(dO * O). P and dS serve as the B operands as they come (row-major, or packed
+// for the engine), and dO^T, Q^T are built once per query tile: no transpose per pair of tiles. It
+// owns its key tiles' dK and dV. dQ of a query tile is summed over the thread's key tiles in a tile
+// buffer, then added into the shared dQ once, in a fixed order of threads (AttentionBwdFn): no
+// atomics, no per-thread copy of dQ, and the same bits whatever the timing.
 //
 // Dropout (kernels/dropout.h) acts on P after the softmax: the forward sums the un-dropped P into l
 // (the logsumexp is the ordinary one) and multiplies P by D = M / (1 - p) before P V, so
 // O = (P * D) V. The backward draws M again and, with dP~ = dO V^T the gradient of P * D,
 //   dV += (P * D)^T dO,  dP = dP~ * D,  dS = scale * P * (dP - delta),
 // where delta = rowsum(P * dP) = rowsum((P * D) * dP~) = rowsum(dO * O), O being the dropped output:
-// the delta pass is unchanged.
+// delta is computed as without dropout.
 //
 // P's rows hold exp(lse_true - lse) instead of 1 in total, where lse is the float32 logsumexp: off by
 // up to half an ulp of lse, i.e. 2^-21 relative for |lse| in [8, 16), several times the rounding of the
@@ -207,7 +209,7 @@ void micro_kernel(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = vec_t<T>{};
     }
-    for (int64_t k = k0; k < k1; ++k) {
+    auto step = [&](int64_t k) {
       vec_t<T> bv[NV];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * W);
@@ -217,6 +219,12 @@ void micro_kernel(int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb, T
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
       }
+    };
+    if (k1 - k0 == 8) {  // the chunked products' usual chunk (kSumChunk), unrolled
+#pragma GCC unroll 8
+      for (int kk = 0; kk < 8; ++kk) step(k0 + kk);
+    } else {
+      for (int64_t k = k0; k < k1; ++k) step(k);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -283,7 +291,7 @@ void native_gemm(int64_t M, int64_t nvec, int64_t K, const T* a, int64_t lda, co
 constexpr int64_t kSumChunk = 8;
 
 // Probability tiles are padded with zeros to a multiple of this many keys (queries, in the
-// backward's P^T): fewer distinct product shapes for the engine to compile, whole AMX K-tiles.
+// backward's dO^T P and Q^T dS): fewer distinct product shapes for oneDNN to compile, whole AMX K-tiles.
 constexpr int64_t kKeyAlign = 32;
 
 // ---- panels: the B operands -------------------------------------------------------------------
@@ -354,6 +362,14 @@ inline vec_t<T> mask_bias(const bool* keep, const T* add, int64_t off, int64_t l
   constexpr int64_t W = Vec<T>::kSize;
   if (lane_stride == 0) return vbroadcast(keep != nullptr ? (keep[off] ? T(0) : kNegInf<T>) : add[off]);
   if (add != nullptr && lane_stride == 1 && n == W) return vload(add + off);
+  if (keep != nullptr && lane_stride == 1 && n == W) {  // W bytes of bool, widened to lane masks
+    typedef uint8_t bytes __attribute__((vector_size(W)));
+    typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_int;
+    typedef lane_int lanes __attribute__((vector_size(64)));
+    bytes kb;
+    std::memcpy(&kb, keep + off, W);
+    return __builtin_convertvector(kb, lanes) != 0 ? vec_t<T>{} : vbroadcast(kNegInf<T>);
+  }
   T buf[W] = {};
   if (keep != nullptr) {
     for (int64_t l = 0; l < n; ++l) buf[l] = keep[off + l * lane_stride] ? T(0) : kNegInf<T>;
