@@ -25,6 +25,7 @@ ERROR_FLOOR = {
     torch.bfloat16: 8e-3,
 }
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+HALF_DTYPES = [torch.bfloat16, torch.float16]
 
 
 def max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
@@ -41,6 +42,20 @@ def assert_error_within(
     scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
     bound = factor * err_torch + ERROR_FLOOR[ours.dtype] * scale
     assert err <= bound, f"{name}: error {err:.3e} > {factor}x torch's {err_torch:.3e} (+ floor) = {bound:.3e}"
+
+
+def assert_rounded_from(name: str, ours: torch.Tensor, wide: torch.Tensor) -> None:
+    """``ours`` (bf16/fp16) is ``wide`` (float32) rounded once to ``ours.dtype``: bit for bit, NaN for NaN.
+
+    One allowance: the AVX512-BF16 conversion (vcvtneps2bf16) flushes float32 denormals (|v| < 2^-126)
+    to zero where torch's rounding keeps them.
+    """
+    assert ours.dtype in (torch.bfloat16, torch.float16) and wide.dtype == torch.float32
+    expected = wide.to(ours.dtype)
+    if ours.dtype == torch.bfloat16:
+        denormal = wide.abs() < torch.finfo(torch.float32).tiny
+        ours, expected = ours.masked_fill(denormal, 0), expected.masked_fill(denormal, 0)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0, offset=0.0, requires_grad=False) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fusedformer as ff
 from fusedformer import reference
-from tests.conftest import DTYPES, assert_error_within, leaf_copies, randn
+from tests.conftest import DTYPES, HALF_DTYPES, assert_error_within, assert_rounded_from, leaf_copies, randn
 
 SHAPES = [(1,), (17, 97), (3, 5, 1025), (256, 64), (2, 33)]
 
@@ -46,15 +46,40 @@ def test_gelu_matches_reference(dtype, shape, approximate, with_bias):
             assert_error_within(name, o, t, r, factor)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gelu_every_capability(each_cpu_capability, approximate):
-    x, b = leaf_copies(randn(40, 333, scale=3.0), randn(333))
-    grad = randn(40, 333)
+def test_gelu_every_capability(each_cpu_capability, approximate, dtype):
+    x, b = randn(40, 333, dtype=dtype, scale=3.0), randn(333, dtype=dtype)
+    grad = randn(40, 333, dtype=dtype)
     truth = _run(reference.gelu, *leaf_copies(x, b, dtype=torch.float64), approximate, grad.double())
-    ours = _run(ff.gelu, x, b, approximate, grad)
+    ours = _run(ff.gelu, *leaf_copies(x, b), approximate, grad)
     torchs = _run(_torch_gelu, *leaf_copies(x, b), approximate, grad)
-    for name, o, t, r in zip(("out", "dx", "dbias"), ours, torchs, truth):
-        assert_error_within(f"{name} [{each_cpu_capability}]", o, t, r, 3)
+    for name, o, t, r, factor in zip(("out", "dx", "dbias"), ours, torchs, truth, (2, 3, 3)):
+        assert o.dtype == dtype
+        assert_error_within(f"{name} [{each_cpu_capability}]", o, t, r, factor)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 40, 97, 1025])  # a tail only, none, 1 lane, 8 lanes, ...
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gelu_half_is_the_float32_kernel_rounded_once(
+    each_cpu_capability, dtype, cols, approximate, with_bias
+):
+    """bf16/fp16 tensors are read and written in their dtype, and in between the kernel is the float32
+    one (x + bias included): the same bits as the float32 op on the widened tensors, rounded once."""
+    x, dy = randn(9, cols, dtype=dtype, scale=3.0), randn(9, cols, dtype=dtype)
+    b = randn(cols, dtype=dtype) if with_bias else None
+    b32 = b.float() if with_bias else None
+    y = torch.ops.fusedformer.gelu_fwd(x, b, approximate)
+    assert_rounded_from("out", y, torch.ops.fusedformer.gelu_fwd(x.float(), b32, approximate))
+    dx, db = torch.ops.fusedformer.gelu_bwd(dy, x, b, approximate)
+    dx32, db32 = torch.ops.fusedformer.gelu_bwd(dy.float(), x.float(), b32, approximate)
+    assert_rounded_from("dx", dx, dx32)
+    if with_bias:
+        assert_rounded_from("dbias", db, db32)  # float32 partial sums, rounded once at the end
+    else:
+        assert db.numel() == 0 and db.dtype == dtype
 
 
 def test_gelu_special_values():
@@ -71,10 +96,30 @@ def test_gelu_special_values():
     assert torch.equal(ff.gelu(big), big)
 
 
-def test_gelu_non_contiguous_and_empty():
-    x = randn(64, 40).t()
-    torch.testing.assert_close(ff.gelu(x), F.gelu(x))
-    assert ff.gelu(torch.empty(0, 8)).shape == (0, 8)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_gelu_half_special_values(dtype, each_cpu_capability):
+    # the float32 kernel's answers, rounded: overflow to inf, inf, NaN and the tails stay as they are
+    x = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 5.0, -5.0, 10.0, -10.0, 80.0, -80.0, 1e4, -1e4, 6e4, 3e38])
+    x = torch.cat([x, torch.tensor([float("inf"), -float("inf"), float("nan")])]).to(dtype)
+    for approximate in ("none", "tanh"):
+        wide = torch.ops.fusedformer.gelu_fwd(x.float(), None, approximate)
+        assert_rounded_from("out", torch.ops.fusedformer.gelu_fwd(x, None, approximate), wide)
+    assert ff.gelu(x[-1:]).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_non_contiguous_and_empty(dtype):
+    x, grad, b = randn(64, 40, dtype=dtype).t(), randn(64, 40, dtype=dtype).t(), randn(64, dtype=dtype)
+    assert not x.is_contiguous() and not grad.is_contiguous()
+    leaves = leaf_copies(x, b)
+    assert leaves[0].stride() == x.stride()  # clone() keeps the strides
+    ours = _run(ff.gelu, *leaves, "none", grad)
+    dense = _run(ff.gelu, *leaf_copies(x.contiguous(), b), "none", grad.contiguous())
+    for name, o, d in zip(("out", "dx", "dbias"), ours, dense):
+        assert torch.equal(o, d), name
+    if dtype == torch.float32:
+        torch.testing.assert_close(ff.gelu(x), F.gelu(x))
+    assert ff.gelu(torch.empty(0, 8, dtype=dtype)).shape == (0, 8)
 
 
 def test_gelu_gradcheck():

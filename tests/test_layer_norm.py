@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fusedformer as ff
 from fusedformer import reference
-from tests.conftest import DTYPES, assert_error_within, leaf_copies, randn
+from tests.conftest import DTYPES, HALF_DTYPES, assert_error_within, assert_rounded_from, leaf_copies, randn
 
 SHAPES = [  # (input shape, normalized_shape)
     ((1, 1), (1,)),
@@ -48,22 +48,58 @@ def test_layer_norm_matches_reference(dtype, shape, ns, affine):
             assert_error_within(name, o, t, r, factor)
 
 
-def test_layer_norm_every_capability(each_cpu_capability):
-    x, w, b = randn(33, 700), randn(700), randn(700)
-    x, w, b = leaf_copies(x, w, b)
-    grad = randn(33, 700)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_every_capability(each_cpu_capability, dtype):
+    x, w, b = randn(33, 700, dtype=dtype), randn(700, dtype=dtype), randn(700, dtype=dtype)
+    grad = randn(33, 700, dtype=dtype)
     truth = _run(reference.layer_norm, *leaf_copies(x, w, b, dtype=torch.float64), (700,), grad.double())
-    ours = _run(ff.layer_norm, x, w, b, (700,), grad)
+    ours = _run(ff.layer_norm, *leaf_copies(x, w, b), (700,), grad)
     torchs = _run(F.layer_norm, *leaf_copies(x, w, b), (700,), grad)
-    for name, o, t, r in zip(("out", "dx", "dweight", "dbias"), ours, torchs, truth):
-        assert_error_within(f"{name} [{each_cpu_capability}]", o, t, r, 3)
+    for name, o, t, r, factor in zip(("out", "dx", "dweight", "dbias"), ours, torchs, truth, (2, 3, 3, 3)):
+        assert o.dtype == dtype
+        assert_error_within(f"{name} [{each_cpu_capability}]", o, t, r, factor)
 
 
-def test_layer_norm_non_contiguous_input():
-    x = randn(64, 40).t()  # (40, 64), stride (1, 40)
-    assert not x.is_contiguous()
-    w, b = randn(64), randn(64)
-    torch.testing.assert_close(ff.layer_norm(x, (64,), w, b), F.layer_norm(x, (64,), w, b))
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 40, 97, 1025])  # a tail only, none, 1 lane, 8 lanes, ...
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
+def test_layer_norm_half_is_the_float32_kernel_rounded_once(each_cpu_capability, dtype, cols, affine):
+    """bf16/fp16 tensors are read and written in their dtype, and in between the kernel is the float32
+    one: the same bits as the float32 op on the widened tensors, with the results rounded once."""
+    x, dy = randn(7, cols, dtype=dtype, scale=2.0, offset=3.0), randn(7, cols, dtype=dtype)
+    w = randn(cols, dtype=dtype) if "weight" in affine else None
+    b = randn(cols, dtype=dtype) if "bias" in affine else None
+    wide = [t.float() if t is not None else None for t in (x, w, b, dy)]
+    fwd, bwd = torch.ops.fusedformer.layer_norm_fwd, torch.ops.fusedformer.layer_norm_bwd
+    y, mean, rstd = fwd(x, [cols], w, b, 1e-5)
+    y32, mean32, rstd32 = fwd(wide[0], [cols], wide[1], wide[2], 1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32
+    assert torch.equal(mean, mean32) and torch.equal(rstd, rstd32)
+    assert_rounded_from("out", y, y32)
+    dx, dw, db = bwd(dy, x, [cols], mean, rstd, w, b)
+    dx32, dw32, db32 = bwd(wide[3], wide[0], [cols], mean32, rstd32, wide[1], wide[2])
+    assert_rounded_from("dx", dx, dx32)
+    for name, g, g32, p in (("dweight", dw, dw32, w), ("dbias", db, db32, b)):
+        if p is None:
+            assert g.numel() == 0 and g.dtype == dtype
+        else:
+            assert_rounded_from(name, g, g32)  # float32 partial sums, rounded once at the end
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_non_contiguous_input(dtype):
+    x = randn(64, 40, dtype=dtype).t()  # (40, 64), stride (1, 40)
+    grad = randn(64, 40, dtype=dtype).t()
+    assert not x.is_contiguous() and not grad.is_contiguous()
+    w, b = randn(64, dtype=dtype), randn(64, dtype=dtype)
+    leaves = leaf_copies(x, w, b)
+    assert leaves[0].stride() == x.stride()  # clone() keeps the strides
+    ours = _run(ff.layer_norm, *leaves, (64,), grad)
+    dense = _run(ff.layer_norm, *leaf_copies(x.contiguous(), w, b), (64,), grad.contiguous())
+    for name, o, d in zip(("out", "dx", "dweight", "dbias"), ours, dense):
+        assert torch.equal(o, d), name
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours[0], F.layer_norm(x, (64,), w, b))
 
 
 def test_layer_norm_gradcheck():

@@ -56,16 +56,6 @@ Blocks blocks_for(const MatmulEngine* engine) {
   return engine->mm == nullptr ? Blocks{64, 64, 64, 64} : Blocks{128, 512, 64, 128};
 }
 
-Scalar scalar_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return Scalar::kFloat32;
-    case at::kDouble: return Scalar::kFloat64;
-    case at::kBFloat16: return Scalar::kBFloat16;
-    case at::kHalf: return Scalar::kFloat16;
-    default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", t);
-  }
-}
-
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

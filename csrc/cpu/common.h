@@ -4,12 +4,25 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/kernels/scalar.h"
+
 namespace fusedformer {
 namespace cpu {
 
-// The kernels compute in float32 or float64; half types are converted at the boundary.
+// The kernels accumulate in float32, or float64 for float64 tensors; bf16/fp16 tensors stay in their
+// dtype and are converted a vector at a time inside the kernels.
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline Scalar scalar_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return Scalar::kFloat32;
+    case at::kDouble: return Scalar::kFloat64;
+    case at::kBFloat16: return Scalar::kBFloat16;
+    case at::kHalf: return Scalar::kFloat16;
+    default: TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", t);
+  }
 }
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
@@ -17,6 +30,11 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
                   t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
               op, ": expected ", name, " to be float32, float64, float16 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
+}
+
+// Row r of a 2-d tensor with contiguous rows, or nullptr for an undefined tensor.
+inline void* row_ptr(const at::Tensor& t, int64_t r) {
+  return t.defined() ? static_cast<char*>(t.data_ptr()) + r * t.stride(0) * t.element_size() : nullptr;
 }
 
 // How many chunks to split `n` rows of `cols` elements into: at most one per thread, and at least

@@ -1,5 +1,8 @@
-// fusedformer::layer_norm_fwd / layer_norm_bwd on CPU tensors: checks, dtype handling and threading
-// around the per-capability bodies in kernels/layer_norm.cpp.
+// fusedformer::layer_norm_fwd / layer_norm_bwd on CPU tensors: checks and threading around the
+// per-capability bodies in kernels/layer_norm.cpp. The tensors keep their dtype (bf16/fp16 included):
+// the kernels widen a row at a time into a few float32 rows of scratch per chunk, never a whole tensor;
+// mean, rstd and the partial sums of the parameter gradients are in the accumulation dtype (float32,
+// float64 for float64).
 #include <torch/library.h>
 
 #include "cpu/allocator.h"
@@ -9,10 +12,8 @@
 namespace fusedformer {
 namespace cpu {
 
-KernelStub<LayerNormFn<float>> layer_norm_fwd_f32_stub;
-KernelStub<LayerNormFn<double>> layer_norm_fwd_f64_stub;
-KernelStub<LayerNormFn<float>> layer_norm_bwd_f32_stub;
-KernelStub<LayerNormFn<double>> layer_norm_bwd_f64_stub;
+KernelStub<LayerNormFn> layer_norm_fwd_stub;
+KernelStub<LayerNormFn> layer_norm_bwd_stub;
 
 namespace {
 
@@ -41,30 +42,25 @@ std::pair<int64_t, int64_t> check_inputs(const char* op, const at::Tensor& input
   return {rows, cols};
 }
 
-at::Tensor to_compute(const std::optional<at::Tensor>& t, at::ScalarType ct) {
-  return t ? t->to(ct).contiguous() : at::Tensor();
+// Each chunk's kernel scratch (kernels/layer_norm.h): (chunks, kLayerNormScratchRows * cols) float32 for
+// bf16/fp16 input, undefined for float32/float64.
+at::Tensor scratch_for(const at::Tensor& x, int64_t chunks, int64_t cols) {
+  if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) return at::Tensor();
+  return at::empty({chunks, kLayerNormScratchRows * cols}, x.options().dtype(at::kFloat));
 }
 
-template <typename T>
-LayerNormArgs<T> make_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t rows,
-                           int64_t cols) {
-  LayerNormArgs<T> a{};
-  a.x = x.data_ptr<T>();
-  a.weight = w.defined() ? w.data_ptr<T>() : nullptr;
-  a.bias = b.defined() ? b.data_ptr<T>() : nullptr;
+at::Tensor contiguous_or_none(const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); }
+
+LayerNormArgs make_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t rows,
+                        int64_t cols) {
+  LayerNormArgs a{};
+  a.dtype = scalar_of(x.scalar_type());
+  a.x = x.const_data_ptr();
+  a.weight = w.defined() ? w.const_data_ptr() : nullptr;
+  a.bias = b.defined() ? b.const_data_ptr() : nullptr;
   a.rows = rows;
   a.cols = cols;
   return a;
-}
-
-template <typename T>
-void run_fwd(KernelStub<LayerNormFn<T>>& stub, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-             int64_t rows, int64_t cols, double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
-  auto a = make_args<T>(x, w, b, rows, cols);
-  a.out = y.data_ptr<T>(), a.mean = mean.data_ptr<T>(), a.rstd = rstd.data_ptr<T>(), a.eps = eps;
-  auto fn = stub.get();
-  TORCH_INTERNAL_ASSERT(fn, "no LayerNorm kernel was built for this CPU");
-  parallel_row_chunks(rows, num_row_chunks(rows, cols), [&](int64_t, int64_t rb, int64_t re) { fn(a, rb, re); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& input,
@@ -75,41 +71,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   const char* op = "fusedformer::layer_norm_fwd";
   const auto [rows, cols] = check_inputs(op, input, normalized_shape, weight, bias);
   TORCH_CHECK(eps >= 0, op, ": expected eps >= 0, got ", eps);
-  const auto ct = compute_dtype(input.scalar_type());
-  const at::Tensor x = input.to(ct).contiguous();
-  const at::Tensor w = to_compute(weight, ct), b = to_compute(bias, ct);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w = contiguous_or_none(weight), b = contiguous_or_none(bias);
   at::Tensor y = empty_output_like(x);
   const auto lead = input.sizes().slice(0, input.dim() - normalized_shape.size());
-  at::Tensor mean = at::empty(lead, x.options());
-  at::Tensor rstd = at::empty(lead, x.options());
-  if (ct == at::kDouble) {
-    run_fwd<double>(layer_norm_fwd_f64_stub, x, w, b, rows, cols, eps, y, mean, rstd);
-  } else {
-    run_fwd<float>(layer_norm_fwd_f32_stub, x, w, b, rows, cols, eps, y, mean, rstd);
-  }
-  return {y.to(input.scalar_type()), mean, rstd};
-}
-
-template <typename T>
-void run_bwd(KernelStub<LayerNormFn<T>>& stub, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-             const at::Tensor& b, const at::Tensor& mean, const at::Tensor& rstd, int64_t rows, int64_t cols,
-             at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
-  auto a = make_args<T>(x, w, b, rows, cols);
-  a.grad_out = dy.data_ptr<T>(), a.out = dx.data_ptr<T>();
-  a.mean = mean.data_ptr<T>(), a.rstd = rstd.data_ptr<T>();
-  auto fn = stub.get();
+  const auto stats = x.options().dtype(compute_dtype(input.scalar_type()));
+  at::Tensor mean = at::empty(lead, stats);
+  at::Tensor rstd = at::empty(lead, stats);
+  LayerNormArgs a = make_args(x, w, b, rows, cols);
+  a.out = y.data_ptr(), a.mean = mean.data_ptr(), a.rstd = rstd.data_ptr(), a.eps = eps;
+  auto fn = layer_norm_fwd_stub.get();
   TORCH_INTERNAL_ASSERT(fn, "no LayerNorm kernel was built for this CPU");
   const int64_t chunks = num_row_chunks(rows, cols);
-  at::Tensor pw = w.defined() ? at::zeros({chunks, cols}, x.options()) : at::Tensor();
-  at::Tensor pb = b.defined() ? at::zeros({chunks, cols}, x.options()) : at::Tensor();
+  const at::Tensor scratch = scratch_for(x, chunks, cols);
   parallel_row_chunks(rows, chunks, [&](int64_t c, int64_t rb, int64_t re) {
-    LayerNormArgs<T> ac = a;
-    ac.grad_weight_part = w.defined() ? pw.data_ptr<T>() + c * cols : nullptr;
-    ac.grad_bias_part = b.defined() ? pb.data_ptr<T>() + c * cols : nullptr;
+    LayerNormArgs ac = a;
+    ac.scratch = row_ptr(scratch, c);
     fn(ac, rb, re);
   });
-  if (w.defined()) dw = pw.sum(0);
-  if (b.defined()) db = pb.sum(0);
+  return {y, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
@@ -120,27 +100,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   check_floating(grad_out, op, "grad_out");
   TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": expected grad_out of shape ", input.sizes(),
               " like input, got ", grad_out.sizes());
-  const auto ct = compute_dtype(input.scalar_type());
+  const auto acc = compute_dtype(input.scalar_type());
   for (const auto& [name, t] : {std::make_pair("mean", &mean), std::make_pair("rstd", &rstd)}) {
-    TORCH_CHECK(t->numel() == rows && t->scalar_type() == ct, op, ": expected ", name, " with ", rows,
-                " elements of dtype ", ct, " (from layer_norm_fwd), got shape ", t->sizes(), " dtype ",
+    TORCH_CHECK(t->numel() == rows && t->scalar_type() == acc, op, ": expected ", name, " with ", rows,
+                " elements of dtype ", acc, " (from layer_norm_fwd), got shape ", t->sizes(), " dtype ",
                 t->scalar_type());
   }
-  const at::Tensor x = input.to(ct).contiguous();
-  const at::Tensor dy = grad_out.to(ct).contiguous();
-  const at::Tensor w = to_compute(weight, ct), b = to_compute(bias, ct);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor dy = grad_out.to(input.scalar_type()).contiguous();  // the kernel reads it in input's dtype
+  const at::Tensor w = contiguous_or_none(weight), b = contiguous_or_none(bias);
   const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
   at::Tensor dx = empty_output_like(x);
+  LayerNormArgs a = make_args(x, w, b, rows, cols);
+  a.grad_out = dy.const_data_ptr(), a.out = dx.data_ptr();
+  a.mean = mu.data_ptr(), a.rstd = rs.data_ptr();
+  auto fn = layer_norm_bwd_stub.get();
+  TORCH_INTERNAL_ASSERT(fn, "no LayerNorm kernel was built for this CPU");
+  // Per-chunk partial sums of dw and db in the accumulation dtype, added up below.
+  const int64_t chunks = num_row_chunks(rows, cols);
+  const auto part = x.options().dtype(acc);
+  at::Tensor pw = w.defined() ? at::zeros({chunks, cols}, part) : at::Tensor();
+  at::Tensor pb = b.defined() ? at::zeros({chunks, cols}, part) : at::Tensor();
+  const at::Tensor scratch = scratch_for(x, chunks, cols);
+  parallel_row_chunks(rows, chunks, [&](int64_t c, int64_t rb, int64_t re) {
+    LayerNormArgs ac = a;
+    ac.grad_weight_part = row_ptr(pw, c), ac.grad_bias_part = row_ptr(pb, c), ac.scratch = row_ptr(scratch, c);
+    fn(ac, rb, re);
+  });
   // empty where weight (bias) is None, in input's dtype like the fake kernel says
   at::Tensor dw = at::empty({0}, input.options()), db = at::empty({0}, input.options());
-  if (ct == at::kDouble) {
-    run_bwd<double>(layer_norm_bwd_f64_stub, dy, x, w, b, mu, rs, rows, cols, dx, dw, db);
-  } else {
-    run_bwd<float>(layer_norm_bwd_f32_stub, dy, x, w, b, mu, rs, rows, cols, dx, dw, db);
-  }
-  if (w.defined()) dw = dw.view(normalized_shape).to(input.scalar_type());
-  if (b.defined()) db = db.view(normalized_shape).to(input.scalar_type());
-  return {dx.to(input.scalar_type()), dw, db};
+  if (w.defined()) dw = pw.sum(0).view(normalized_shape).to(input.scalar_type());
+  if (b.defined()) db = pb.sum(0).view(normalized_shape).to(input.scalar_type());
+  return {dx, dw, db};
 }
 
 }  // namespace

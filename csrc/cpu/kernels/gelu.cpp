@@ -2,8 +2,12 @@
 //   exact: y = x/2 (1 + erf(x/√2))           y' = (1 + erf(x/√2))/2 + x φ(x)
 //   tanh:  y = x/2 (1 + tanh(u)), u = √(2/π)(x + 0.044715 x³)
 //          y' = (1 + tanh u)/2 + x/2 (1 - tanh² u) √(2/π)(1 + 3·0.044715 x²)
+// bf16/fp16 tensors are read and written in their dtype: each vector is widened to float32 as it is
+// loaded (exactly), x + bias and everything after it is float32, and the result is rounded once as it
+// is stored. The partial sums of the bias gradient are float32.
 #include "cpu/kernels/gelu.h"
 
+#include "cpu/kernels/half.h"
 #include "cpu/kernels/vec.h"
 
 namespace fusedformer {
@@ -38,59 +42,83 @@ inline vec_t<T> gelu_derivative(vec_t<T> x, bool tanh_approx) {
   return cdf + x * pdf;
 }
 
+// T: the tensors' element type; A: the accumulation type.
 template <typename T>
-void gelu_fwd(const GeluArgs<T>& a, int64_t row_begin, int64_t row_end) {
-  constexpr int64_t W = Vec<T>::kSize;
+void gelu_fwd_impl(const GeluArgs& a, int64_t row_begin, int64_t row_end) {
+  using A = acc_t<T>;
+  constexpr int64_t W = Vec<A>::kSize;
+  const T* bias = static_cast<const T*>(a.bias);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const T* x = a.x + r * a.cols;
-    T* y = a.out + r * a.cols;
+    const T* x = static_cast<const T*>(a.x) + r * a.cols;
+    T* y = static_cast<T*>(a.out) + r * a.cols;
     int64_t c = 0;
     for (; c + W <= a.cols; c += W) {
-      vec_t<T> v = vload(x + c);
-      if (a.bias) v += vload(a.bias + c);
-      vstore(y + c, gelu_value<T>(v, a.tanh_approx));
+      vec_t<A> v = load_lanes<T, A>(x + c);
+      if (bias) v += load_lanes<T, A>(bias + c);
+      store_lanes<T, A>(y + c, gelu_value<A>(v, a.tanh_approx));
     }
     if (c < a.cols) {
       const int64_t n = a.cols - c;
-      vec_t<T> v = vload_partial(x + c, n);
-      if (a.bias) v += vload_partial(a.bias + c, n);
-      vstore_partial(y + c, gelu_value<T>(v, a.tanh_approx), n);
+      vec_t<A> v = load_lanes_partial<T, A>(x + c, n);
+      if (bias) v += load_lanes_partial<T, A>(bias + c, n);
+      store_lanes_partial<T, A>(y + c, gelu_value<A>(v, a.tanh_approx), n);
     }
   }
 }
 
 template <typename T>
-void gelu_bwd(const GeluArgs<T>& a, int64_t row_begin, int64_t row_end) {
-  constexpr int64_t W = Vec<T>::kSize;
+void gelu_bwd_impl(const GeluArgs& a, int64_t row_begin, int64_t row_end) {
+  using A = acc_t<T>;
+  constexpr int64_t W = Vec<A>::kSize;
+  const T* bias = static_cast<const T*>(a.bias);
+  A* grad_bias_part = static_cast<A*>(a.grad_bias_part);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const T* x = a.x + r * a.cols;
-    const T* dy = a.grad_out + r * a.cols;
-    T* dx = a.out + r * a.cols;
+    const T* x = static_cast<const T*>(a.x) + r * a.cols;
+    const T* dy = static_cast<const T*>(a.grad_out) + r * a.cols;
+    T* dx = static_cast<T*>(a.out) + r * a.cols;
     int64_t c = 0;
     for (; c + W <= a.cols; c += W) {
-      vec_t<T> v = vload(x + c);
-      if (a.bias) v += vload(a.bias + c);
-      const vec_t<T> g = vload(dy + c) * gelu_derivative<T>(v, a.tanh_approx);
-      vstore(dx + c, g);
-      if (a.grad_bias_part) vstore(a.grad_bias_part + c, vload(a.grad_bias_part + c) + g);
+      vec_t<A> v = load_lanes<T, A>(x + c);
+      if (bias) v += load_lanes<T, A>(bias + c);
+      const vec_t<A> g = load_lanes<T, A>(dy + c) * gelu_derivative<A>(v, a.tanh_approx);
+      store_lanes<T, A>(dx + c, g);
+      if (grad_bias_part) vstore(grad_bias_part + c, vload(grad_bias_part + c) + g);
     }
     if (c < a.cols) {
       const int64_t n = a.cols - c;
-      vec_t<T> v = vload_partial(x + c, n);
-      if (a.bias) v += vload_partial(a.bias + c, n);
-      const vec_t<T> g = vload_partial(dy + c, n) * gelu_derivative<T>(v, a.tanh_approx);
-      vstore_partial(dx + c, g, n);
-      if (a.grad_bias_part) vstore_partial(a.grad_bias_part + c, vload_partial(a.grad_bias_part + c, n) + g, n);
+      vec_t<A> v = load_lanes_partial<T, A>(x + c, n);
+      if (bias) v += load_lanes_partial<T, A>(bias + c, n);
+      const vec_t<A> g = load_lanes_partial<T, A>(dy + c, n) * gelu_derivative<A>(v, a.tanh_approx);
+      store_lanes_partial<T, A>(dx + c, g, n);
+      if (grad_bias_part) vstore_partial(grad_bias_part + c, vload_partial(grad_bias_part + c, n) + g, n);
     }
+  }
+}
+
+// ---- dispatch on the tensors' dtype ---------------------------------------------------------------
+
+void gelu_fwd(const GeluArgs& a, int64_t row_begin, int64_t row_end) {
+  switch (a.dtype) {
+    case Scalar::kFloat32: return gelu_fwd_impl<float>(a, row_begin, row_end);
+    case Scalar::kFloat64: return gelu_fwd_impl<double>(a, row_begin, row_end);
+    case Scalar::kBFloat16: return gelu_fwd_impl<bf16_t>(a, row_begin, row_end);
+    case Scalar::kFloat16: return gelu_fwd_impl<fp16_t>(a, row_begin, row_end);
+  }
+}
+
+void gelu_bwd(const GeluArgs& a, int64_t row_begin, int64_t row_end) {
+  switch (a.dtype) {
+    case Scalar::kFloat32: return gelu_bwd_impl<float>(a, row_begin, row_end);
+    case Scalar::kFloat64: return gelu_bwd_impl<double>(a, row_begin, row_end);
+    case Scalar::kBFloat16: return gelu_bwd_impl<bf16_t>(a, row_begin, row_end);
+    case Scalar::kFloat16: return gelu_bwd_impl<fp16_t>(a, row_begin, row_end);
   }
 }
 
 }  // namespace
 
-FF_REGISTER_KERNEL(gelu_fwd_f32_stub, &gelu_fwd<float>);
-FF_REGISTER_KERNEL(gelu_fwd_f64_stub, &gelu_fwd<double>);
-FF_REGISTER_KERNEL(gelu_bwd_f32_stub, &gelu_bwd<float>);
-FF_REGISTER_KERNEL(gelu_bwd_f64_stub, &gelu_bwd<double>);
+FF_REGISTER_KERNEL(gelu_fwd_stub, &gelu_fwd);
+FF_REGISTER_KERNEL(gelu_bwd_stub, &gelu_bwd);
 
 }  // namespace FF_CPU_CAPABILITY
 }  // namespace cpu

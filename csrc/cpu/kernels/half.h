@@ -92,8 +92,9 @@ inline void convert_row(Dst* dst, const Src* src, int64_t n) {
   }
 }
 
-// W lanes stored as Op: bf16 rounded to nearest even (the probabilities are finite), by one
-// instruction where the build has AVX512-BF16; fp16 by the AVX-512 conversion.
+// W lanes stored as Op: bf16 rounded to nearest even, NaN kept NaN, by one instruction where the build
+// has AVX512-BF16 (vcvtneps2bf16, which also flushes float32 denormals, |x| < 2^-126, to ±0; the other
+// builds round them like Elem<bf16_t>::store); fp16 by the AVX-512 conversion.
 typedef uint32_t vu32 __attribute__((vector_size(64)));
 typedef uint16_t vu16 __attribute__((vector_size(32)));
 
@@ -137,6 +138,31 @@ inline vec_t<Acc> load_lanes(const In* src) {
     for (int i = 0; i < Vec<Acc>::kSize; ++i) v[i] = Elem<In>::load(src[i]);
     return v;
 #endif
+  }
+}
+
+// The first n < W lanes of In as the accumulation type, the others 0; the row tails of the
+// elementwise kernels. vload_partial for float and double.
+template <typename In, typename Acc>
+inline vec_t<Acc> load_lanes_partial(const In* src, int64_t n) {
+  if constexpr (std::is_same_v<In, Acc>) {
+    return vload_partial(src, n);
+  } else {
+    In buf[Vec<Acc>::kSize] = {};
+    std::memcpy(buf, src, n * sizeof(In));
+    return load_lanes<In, Acc>(buf);
+  }
+}
+
+// The first n < W lanes stored as Op, rounded as store_lanes rounds; vstore_partial for float and double.
+template <typename Op, typename Acc>
+inline void store_lanes_partial(Op* dst, vec_t<Acc> x, int64_t n) {
+  if constexpr (std::is_same_v<Op, Acc>) {
+    vstore_partial(dst, x, n);
+  } else {
+    Op buf[Vec<Acc>::kSize];
+    store_lanes<Op, Acc>(buf, x);
+    std::memcpy(dst, buf, n * sizeof(Op));
   }
 }
 

@@ -9,11 +9,10 @@
 
 #include <cstdint>
 
+#include "cpu/kernels/scalar.h"
+
 namespace fusedformer {
 namespace cpu {
-
-// The element types of the kernels' tensors and tile operands.
-enum class Scalar : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 // Products are C = [C +] A B, row-major, M x N = (M x K)(K x N), with A of the operand type, C of
 // float32 (float64 for float64 operands) and B in panels: column blocks of kPanel columns, each
