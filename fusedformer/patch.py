@@ -378,8 +378,20 @@ def _run(model: nn.Module, inputs) -> list[torch.Tensor]:
     return [t.detach().clone() for t in _tensors(out)]
 
 
-def _compare(before: list[torch.Tensor], after: list[torch.Tensor], atol, rtol) -> float:
-    """The largest |after - before|; raises ``PatchVerificationError`` beyond tolerance."""
+def _padding(inputs: object) -> torch.Tensor | None:
+    """The padded positions, ``(B, L)`` bool, of a keyword batch with a 2-d ``attention_mask`` (0 = padding)."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not mask.is_floating_point():
+        return mask == 0
+    return None
+
+
+def _compare(before: list[torch.Tensor], after: list[torch.Tensor], atol, rtol, padding=None) -> float:
+    """The largest |after - before|; raises ``PatchVerificationError`` beyond tolerance.
+
+    padding: ``(B, L)`` bool, True at padded tokens; an output that starts with (B, L) is compared at the
+    real tokens only (a model's output at a padded position is not defined: transformers' attention
+    lets a padded query attend like any other, and rounding there is free to differ)."""
     if len(before) != len(after):
         raise PatchVerificationError(
             f"the model returned {len(before)} tensors before patching, {len(after)} after"
@@ -400,6 +412,9 @@ def _compare(before: list[torch.Tensor], after: list[torch.Tensor], atol, rtol) 
         diff = (a.double() - b.double()).abs()
         both_nan = torch.isnan(a) & torch.isnan(b)
         diff = diff.masked_fill(both_nan, 0.0)
+        if padding is not None and b.dim() >= 2 and tuple(b.shape[:2]) == tuple(padding.shape):
+            pad = padding.to(b.device).reshape(*padding.shape, *([1] * (b.dim() - 2)))
+            diff = diff.masked_fill(pad, 0.0)
         bad = ~(diff <= t_atol + t_rtol * b.double().abs())
         d = float(diff.max()) if diff.numel() else 0.0
         if bad.any():
@@ -438,7 +453,8 @@ def patch(
         model: a ``torch.nn.Module`` (a plain PyTorch model, a transformers model, or one holding them).
         verify: run the model (eval mode, no grad) on a sample batch before and after; if any output differs
             beyond ``VERIFY_TOLERANCES`` of its dtype, undo the patch and raise ``PatchVerificationError``
-            naming the largest difference.
+            naming the largest difference. Outputs shaped ``(B, L, ...)`` are compared at the batch's
+            real tokens only when it has a 2-d ``attention_mask`` (0 = padding).
         sample_inputs: the batch for ``verify``: a tensor, a tuple of positional arguments or a dict of
             keyword arguments; by default built by ``fusedformer.patch.build_sample_inputs(model)``.
         atol, rtol: override the per-dtype tolerances of ``verify``.
@@ -471,7 +487,7 @@ def patch(
 
     if verify:
         try:
-            report.max_abs_diff = _compare(before, _run(model, inputs), atol, rtol)
+            report.max_abs_diff = _compare(before, _run(model, inputs), atol, rtol, _padding(inputs))
         except BaseException:
             unpatch(model)
             raise

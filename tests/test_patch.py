@@ -192,6 +192,22 @@ def test_verify_failure_raises_and_restores(monkeypatch):
     assert type(net.norm) is nn.LayerNorm and type(net.encoder) is nn.TransformerEncoder
 
 
+def test_verify_compares_real_tokens_only():
+    """With an ``attention_mask`` in the batch, outputs (B, L, ...) are compared at its real tokens: a
+    difference at a padded position passes, the same difference at a real token fails."""
+    before = [torch.zeros(2, 5, 3), torch.zeros(2)]
+    attention_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    padding = ffpatch._padding({"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": attention_mask})
+    after = [before[0].clone(), before[1].clone()]
+    after[0][0, 4] = 1.0  # a padded position
+    assert ffpatch._compare(before, after, None, None, padding) == 0.0
+    with pytest.raises(PatchVerificationError):
+        ffpatch._compare(before, after, None, None, None)  # without the mask, every position counts
+    after[0][1, 4] = 1.0  # a real token (its 3 features)
+    with pytest.raises(PatchVerificationError, match="at 3 element"):  # the real token's 3 values
+        ffpatch._compare(before, after, None, None, padding)
+
+
 def test_verify_asks_for_inputs_it_cannot_build():
     with pytest.raises(ValueError, match="sample_inputs"):
         patch(Net(), verify=True)
