@@ -25,6 +25,14 @@ TORCH_LIBRARY(fusedformer, m) {
       "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
       "Tensor logsumexp, Tensor? attn_mask, bool is_causal, float scale, float dropout_p=0.0, int seed=0) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // Generation: query (B, Hq, L, E) against k_cache (B, Hk, S_max, E), v_cache (B, Hk, S_max, Ev). When
+  // given, key (B, Hk, L, E) and value (B, Hk, L, Ev) are first written into the caches, in place, at
+  // [cache_seqlens[b], cache_seqlens[b] + L); sequence b then attends to its first n_b entries (n_b =
+  // cache_seqlens[b] (+ L when appending), S_max when cache_seqlens is None), causal aligned bottom-right
+  // (query i sees entries j <= n_b - L + i). Returns out (B, Hq, L, Ev). Inference only.
+  m.def(
+      "attention_with_kv_cache(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? key, Tensor? value, "
+      "Tensor? cache_seqlens, bool is_causal, float scale) -> Tensor");
   // The mask attention_fwd(..., dropout_p, seed) draws for query (B, H, L, *) and key length S, dense:
   // (B, H, L, S) bool, True = kept. For tests only: the kernels never build it.
   m.def("attention_dropout_mask(int B, int H, int L, int S, float dropout_p, int seed) -> Tensor");

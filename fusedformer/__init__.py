@@ -15,9 +15,11 @@ from fusedformer import backends as _backends
 from fusedformer.backends import BackendUnavailableError, Explanation, FallbackWarning
 from fusedformer.ops import attention as _attention
 from fusedformer.ops import gelu as _gelu
+from fusedformer.ops import kv_cache as _kv_cache
 from fusedformer.ops import layer_norm as _layer_norm
 from fusedformer.ops.attention import scaled_dot_product_attention
 from fusedformer.ops.gelu import gelu
+from fusedformer.ops.kv_cache import attention_with_kv_cache
 from fusedformer.ops.layer_norm import layer_norm
 
 from fusedformer import nn  # noqa: E402  (the modules call the functions above)
@@ -26,6 +28,7 @@ from fusedformer.patch import PatchReport, PatchVerificationError, patch, unpatc
 __version__ = "0.1.0"
 
 __all__ = [
+    "attention_with_kv_cache",
     "BackendUnavailableError",
     "Explanation",
     "FallbackWarning",
@@ -43,6 +46,7 @@ __all__ = [
 _REQUESTS = {
     "scaled_dot_product_attention": _attention._request,
     "attention": _attention._request,
+    "attention_with_kv_cache": _kv_cache._request,
     "layer_norm": _layer_norm._request,
     "gelu": _gelu._request,
 }

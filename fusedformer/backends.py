@@ -42,7 +42,7 @@ class FallbackWarning(UserWarning):
 class Request:
     """What the backends need to know about one call (built from validated inputs)."""
 
-    op: str  # "attention", "layer_norm" or "gelu"
+    op: str  # "attention", "attention_with_kv_cache", "layer_norm" or "gelu"
     device: torch.device
     dtype: torch.dtype
     dropout_p: float = 0.0
@@ -60,9 +60,16 @@ def _load_extension() -> tuple[object | None, str | None]:
 
 _C, _C_ERROR = _load_extension()
 # Read once, here: the C++ kernels register when _C loads, and torch.compile cannot trace this query.
+# The op that holds each family's CPU kernel.
+_CPU_OPS = {
+    "attention": "attention_fwd",
+    "attention_with_kv_cache": "attention_with_kv_cache",
+    "layer_norm": "layer_norm_fwd",
+    "gelu": "gelu_fwd",
+}
 _CPU_KERNELS = {
-    op: _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedformer::{op}_fwd", "CPU")
-    for op in ("attention", "layer_norm", "gelu")
+    family: _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedformer::{op}", "CPU")
+    for family, op in _CPU_OPS.items()
 }
 
 
@@ -87,7 +94,7 @@ class CppBackend:
         if request.device.type not in self.SUPPORTED_DEVICES:
             reasons.append(f"serves CPU tensors, got {request.device.type}")
         if not _CPU_KERNELS.get(request.op, False):
-            reasons.append(f"fusedformer::{request.op}_fwd has no CPU kernel in this build")
+            reasons.append(f"fusedformer::{_CPU_OPS[request.op]} has no CPU kernel in this build")
         return reasons + _common_reasons(request)
 
 
@@ -133,7 +140,9 @@ class TritonBackend:
             )
         elif device not in ("cuda", "cpu"):
             reasons.append(f"serves CUDA tensors, got {device}")
-        if request.dtype in FLOAT_DTYPES and request.dtype not in self.SUPPORTED_DTYPES[request.op]:
+        if request.op not in self.SUPPORTED_DTYPES:
+            reasons.append(f"there is no Triton kernel for {request.op} yet")
+        elif request.dtype in FLOAT_DTYPES and request.dtype not in self.SUPPORTED_DTYPES[request.op]:
             reasons.append(f"the Triton {request.op} kernels do not take {request.dtype}")
         if request.op == "attention" and request.dropout_p > 0.0:
             reasons.append(f"attention dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
@@ -203,6 +212,7 @@ def _detail(request: Request, backend: str) -> str:
     # Never measures: explain runs no kernel (and a process that forks later, like the benchmarks'
     # memory probe, must not have started torch's OpenMP pool).
     if backend != "cpp" or request.op != "attention" or request.dtype not in FLOAT_DTYPES:
+        # (attention_with_kv_cache runs the decode kernel, or the attention forward for a uniform prefill)
         return ""
     info = _C.attention_engine(str(request.dtype).removeprefix("torch."), measure=False)
     if not info["fwd"]:

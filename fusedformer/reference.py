@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["scaled_dot_product_attention", "layer_norm", "gelu", "compute_dtype"]
+__all__ = ["scaled_dot_product_attention", "attention_with_kv_cache", "layer_norm", "gelu", "compute_dtype"]
 
 
 def compute_dtype(dtype: torch.dtype, upcast: bool = True) -> torch.dtype:
@@ -79,6 +79,47 @@ def scaled_dot_product_attention(
     elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     return (probs @ v).to(query.dtype)
+
+
+def attention_with_kv_cache(
+    query: torch.Tensor,  # (B, Hq, L, E)
+    k_cache: torch.Tensor,  # (B, Hk, S_max, E), written in place when key is given
+    v_cache: torch.Tensor,  # (B, Hk, S_max, Ev), written in place when value is given
+    key: torch.Tensor | None = None,  # (B, Hk, L, E)
+    value: torch.Tensor | None = None,  # (B, Hk, L, Ev)
+    cache_seqlens: torch.Tensor | None = None,  # (B,) int: entries per sequence before the call
+    is_causal: bool = True,
+    scale: float | None = None,
+    *,
+    upcast: bool = True,
+) -> torch.Tensor:  # (B, Hq, L, Ev)
+    """Attention against a KV cache, sequence by sequence (``ff.attention_with_kv_cache``'s contract).
+
+    Appends ``key``/``value`` at ``cache_seqlens[b]``, then query ``i`` of sequence ``b`` attends to the
+    first ``n_b`` cache entries (``n_b = cache_seqlens[b] (+ L)``), causal aligned bottom-right: keys
+    ``j <= n_b - L + i``. A row with no key gives 0. Checks nothing: the fused op's checks are the contract.
+    """
+    B, Hq, L, _ = query.shape
+    S_max = k_cache.shape[2]
+    before = [S_max] * B if cache_seqlens is None else [int(n) for n in cache_seqlens.reshape(-1).tolist()]
+    if key is not None:
+        for b in range(B):
+            k_cache[b, :, before[b]:before[b] + L] = key[b]
+            v_cache[b, :, before[b]:before[b] + L] = value[b]
+    outs = []
+    for b in range(B):
+        n = before[b] + (L if key is not None else 0)
+        mask = None
+        if is_causal:
+            i = torch.arange(L, device=query.device)[:, None]
+            j = torch.arange(n, device=query.device)[None, :]
+            mask = j <= n - L + i
+        outs.append(
+            scaled_dot_product_attention(
+                query[b], k_cache[b, :, :n], v_cache[b, :, :n], mask, scale=scale, enable_gqa=True, upcast=upcast
+            )
+        )
+    return torch.stack(outs) if outs else query.new_empty((0, Hq, L, v_cache.shape[-1]))
 
 
 def layer_norm(

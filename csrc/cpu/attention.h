@@ -18,6 +18,19 @@ struct EngineReport {
   std::vector<double> fwd_ms, bwd_ms;  // per candidate; empty when not measured
 };
 
+// The decode kernel (kernels/attention.h, AttentionDecodeArgs) on 4-d tensors with contiguous rows:
+// q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev); mask a (B, Hq, L, S) view or undefined;
+// seq_lens (B,) int64 or undefined; causal 0 none, 1 top-left, 2 bottom-right; keys past max_keys are
+// never read. Fills out (B, Hq, L, Ev) in q's dtype and lse (B, Hq, L) in the accumulation dtype.
+void attention_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                          int causal, const at::Tensor& seq_lens, int64_t max_keys, double scale, at::Tensor& out,
+                          at::Tensor& lse);
+
+// attention_fwd's kernels (no mask, no dropout) on 4-d tensors with contiguous rows, S > 0: fills out
+// (B, Hq, L, Ev) in q's dtype and lse (B, Hq, L) in the accumulation dtype. causal is top-left.
+void attention_fwd_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal,
+                            double scale, at::Tensor& out, at::Tensor& lse);
+
 // Runs the measurement if this dtype has not been served yet and `measure`; else reports
 // how = "not measured yet" (the measurement runs attention on torch's thread pool: a process that
 // forks afterwards must not have started that pool, and GNU OpenMP's does not survive a fork).
