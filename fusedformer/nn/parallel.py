@@ -65,10 +65,13 @@ class HeadParallel(_style_base()):
                 mod.register_parameter(pname, nn.Parameter(distribute_tensor(p.data, mesh, placements)))
 
         def inputs(mod, args, mesh):
-            return tuple(
-                DTensor.from_local(a, mesh, [Replicate()], run_check=False)
-                if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a
-                for a in args
-            )
+            made: dict[int, DTensor] = {}  # one DTensor per tensor: self-attention passes x as q, k and v
+
+            def replicated(a):
+                if not isinstance(a, torch.Tensor) or isinstance(a, DTensor):
+                    return a
+                return made.setdefault(id(a), DTensor.from_local(a, mesh, [Replicate()], run_check=False))
+
+            return tuple(replicated(a) for a in args)
 
         return distribute_module(module, device_mesh, partition, input_fn=inputs)
