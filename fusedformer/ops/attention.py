@@ -411,6 +411,16 @@ def scaled_dot_product_attention(
         scale: the scores' factor; ``1/sqrt(E)`` when None.
         enable_gqa: allow grouped-query attention (query head ``h`` uses key head ``h // (Hq // Hk)``).
 
+    Tensor parallel (DTensor inputs; ops ``attention_fwd`` / ``attention_bwd`` and their Triton twins): the
+    4-D ``(B, H, L, E)`` view runs sharded on batch (``Shard(0)``) or heads (``Shard(1)``), query, key,
+    value, out, logsumexp and the gradients alike; the mask shards along where it has that dim and is
+    replicated where it broadcasts. With GQA the heads shard only when the number of pieces divides Hk
+    (query and key/value head groups stay together), else a ``ShardingError``. Any other layout is
+    gathered (``Replicate()``) with a one-time ``ShardingWarning``. Dropout on shards: each shard's seed is
+    the drawn seed mixed with its coordinates on the mesh dims where query is sharded (replicas share
+    it), so shards draw independent masks (not the unsharded call's mask); the backward runs on the
+    forward's shards and redraws the same ones; key and value must then arrive laid out as query.
+
     Returns ``(..., Hq, L, Ev)`` in query's dtype. A query row whose keys are all masked out gives 0
     (and gradient 0), never NaN. No ``(L, S)`` score matrix is ever built: the kernels stream key tiles
     with an online softmax and save only the log-sum-exp for the backward.

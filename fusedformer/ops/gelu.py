@@ -137,6 +137,10 @@ def gelu(
     """``F.gelu(input + bias, approximate)`` in one pass; the bias add is fused in (and its gradient).
 
     ``approximate="none"`` is the exact ``x·Φ(x)`` (erf); ``"tanh"`` is the tanh approximation.
+
+    Tensor parallel (DTensor inputs; ops ``gelu_fwd`` / ``gelu_bwd``): input sharded on any dim. Sharded on
+    the last (a column-parallel linear's output) the bias is ``Shard(0)`` and so is its gradient;
+    otherwise the bias is replicated and its gradient a ``Partial()`` sum.
     """
     request = _request(input, approximate, bias)
     backend = backends.select(request)

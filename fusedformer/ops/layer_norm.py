@@ -183,6 +183,11 @@ def layer_norm(
 
     Normalises over the last ``len(normalized_shape)`` dims with the biased variance, then applies the
     optional elementwise ``weight`` and ``bias``. Returns input's shape and dtype.
+
+    Tensor parallel (DTensor inputs; ops ``layer_norm_fwd`` / ``layer_norm_bwd``): input sharded on any dim
+    but the normalised ones (batch, or the sequence for sequence parallelism), weight and bias
+    replicated; out, mean, rstd and grad_input shard alike, grad_weight and grad_bias are ``Partial()``
+    sums. Input sharded on a normalised dim is gathered with a one-time ``ShardingWarning``.
     """
     request = _request(input, normalized_shape, weight, bias, eps)
     backend = backends.select(request)
