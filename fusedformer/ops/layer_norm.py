@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fusedformer import backends, reference
+from fusedformer.ops import sharding
 
 __all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd"]
 
@@ -102,6 +103,35 @@ if backends.TRITON_KERNELS:
     _register_triton(backends.TRITON_KERNELS["layer_norm"])
 
 
+# ---- DTensor sharding rules (tensor parallelism; see ops/sharding.py) ----------------------------
+# Rows are independent: shard on any dim but the normalised ones; weight and bias replicated; their
+# gradients are partial sums over the rows of each shard (Partial(), reduced when DTensor needs them).
+
+
+@sharding.rules("layer_norm_fwd", "triton_layer_norm_fwd")
+def _layer_norm_fwd_rules(input, normalized_shape, weight, bias, eps):
+    from torch.distributed.tensor import Replicate, Shard
+
+    params = [Replicate() if t is not None else None for t in (weight, bias)]
+    layouts = [sharding.replicated(3, 5, (input, None, weight, bias, None))]
+    for d in range(input.ndim - len(normalized_shape)):
+        layouts.append(([Shard(d)] * 3, [Shard(d), None, *params, None]))
+    return layouts
+
+
+@sharding.rules("layer_norm_bwd", "triton_layer_norm_bwd")
+def _layer_norm_bwd_rules(grad_out, input, normalized_shape, mean, rstd, weight, bias):
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    params = [Replicate() if t is not None else None for t in (weight, bias)]
+    grads = [Partial() if t is not None else Replicate() for t in (weight, bias)]  # empty where None
+    layouts = [sharding.replicated(3, 7, (grad_out, input, None, mean, rstd, weight, bias))]
+    for d in range(input.ndim - len(normalized_shape)):
+        S = Shard(d)
+        layouts.append(([S, *grads], [S, S, None, S, S, *params]))
+    return layouts
+
+
 def _normalize_shape(normalized_shape) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
@@ -153,6 +183,11 @@ def layer_norm(
 
     Normalises over the last ``len(normalized_shape)`` dims with the biased variance, then applies the
     optional elementwise ``weight`` and ``bias``. Returns input's shape and dtype.
+
+    Tensor parallel (DTensor inputs; ops ``layer_norm_fwd`` / ``layer_norm_bwd``): input sharded on any dim
+    but the normalised ones (batch, or the sequence for sequence parallelism), weight and bias
+    replicated; out, mean, rstd and grad_input shard alike, grad_weight and grad_bias are ``Partial()``
+    sums. Input sharded on a normalised dim is gathered with a one-time ``ShardingWarning``.
     """
     request = _request(input, normalized_shape, weight, bias, eps)
     backend = backends.select(request)
