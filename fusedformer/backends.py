@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "call",
     "cpu_matmul_engines",
     "Explanation",
     "FallbackWarning",
@@ -267,12 +268,41 @@ def report_fallback(what: str, reason: str) -> None:
         warnings.warn(message, FallbackWarning, stacklevel=4)
 
 
+def call(op, *args):
+    """``op(*args)``; below the autograd key when no tensor argument needs a gradient (inference).
+
+    torch.library registers the ops' autograd in Python: every call through the Autograd key runs a
+    Python wrapper (~10 us) even under ``torch.no_grad()``, which small inference calls feel. Under
+    torch.compile the op is called as is (the guard is not traceable, and the graph pays no such cost).
+    """
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    ):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+_SELECTED: dict[tuple, str] = {}
+
+
 def select(request: Request) -> str:
     """The name of the backend that serves ``request``; raises or warns as the module doc says.
 
     On every call: asks only the backends it needs (the forced one, or the priority list up to the
     first that fits); every backend's reasons are gathered only for a fallback's message.
     """
+    env = (os.environ.get("FUSEDFORMER_BACKEND"), os.environ.get("FUSEDFORMER_STRICT"))
+    chosen = _SELECTED.get((request, env))
+    if chosen is not None:  # a fused backend served this kind of call before, in this environment
+        return chosen
+    chosen = _select(request)
+    if chosen != "reference":  # a fallback warns or raises again, as the environment says
+        _SELECTED[(request, env)] = chosen
+    return chosen
+
+
+def _select(request: Request) -> str:
     forced = _forced_backend()
     if forced is not None:
         why = _BACKENDS[forced].not_supported_reasons(request)

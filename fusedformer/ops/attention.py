@@ -310,6 +310,8 @@ def _request(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
 
 def _to_4d(t: torch.Tensor) -> torch.Tensor:
     """(..., H, L, E) -> (B, H, L, E), a view where the strides allow."""
+    if t.dim() == 4:
+        return t
     if t.dim() == 2:
         return t.unsqueeze(0).unsqueeze(0)
     if t.dim() == 3:
@@ -441,5 +443,5 @@ def scaled_dot_product_attention(
         if _is_dtensor(q4):
             seed = _shard_dropout_seed(seed, q4, k4, v4)
         extra = (float(dropout_p), seed)
-    out, _ = fwd(q4, k4, v4, mask4, bool(is_causal), scale_value, *extra)
-    return out.reshape(*query.shape[:-1], value.shape[-1])
+    out, _ = backends.call(fwd, q4, k4, v4, mask4, bool(is_causal), scale_value, *extra)
+    return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])

@@ -163,6 +163,7 @@ def attention_with_kv_cache(
         return reference.attention_with_kv_cache(
             query, k_cache, v_cache, key, value, cache_seqlens, is_causal, scale_value
         )
-    return torch.ops.fusedformer.attention_with_kv_cache.default(
-        query, k_cache, v_cache, key, value, cache_seqlens, bool(is_causal), scale_value
+    return backends.call(
+        torch.ops.fusedformer.attention_with_kv_cache.default,
+        query, k_cache, v_cache, key, value, cache_seqlens, bool(is_causal), scale_value,
     )

@@ -194,5 +194,5 @@ def layer_norm(
     if backend == "reference":
         return reference.layer_norm(input, normalized_shape, weight, bias, eps)
     fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
-    out, _, _ = fwd(input, list(_normalize_shape(normalized_shape)), weight, bias, float(eps))
+    out, _, _ = backends.call(fwd, input, list(_normalize_shape(normalized_shape)), weight, bias, float(eps))
     return out
