@@ -110,10 +110,10 @@ def _load_triton_kernels() -> tuple[dict[str, object], str | None]:
     except ImportError:
         return {}, "triton is not installed (pip install triton)"
     try:
-        from fusedformer.kernels import _common, attention, gelu, layer_norm
+        from fusedformer.kernels import _common, attention, decode, gelu, layer_norm
     except Exception as e:  # a broken triton install must not break `import fusedformer`
         return {}, f"the Triton kernels failed to import ({type(e).__name__}: {e})"
-    return {"attention": attention, "layer_norm": layer_norm, "gelu": gelu, "_common": _common}, None
+    return {"attention": attention, "decode": decode, "layer_norm": layer_norm, "gelu": gelu, "_common": _common}, None
 
 
 TRITON_KERNELS, _TRITON_ERROR = _load_triton_kernels()
@@ -125,6 +125,7 @@ class TritonBackend:
     SUPPORTED_DEVICES = ("cuda",)  # and "cpu" when interpreted
     SUPPORTED_DTYPES = {  # by op family
         "attention": (torch.float32, torch.float16, torch.bfloat16),
+        "attention_with_kv_cache": (torch.float32, torch.float16, torch.bfloat16),
         "layer_norm": FLOAT_DTYPES,
         "gelu": FLOAT_DTYPES,
     }

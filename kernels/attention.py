@@ -63,6 +63,7 @@ import triton
 import triton.language as tl
 
 from fusedformer.kernels._common import INTERPRET, div_rn, round_to, upcast
+from fusedformer.kernels.decode import _mask_args, decode_forward, decode_shaped
 
 __all__ = ["attention_forward", "attention_backward", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
 
@@ -705,18 +706,6 @@ def _check(query, key, value, attn_mask) -> None:
             )
 
 
-def _mask_args(attn_mask: torch.Tensor | None, dummy: torch.Tensor):
-    """(tensor, 4 strides with 0 on broadcast dims, HAS_MASK, MASK_IS_BOOL); never expands or copies."""
-    if attn_mask is None:
-        return dummy, (0, 0, 0, 0), False, False
-    pad = 4 - attn_mask.dim()
-    sizes = (1,) * pad + tuple(attn_mask.shape)
-    strides = (0,) * pad + tuple(attn_mask.stride())
-    strides = tuple(0 if n == 1 else st for n, st in zip(sizes, strides))
-    is_bool = attn_mask.dtype == torch.bool
-    return (attn_mask.view(torch.uint8) if is_bool else attn_mask), strides, True, is_bool
-
-
 def _head_blocks(E: int, Ev: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(Ev))
 
@@ -737,6 +726,9 @@ def attention_forward(
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=query.device)
     if out.numel() == 0:
         return out, lse
+    if decode_shaped(Hq, Hk, L, S):
+        # few query rows, many keys: the key range split over programs (kernels/decode.py)
+        return decode_forward(query, key, value, attn_mask, 1 if is_causal else 0, scale)
     mask, mask_strides, has_mask, mask_is_bool = _mask_args(attn_mask, query)
     BLOCK_D, BLOCK_DV = _head_blocks(E, Ev)
 

@@ -33,8 +33,23 @@ def _register_cpp() -> None:
         return query.new_empty((B, Hq, L, v_cache.shape[-1]))
 
 
+def _register_triton(kernels) -> None:
+    # A plain custom op (opaque to torch.compile): its launcher reads the lengths on the host to check them
+    # before writing, which a traced triton_op could not do.
+    op = torch.library.custom_op(
+        "fusedformer::triton_attention_with_kv_cache", kernels.attention_with_kv_cache,
+        mutates_args=("k_cache", "v_cache"),
+        schema="(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? key, Tensor? value, "
+        "Tensor? cache_seqlens, bool is_causal, float scale) -> Tensor",
+    )
+    op.register_fake(lambda query, k_cache, v_cache, *args: query.new_empty((*query.shape[:3], v_cache.shape[-1])))
+
+
+_OPS = {"cpp": "attention_with_kv_cache", "triton": "triton_attention_with_kv_cache"}
 if backends._C is not None:
     _register_cpp()
+if backends.TRITON_KERNELS:
+    _register_triton(backends.TRITON_KERNELS["decode"])
 
 
 def _check(query, k_cache, v_cache, key, value, cache_seqlens) -> None:
@@ -164,6 +179,6 @@ def attention_with_kv_cache(
             query, k_cache, v_cache, key, value, cache_seqlens, is_causal, scale_value
         )
     return backends.call(
-        torch.ops.fusedformer.attention_with_kv_cache.default,
+        getattr(torch.ops.fusedformer, _OPS[backend]).default,
         query, k_cache, v_cache, key, value, cache_seqlens, bool(is_causal), scale_value,
     )
