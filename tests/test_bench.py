@@ -60,12 +60,13 @@ def test_cli_writes_csv_with_every_case_mode_provider(tiny_run):
         assert next(csv.reader(f)) == report.CSV_COLUMNS
     rows = _rows(out)
     # attention: 2 dtypes (--quick: float32, bfloat16) x 1 length x 2 masks x 3 modes x 3 providers;
+    # decode: 2 dtypes x 1 length x fwd x 3 providers;
     # LayerNorm, GELU: 1 shape x 3 x 3; encoder, decoder: fwd+bwd x 2 providers
     counts = {c: sum(r["case"] == c for r in rows) for c in cases.CASES}
-    assert counts == {"attention": 36, "layer_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2}
+    assert counts == {"attention": 36, "decode": 6, "layer_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2}
     dtypes = {(r["case"], r["dtype"]) for r in rows}
-    assert {d for c, d in dtypes if c == "attention"} == {"float32", "bfloat16"}
-    assert {d for c, d in dtypes if c != "attention"} == {"float32"}
+    assert {d for c, d in dtypes if c in ("attention", "decode")} == {"float32", "bfloat16"}
+    assert {d for c, d in dtypes if c not in ("attention", "decode")} == {"float32"}
     for r in rows:
         for key in ("machine", "cpu_features", "date", "version", "commit",
                     "backend" if r["status"] == "ok" else "status"):  # fmt: skip
@@ -74,7 +75,7 @@ def test_cli_writes_csv_with_every_case_mode_provider(tiny_run):
         if r["status"] != "ok":
             continue
         assert float(r["median_ms"]) > 0 and float(r["q1_ms"]) <= float(r["median_ms"]) <= float(r["q3_ms"])
-        rate = r["gflops"] if r["case"] not in ("layer_norm", "gelu") else r["gbps"]
+        rate = r["gflops"] if r["case"] not in ("layer_norm", "gelu", "decode") else r["gbps"]
         assert float(rate) > 0 and float(r["share_of_ceiling_pct"]) > 0
         assert float(r["peak_extra_mib"]) >= 0, r  # one size per case: --quick probes it
 
@@ -340,7 +341,8 @@ def test_quick_config_runs_attention_in_bfloat16_too():
     specs = runner.specs(runner.default_config(quick=True))
     attention = {(s.dtype, s.params["causal"], s.params["L"]) for s in specs if s.case == "attention"}
     assert {(dt, c) for dt, c, _ in attention} == {(dt, c) for dt in ("float32", "bfloat16") for c in (False, True)}
-    assert {s.dtype for s in specs if s.case != "attention"} == {"float32"}
+    assert {s.dtype for s in specs if s.case not in ("attention", "decode")} == {"float32"}
+    assert {(s.dtype, s.params["S"]) for s in specs if s.case == "decode"} == {("float32", 4096), ("bfloat16", 4096)}
 
 
 def test_default_config_runs_the_targets_rows_in_every_dtype():
@@ -352,7 +354,11 @@ def test_default_config_runs_the_targets_rows_in_every_dtype():
         assert {(dtype, False, 4096), (dtype, True, 4096), (dtype, True, 2048)} <= attention, dtype
     assert max(L for dt, _, L in attention if dt == "bfloat16") == 4096  # the shorter list
     assert max(L for dt, _, L in attention if dt == "float32") == 8192
-    assert {s.dtype for s in specs if s.case != "attention"} == {"float32"}
+    assert {s.dtype for s in specs if s.case not in ("attention", "decode")} == {"float32"}
+    # the decode target's row: B=4, H=12, S=4096, E=64
+    assert {("float32", 4, 12, 4096, 64), ("bfloat16", 4, 12, 4096, 64)} <= {
+        (s.dtype, s.params["B"], s.params["H"], s.params["S"], s.params["E"]) for s in specs if s.case == "decode"
+    }
 
 
 def test_lengths_alone_apply_to_every_dtype():

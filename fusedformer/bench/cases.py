@@ -52,7 +52,7 @@ __all__ = [
 
 PROVIDERS = ("fusedformer", "torch", "naive")
 MODES = ("fwd", "bwd", "fwd+bwd")
-CASES = ("attention", "layer_norm", "gelu", "encoder", "decoder")
+CASES = ("attention", "decode", "layer_norm", "gelu", "encoder", "decoder")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -261,6 +261,29 @@ class AttentionCase(Case):
 
     def leaves(self, provider: str) -> list[torch.Tensor]:
         return [self.q, self.k, self.v]
+
+
+class DecodeCase(AttentionCase):
+    """A decode step: ``q (B, H, 1, E)`` against ``k, v (B, H, S, E)``, forward only (inference).
+
+    Memory-bound: throughput is the bytes that must move (K and V read once, q read, out written),
+    held to the copy ceiling.
+    """
+
+    name = "decode"
+
+    def __init__(self, spec: Spec):
+        spec = spec.replace(L=int(spec.params.get("L", 1)), causal=False)
+        super().__init__(spec)
+
+    def label(self) -> str:
+        return f"B={self.B} H={self.H} L={self.L} S={self.S}"
+
+    def tiny(self) -> Spec:
+        return self.spec.replace(B=1, H=2, S=64)
+
+    def work(self, mode: str) -> tuple[str, float]:
+        return "byte", float(self.B * self.H * (2 * self.S + 2 * self.L) * self.E * self.elt)
 
 
 def _torch_sdpa_backend(case: AttentionCase) -> str:
@@ -576,6 +599,7 @@ class DecoderCase(_LayerCase):
 
 _CASE_TYPES: dict[str, type[Case]] = {
     "attention": AttentionCase,
+    "decode": DecodeCase,
     "layer_norm": LayerNormCase,
     "gelu": GeluCase,
     "encoder": EncoderCase,

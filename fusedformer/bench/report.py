@@ -186,6 +186,7 @@ def _groups(
 
 _TITLES = {
     "attention": "attention (scaled dot-product)",
+    "decode": "decode attention (one query against a long key range)",
     "layer_norm": "LayerNorm (with weight and bias)",
     "gelu": "bias + GELU",
     "encoder": "TransformerEncoderLayer (train mode, batch_first)",
@@ -208,6 +209,10 @@ def _case_section(result: Any, case: str, dtype: str) -> str:
         if engine:
             detail += f", fusedformer's products on {engine}"
         rate_unit = gemm_unit
+    elif case == "decode":
+        key_headers = ["shape"]
+        detail = f"E={first['E']} {dtype}, one query per sequence: bound by reading K and V"
+        rate_unit = f"GB/s (% of copy {c.copy_gbps:.0f})"
     elif case in ("layer_norm", "gelu"):
         key_headers = ["rows x width"]
         detail = dtype + (f" approximate={first.get('approximate')}" if case == "gelu" else "")

@@ -63,6 +63,10 @@ class Config:
     heads: int = 8
     head_dim: int = 64
     causal: tuple[bool, ...] = (False, True)
+    # decode: one query per sequence against S keys, forward only, at attention_dtypes' first two
+    decode_lengths: tuple[int, ...] = (1024, 4096, 16384)
+    decode_batch: int = 4
+    decode_heads: int = 12
     # LayerNorm and GELU
     rows: tuple[int, ...] = (2048, 8192)  # 8192 x 1024 (LayerNorm) and 8192 x 4096 (GELU): the issue's targets
     widths: tuple[int, ...] = (512, 1024, 4096)
@@ -103,6 +107,7 @@ def default_config(quick: bool = False, **overrides: Any) -> Config:
             attention_dtypes=("float32", "bfloat16"),
             lengths=(256, 1024),
             lengths_16bit=(256, 1024),
+            decode_lengths=(4096,),
             rows=(4096,),
             widths=(1024, 4096),
             layer_batch=4,
@@ -133,6 +138,11 @@ def specs(config: Config) -> list[Spec]:
                 for causal in config.causal:
                     for L in config.lengths_16bit if adt in _16BIT else config.lengths:
                         out.append(Spec("attention", dict(B=B, H=H, L=L, S=L, E=E, causal=causal), dev, adt))
+        elif case == "decode":
+            for adt in config.attention_dtypes[:2]:
+                for S in config.decode_lengths:
+                    params = dict(B=config.decode_batch, H=config.decode_heads, L=1, S=S, E=config.head_dim)
+                    out.append(Spec("decode", params, dev, adt))
         elif case in ("layer_norm", "gelu"):
             for rows in config.rows:
                 for width in config.widths:
@@ -175,6 +185,8 @@ def _memory_specs(config: Config, all_specs: list[Spec]) -> set[str]:
 
 
 def _modes_of(config: Config, spec: Spec) -> tuple[str, ...]:
+    if spec.case == "decode":
+        return ("fwd",)  # inference
     return config.layer_modes if spec.case in ("encoder", "decoder") else config.modes
 
 
