@@ -50,6 +50,10 @@ def compiler_targets_x86_64(compiler: list[str]) -> bool:
 class BuildWithCpuCapabilities(BuildExtension):
     """Compiles every kernel source once per CPU capability the target has, then links them into _C."""
 
+    def run(self):
+        self._inplace_requested = bool(self.inplace or getattr(self, "editable_mode", False))
+        super().run()
+
     def build_extensions(self):
         ext = self.extensions[0]
         x86_64 = compiler_targets_x86_64(self.compiler.compiler_so[:1])
@@ -85,16 +89,21 @@ class BuildWithCpuCapabilities(BuildExtension):
         ext.include_dirs = [*ext.include_dirs, include]
 
     def _write_build_info(self, ext):
-        """Writes fusedformer/_build_info.py beside the extension (the source tree with --inplace, else the
-        build tree that becomes the wheel)."""
-        target = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_build_info.py")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "w") as f:
-            f.write(
-                '"""Written by setup.py when fusedformer._C was built; do not edit."""\n\n'
-                f"TORCH_VERSION = {torch.__version__!r}\n"
-                f"REBUILD_COMMAND = {REBUILD_COMMAND!r}\n"
-            )
+        """Writes fusedformer/_build_info.py beside the extension: in the build tree that becomes the wheel,
+        and in the source tree too for --inplace and editable builds (where _C is copied there)."""
+        # setuptools builds into the build tree and copies _C to the source with --inplace or -e (run() clears
+        # self.inplace meanwhile): write to both then
+        targets = [os.path.dirname(self.get_ext_fullpath(ext.name))]
+        if self._inplace_requested:
+            targets.append(os.path.join(ROOT, "fusedformer"))
+        for target in targets:
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, "_build_info.py"), "w") as f:
+                f.write(
+                    '"""Written by setup.py when fusedformer._C was built; do not edit."""\n\n'
+                    f"TORCH_VERSION = {torch.__version__!r}\n"
+                    f"REBUILD_COMMAND = {REBUILD_COMMAND!r}\n"
+                )
 
 
 setup(
