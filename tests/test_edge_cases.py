@@ -94,32 +94,51 @@ def test_layer_norm_of_an_empty_batch(backend, dtype):
     _same("db", db, torch.zeros(17, dtype=dtype))
 
 
-# float32 values where the tanh backward's intermediate terms overflow: x³ (past ~7e12), x² (past ~1.8e19)
-HUGE = [1e10, -1e10, 1e13, -1e13, 1e19, -1e19, 2e19, -2e19, 1e30, -1e30, 3e38, -3e38]
+# float32 values where the tanh backward's intermediate terms overflow: x³ (past ~7e12), x² (past ~1.8e19).
+# Not near float32's max (3.4e38): there torch's erf forward overflows in x·(1 + erf) to inf where the
+# true gelu(x) = x is finite, and ours gives x; that difference is deliberate.
+HUGE = [1e10, -1e10, 1e13, -1e13, 1e19, -1e19, 2e19, -2e19, 1e30, -1e30]
 SPECIAL = [float("inf"), float("-inf"), float("nan"), 0.0, -0.0]
+
+
+def _torch_gelu(x, approximate):
+    """torch's gelu and its gradient (dy = 1) at ``x``."""
+    xt = x.clone().requires_grad_()
+    y = F.gelu(xt, approximate=approximate)
+    y.backward(torch.ones_like(x))
+    return y.detach(), xt.grad
+
+
+def _agrees(ours: torch.Tensor, *answers: torch.Tensor) -> bool:
+    """``ours`` equals one of torch's ``answers`` in kind (the same NaN, inf, or a finite value within
+    float tolerance), at every element."""
+    ok = torch.zeros_like(ours, dtype=torch.bool)
+    for a in answers:
+        a = a.to(ours.dtype)
+        same_special = (ours.isnan() & a.isnan()) | (~a.isfinite() & ~a.isnan() & (ours == a))
+        both_finite = ours.isfinite() & a.isfinite()
+        close = (ours.double() - a.double()).abs() <= 1e-5 * a.double().abs() + 1e-30
+        ok |= same_special | (both_finite & close)
+    return bool(ok.all())
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gelu_at_huge_and_special_inputs_matches_torch(backend, approximate, dtype):
+    """torch's answer, in the same dtype or, where torch's own code paths disagree (its vectorised float32
+    erf gives gelu(+inf) = NaN, its scalar and float64 paths inf), in float64."""
     fwd, bwd = _gelu_ops(backend)
     vals = HUGE + SPECIAL + ([1e200, -1e200, 1e160, -1e160] if dtype == torch.float64 else [])
     # 17 columns: a vector body and a tail in the C++ kernels
     x = torch.tensor(vals, dtype=dtype).repeat_interleave(17).reshape(-1, 17)
-    xt = x.clone().requires_grad_()
-    y_t = F.gelu(xt, approximate=approximate)
-    y_t.backward(torch.ones_like(x))
+    y_t, dx_t = _torch_gelu(x, approximate)
+    y_64, dx_64 = _torch_gelu(x.double(), approximate)
     y = fwd(x, None, approximate)
     dx, _ = bwd(torch.ones_like(x), x, None, approximate)
     for i, v in enumerate(vals):
-        # the values, not bit patterns: a finite result within a few ulps, the same inf or NaN
-        for name, ours, theirs in (("gelu", y[i], y_t[i].detach()), ("grad", dx[i], xt.grad[i])):
-            assert torch.equal(ours.isnan(), theirs.isnan()), f"{name}({v}): {ours[0]} vs torch {theirs[0]}"
-            fin = theirs.isfinite()
-            assert torch.equal(ours.isfinite(), fin), f"{name}({v}): {ours[0]} vs torch {theirs[0]}"
-            assert torch.equal(ours[~fin & ~theirs.isnan()], theirs[~fin & ~theirs.isnan()]), (name, v)
-            torch.testing.assert_close(ours[fin], theirs[fin], msg=lambda m: f"{name}({v}): {m}")
+        assert _agrees(y[i], y_t[i], y_64[i]), f"gelu({v}): {y[i][0]} vs torch {y_t[i][0]} / {y_64[i][0]}"
+        assert _agrees(dx[i], dx_t[i], dx_64[i]), f"gelu'({v}): {dx[i][0]} vs torch {dx_t[i][0]} / {dx_64[i][0]}"
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -127,14 +146,15 @@ def test_gelu_at_huge_and_special_inputs_matches_torch(backend, approximate, dty
 def test_gelu_half_types_keep_nan_and_inf(approximate, dtype, monkeypatch):
     monkeypatch.setenv("FUSEDFORMER_BACKEND", "cpp")
     x = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e4, -1e4, 0.0] * 3, dtype=dtype)
-    xt = x.clone().requires_grad_()
     xs = x.clone().requires_grad_()
-    F.gelu(xt, approximate=approximate).sum().backward()
     y = ff.gelu(xs, approximate=approximate)
     y.sum().backward()
-    for name, ours, theirs in (("gelu", y.detach(), F.gelu(x, approximate=approximate)), ("grad", xs.grad, xt.grad)):
-        assert torch.equal(ours.isnan(), theirs.isnan()), (name, ours, theirs)
-        torch.testing.assert_close(ours, theirs, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    y_t, dx_t = _torch_gelu(x, approximate)
+    y_64, dx_64 = _torch_gelu(x.double(), approximate)
+    assert _agrees(y.detach(), y_t, y_64), (y, y_t, y_64)
+    # float16/bfloat16 tolerance for the finite gradients: torch's own rounding of them
+    dx_64r = dx_64.to(dtype)
+    assert _agrees(xs.grad.float(), dx_t.float(), dx_64r.float()), (xs.grad, dx_t, dx_64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

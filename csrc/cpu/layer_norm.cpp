@@ -40,7 +40,8 @@ std::pair<int64_t, int64_t> check_inputs(const char* op, const at::Tensor& input
   }
   int64_t cols = 1;
   for (int64_t s : normalized_shape) cols *= s;
-  const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
+  int64_t rows = 1;  // the product of the leading dims (not numel / cols: cols may be 0)
+  for (int64_t i = 0; i < input.dim() - k; ++i) rows *= input.size(i);
   return {rows, cols};
 }
 
