@@ -13,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-PY=$(realpath "${1:-.venv/bin/python}")
+PY=${1:-.venv/bin/python}
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute, but not resolved: a venv's python is a link
 WORK=$(mktemp -d /tmp/fusedformer-package.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 step() { echo "== check_package: $* ($(date +%T))"; }
@@ -23,10 +24,11 @@ git clone -q --no-local "$REPO" "$WORK/clone"
 (cd "$WORK/clone" && "$PY" setup.py -q sdist -d "$WORK/dist" >/dev/null)
 SDIST=$(ls "$WORK"/dist/fusedformer-*.tar.gz)
 # everything the build compiles must be in it: every source and header under csrc/
-missing=$(cd "$WORK/clone" && git ls-files csrc | while read -r f; do
-  tar tzf "$SDIST" | grep -qx "fusedformer-[^/]*/$f" || echo "$f"; done)
+tar tzf "$SDIST" | sed 's|^[^/]*/||' > "$WORK/sdist-files"
+missing=$(cd "$WORK/clone" && git ls-files csrc | while read -r f; do grep -qxF "$f" "$WORK/sdist-files" || echo "$f"; done)
 if [ -n "$missing" ]; then echo "the sdist lacks: $missing" >&2; exit 1; fi
-if tar tzf "$SDIST" | grep -E '\.so$|_build_info\.py$'; then echo "the sdist holds build outputs" >&2; exit 1; fi
+if grep -E '\.so$|_build_info\.py$' "$WORK/sdist-files"; then echo "the sdist holds build outputs" >&2; exit 1; fi
+echo "the sdist holds all $(cd "$WORK/clone" && git ls-files csrc | wc -l) files under csrc/"
 
 step "wheel from the unpacked sdist"
 mkdir "$WORK/src" && tar xzf "$SDIST" -C "$WORK/src"
