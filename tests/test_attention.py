@@ -408,14 +408,7 @@ def test_torch_compile():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_cpu_capabilities(each_cpu_capability, dtype, request):
-    if each_cpu_capability == "default" and dtype == torch.float32:
-        # NOTE [2026-12-02] Since this test stopped resetting the seed to 0 (issue 11) it draws its own data,
-        # and the baseline build's float32 backward then exceeds the 3x rule: grad_value 1.2e-7 against 3x
-        # the reference's 3.4e-8 (tests/test_attention_fuzz.py finds the same at tiny L or S). Not fixed
-        # yet; strict, so that the mark comes off once it is (another FUSEDFORMER_TEST_SEED may XPASS).
-        request.applymarker(pytest.mark.xfail(strict=True, reason="baseline float32 backward exceeds the 3x rule "
-                                              "on this test's data (NOTE [2026-12-02])"))
+def test_cpu_capabilities(each_cpu_capability, dtype):
     for L, S, E, Ev in [(1, 17, 16, 16), (97, 130, 59, 80), (130, 97, 64, 64)]:
         for is_causal in (False, True):
             check_attention(*qkv(1, 2, 2, L, S, E, Ev, dtype), is_causal=is_causal)
