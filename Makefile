@@ -36,4 +36,4 @@ test: setup
 	$(PY) -m pytest tests benchmarks --benchmark-disable $(TEST_ARGS)
 
 clean:
-	rm -rf build *.egg-info fusedformer/_C*.so $(ENV_DIR)/.fusedformer-ext
+	rm -rf build *.egg-info fusedformer/_C*.so fusedformer/_build_info.py $(ENV_DIR)/.fusedformer-ext

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "build_info.h"  // FF_TORCH_VERSION, written by setup.py
 #include "cpu/allocator.h"
 #include "cpu/attention.h"
 #include "cpu/dispatch.h"
@@ -59,6 +60,15 @@ std::string cpu_capability() {
   return fusedformer::cpu::capability_name(fusedformer::cpu::active_capability());
 }
 
+std::vector<std::string> built_cpu_capabilities() {
+  using namespace fusedformer::cpu;
+  std::vector<std::string> names;
+  for (int c = kDefault; c < kNumCapabilities; ++c) {
+    if (capability_built(static_cast<Capability>(c))) names.push_back(capability_name(static_cast<Capability>(c)));
+  }
+  return names;
+}
+
 std::string best_cpu_capability() {
   return fusedformer::cpu::capability_name(fusedformer::cpu::best_supported_capability());
 }
@@ -73,7 +83,7 @@ void set_cpu_capability(const std::string& name) {
   else if (name == "avx512") cap = kAVX512;
   else if (name == "avx512bf16") cap = kAVX512BF16;
   else TORCH_CHECK(false, "set_cpu_capability: expected 'default', 'avx2', 'avx512' or 'avx512bf16', got '", name, "'");
-  TORCH_CHECK(set_capability(cap), "set_cpu_capability: this CPU does not support '", name,
+  TORCH_CHECK(set_capability(cap), "set_cpu_capability: this CPU (or this build) does not support '", name,
               "' (best: '", capability_name(best_supported_capability()), "')");
 }
 
@@ -108,7 +118,11 @@ void set_attention_engine(const std::string& dtype, const std::string& kind) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", &cpu_capability, "The CPU capability the kernels run with.");
-  m.def("best_cpu_capability", &best_cpu_capability, "The best CPU capability this CPU supports.");
+  m.def("best_cpu_capability", &best_cpu_capability, "The best CPU capability this CPU supports and this build has.");
+  m.def("built_cpu_capabilities", &built_cpu_capabilities,
+        "The CPU capabilities this build has kernels for (only 'default' off x86-64).");
+  m.def("built_with_torch", [] { return std::string(FF_TORCH_VERSION); },
+        "The torch version (torch.__version__) that _C was compiled against.");
   m.def("set_cpu_capability", &set_cpu_capability, "Run the CPU kernels built for this capability.");
   m.def("attention_engine", &attention_engine, pybind11::arg("dtype"), pybind11::arg("measure") = true,
         "The engine of CPU attention's tile products for a dtype name, forward and backward: "
@@ -120,5 +134,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dtype's own packed engine, else brgemm-f32), or 'auto' (measure).");
   m.def("empty_cache", &fusedformer::cpu::release_cached_outputs,
         "Return the cached output blocks to the system; returns the bytes released.");
-  m.def("cached_bytes", &fusedformer::cpu::cached_output_bytes, "Bytes held by the output block cache.");
+  m.def("cache_stats", [] {
+        const auto s = fusedformer::cpu::cache_stats();
+        pybind11::dict d;
+        d["cached_bytes"] = s.cached_bytes, d["cached_blocks"] = s.cached_blocks;
+        d["in_use_bytes"] = s.in_use_bytes, d["in_use_blocks"] = s.in_use_blocks;
+        d["limit_bytes"] = s.limit_bytes;
+        d["hits"] = s.hits, d["misses"] = s.misses, d["evictions"] = s.evictions;
+        return d;
+      }, "The output block cache: {cached_bytes, cached_blocks, in_use_bytes, in_use_blocks, limit_bytes, "
+         "hits, misses, evictions}.");
+  m.def("set_cache_limit", &fusedformer::cpu::set_cache_limit, pybind11::arg("bytes"),
+        "Cap the output block cache at `bytes` (evicting down to it now); returns the previous cap.");
+  m.def("reset_cache_counters", &fusedformer::cpu::reset_cache_counters, "Zero hits, misses and evictions.");
+  m.def("block_size_class", &fusedformer::cpu::block_size_class, pybind11::arg("bytes"),
+        "The size of the cached block that serves an output of `bytes` (>= 2 MiB).");
 }

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 
 from fusedformer import backends as _backends
-from fusedformer.backends import BackendUnavailableError, Explanation, FallbackWarning
+from fusedformer.allocator import cpu_memory_stats, empty_cache
+from fusedformer.backends import BackendUnavailableError, Explanation, ExtensionWarning, FallbackWarning
 from fusedformer.ops import attention as _attention
 from fusedformer.ops import gelu as _gelu
 from fusedformer.ops import kv_cache as _kv_cache
@@ -30,7 +31,10 @@ __version__ = "0.1.0"
 __all__ = [
     "attention_with_kv_cache",
     "BackendUnavailableError",
+    "cpu_memory_stats",
+    "empty_cache",
     "Explanation",
+    "ExtensionWarning",
     "FallbackWarning",
     "explain",
     "gelu",

@@ -21,6 +21,7 @@ __all__ = [
     "call",
     "cpu_matmul_engines",
     "Explanation",
+    "ExtensionWarning",
     "FallbackWarning",
     "Request",
     "report_fallback",
@@ -50,15 +51,54 @@ class Request:
     mask_requires_grad: bool = False
 
 
+class ExtensionWarning(UserWarning):
+    """fusedformer._C did not load, or was built against another torch than the one running."""
+
+
+def _built_with_torch() -> tuple[str | None, str]:
+    """The torch version _C was built against and the command that rebuilds it, from the module that
+    setup.py writes beside _C (readable even when _C itself cannot load); (None, ...) without one."""
+    try:
+        from fusedformer import _build_info
+    except ImportError:
+        return None, "pip install --no-build-isolation --force-reinstall --no-deps ."
+    return _build_info.TORCH_VERSION, _build_info.REBUILD_COMMAND
+
+
 def _load_extension() -> tuple[object | None, str | None]:
+    """Imports _C; on failure, or when it was built against another torch, says so loudly (an
+    ``ExtensionWarning`` at import) and returns the reason, which the cpp backend then gives for every call."""
+    built, rebuild = _built_with_torch()
+    mismatch = (
+        f"fusedformer._C was built against torch {built} but torch {torch.__version__} is running; "
+        f"rebuild it against this torch from the source tree with `{rebuild}`"
+        if built is not None and built != torch.__version__
+        else None
+    )
     try:
         from fusedformer import _C  # noqa: F401  (loading it registers the ops)
-
-        return _C, None
     except ImportError as e:  # the package imports without its extension; the cpp backend says why
-        return None, f"the C++ extension fusedformer._C did not load ({e})"
+        why = f"the C++ extension fusedformer._C did not load ({e})"
+        if mismatch is not None:
+            why += "; " + mismatch
+        elif built is None:
+            why += f"; build it with `{rebuild}` (or `python setup.py build_ext --inplace` in a checkout)"
+        warnings.warn(f"fusedformer: {why}. Every CPU call will run on the slow reference path "
+                      "(O(n²) attention) or, with FUSEDFORMER_STRICT=1, raise.", ExtensionWarning, stacklevel=2)
+        return None, why
+    built = _C.built_with_torch() if hasattr(_C, "built_with_torch") else built  # _C's own record wins
+    if built is not None and built != torch.__version__:
+        # _C loaded, but it was compiled for another torch's ABI: it may crash or compute wrongly
+        global _MISMATCH
+        _MISMATCH = (
+            f"fusedformer._C was built against torch {built} but torch {torch.__version__} is running; "
+            f"rebuild it against this torch from the source tree with `{rebuild}`"
+        )
+        warnings.warn(f"fusedformer: {_MISMATCH}.", ExtensionWarning, stacklevel=2)
+    return _C, None
 
 
+_MISMATCH: str | None = None  # set by _load_extension when a loaded _C was built against another torch
 _C, _C_ERROR = _load_extension()
 # Read once, here: the C++ kernels register when _C loads, and torch.compile cannot trace this query.
 # The op that holds each family's CPU kernel.
@@ -231,6 +271,8 @@ def explain_request(request: Request) -> Explanation:
     else:
         chosen = next((name for name in _PRIORITY if not reasons[name]), "reference")
     detail = _detail(request, chosen) if not reasons[chosen] else ""
+    if chosen == "cpp" and _MISMATCH is not None:
+        detail = f"WARNING: {_MISMATCH}" + (f"; {detail}" if detail else "")
     return Explanation(request.op, chosen, reasons, forced=forced is not None, detail=detail)
 
 

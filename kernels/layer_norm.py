@@ -304,8 +304,8 @@ def layer_norm_forward(
     rstd = torch.empty(lead, dtype=stats, device=input.device)
     if N == 0:
         return y, mean, rstd
-    if D == 0:  # as torch: the statistics of an empty row are NaN
-        return y, mean.fill_(math.nan), rstd.fill_(math.nan)
+    if D == 0:  # as torch: an empty row's mean is 0 and its rstd 1/sqrt(0/0 + eps) = NaN
+        return y, mean.zero_(), rstd.fill_(math.nan)
     x = input.reshape(N, D)  # a view where the strides allow
     w, b = _flat(weight, D), _flat(bias, D)
     BLOCK_D, single = _blocks(D)

@@ -29,7 +29,6 @@ SEED = 0x5EED_1234_ABCD
 def _cpp_backend(monkeypatch):
     # forced: a fallback to the reference path would raise instead of testing the reference against itself
     monkeypatch.setenv("FUSEDFORMER_BACKEND", "cpp")
-    torch.manual_seed(0)
 
 
 @pytest.fixture

@@ -222,11 +222,16 @@ def test_timing_reports_a_failing_provider_and_goes_on():
     assert isinstance(stats["good"], timing.Stats)
 
 
+@pytest.mark.parametrize("L, S", [(128, 256), (256, 128), (97, 97), (1, 17), (17, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_flop_count_is_flash_attentions(causal):
-    B, H, L, S, E = 2, 3, 128, 256, 64
+def test_attention_flop_count_counts_the_scores_computed(causal, L, S):
+    """4·E FLOPs per computed score (QK^T and PV), counted here from the mask itself, not from cases.py."""
+    B, H, E = 2, 3, 64
     case = cases.make_case(Spec("attention", {"B": B, "H": H, "L": L, "S": S, "E": E, "causal": causal}))
-    fwd = 4 * B * H * L * S * E / (2 if causal else 1)
+    keep = torch.ones(L, S, dtype=torch.bool)
+    if causal:  # torch's top-left alignment: query i sees keys j <= i
+        keep = keep.tril()
+    fwd = 4 * B * H * E * int(keep.sum())
     assert case.work("fwd") == ("flop", fwd)
     assert case.work("bwd") == ("flop", 2.5 * fwd)
     assert case.work("fwd+bwd") == ("flop", 3.5 * fwd)

@@ -5,6 +5,8 @@
 // float64 for float64).
 #include <torch/library.h>
 
+#include <limits>
+
 #include "cpu/allocator.h"
 #include "cpu/common.h"
 #include "cpu/kernels/layer_norm.h"
@@ -38,7 +40,8 @@ std::pair<int64_t, int64_t> check_inputs(const char* op, const at::Tensor& input
   }
   int64_t cols = 1;
   for (int64_t s : normalized_shape) cols *= s;
-  const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
+  int64_t rows = 1;  // the product of the leading dims (not numel / cols: cols may be 0)
+  for (int64_t i = 0; i < input.dim() - k; ++i) rows *= input.size(i);
   return {rows, cols};
 }
 
@@ -78,6 +81,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   const auto stats = x.options().dtype(compute_dtype(input.scalar_type()));
   at::Tensor mean = at::empty(lead, stats);
   at::Tensor rstd = at::empty(lead, stats);
+  if (cols == 0) {  // as torch: an empty output, mean 0 and rstd 1/sqrt(0/0 + eps) = NaN per row
+    mean.zero_();
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, rstd};
+  }
   LayerNormArgs a = make_args(x, w, b, rows, cols);
   a.out = y.data_ptr(), a.mean = mean.data_ptr(), a.rstd = rstd.data_ptr(), a.eps = eps;
   auto fn = layer_norm_fwd_stub.get();
@@ -111,6 +119,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   const at::Tensor w = contiguous_or_none(weight), b = contiguous_or_none(bias);
   const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
   at::Tensor dx = empty_output_like(x);
+  if (cols == 0 || rows == 0) {  // nothing to normalise: empty dx; dw, db (as torch) zeros of normalized_shape
+    at::Tensor dw = w.defined() ? at::zeros(normalized_shape, input.options()) : at::empty({0}, input.options());
+    at::Tensor db = b.defined() ? at::zeros(normalized_shape, input.options()) : at::empty({0}, input.options());
+    return {dx, dw, db};
+  }
   LayerNormArgs a = make_args(x, w, b, rows, cols);
   a.grad_out = dy.const_data_ptr(), a.out = dx.data_ptr();
   a.mean = mu.data_ptr(), a.rstd = rs.data_ptr();

@@ -185,6 +185,17 @@ class Case:
 # ---- attention ------------------------------------------------------------------------------------
 
 
+def attention_scores(L: int, S: int, causal: bool) -> int:
+    """The scores (query, key) pairs of one head that attention computes: L·S, or with the causal mask
+    (top-left aligned as torch's: query i sees keys j <= i) the pairs it keeps, sum over i of min(i + 1, S).
+    For L = S that is L(L+1)/2; for L > S the rows past S see every key; for L < S the keys past L are
+    never seen."""
+    if not causal:
+        return L * S
+    k = min(L, S)  # rows 0..k-1 see i + 1 keys, the other L - k rows see all S
+    return k * (k + 1) // 2 + (L - k) * S
+
+
 class AttentionCase(Case):
     """``q (B, H, L, E)``, ``k, v (B, H, S, E)``; causal or not; no mask, no dropout."""
 
@@ -204,8 +215,9 @@ class AttentionCase(Case):
         return self.spec.replace(B=1, H=2, L=32, S=32)
 
     def work(self, mode: str) -> tuple[str, float]:
-        # FlashAttention's count: 4·B·H·L·S·E for the forward, halved when causal, ×2.5 for the backward
-        fwd = 4.0 * self.B * self.H * self.L * self.S * self.E / (2.0 if self.causal else 1.0)
+        # FlashAttention's count, 4·E FLOPs per score for the forward (QK^T and PV), ×2.5 for the backward,
+        # over the scores a causal kernel computes: attention_scores(L, S, causal), not half of L·S
+        fwd = 4.0 * self.B * self.H * self.E * attention_scores(self.L, self.S, self.causal)
         return "flop", fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
     def _scores_bytes(self) -> int:
@@ -572,7 +584,8 @@ class DecoderCase(_LayerCase):
         return 2.0 * tokens * (8 * self.d * self.d + 2 * self.d * self.dff)
 
     def _attention_flop(self) -> float:
-        return 4.0 * self.B * self.L * self.L * self.d * (0.5 + 1.0)  # causal self + full cross
+        # causal self-attention + full cross-attention (memory of the same length)
+        return 4.0 * self.B * self.d * (attention_scores(self.L, self.L, True) + self.L * self.L)
 
     def estimate_bytes(self, provider: str, mode: str) -> int:
         scores = self.B * self.nhead * self.L * self.L * _FP32
