@@ -42,7 +42,7 @@ class FallbackWarning(UserWarning):
 class Request:
     """What the backends need to know about one call (built from validated inputs)."""
 
-    op: str  # "attention", "layer_norm" or "gelu"
+    op: str  # "attention", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm" or "gelu"
     device: torch.device
     dtype: torch.dtype
     dropout_p: float = 0.0
@@ -62,7 +62,7 @@ _C, _C_ERROR = _load_extension()
 # Read once, here: the C++ kernels register when _C loads, and torch.compile cannot trace this query.
 _CPU_KERNELS = {
     op: _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedformer::{op}_fwd", "CPU")
-    for op in ("attention", "layer_norm", "gelu")
+    for op in ("attention", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu")
 }
 
 
@@ -118,6 +118,9 @@ class TritonBackend:
     SUPPORTED_DTYPES = {  # by op family
         "attention": (torch.float32, torch.float16, torch.bfloat16),
         "layer_norm": FLOAT_DTYPES,
+        "rms_norm": FLOAT_DTYPES,
+        "add_layer_norm": FLOAT_DTYPES,
+        "add_rms_norm": FLOAT_DTYPES,
         "gelu": FLOAT_DTYPES,
     }
 
@@ -137,6 +140,8 @@ class TritonBackend:
             reasons.append(f"the Triton {request.op} kernels do not take {request.dtype}")
         if request.op == "attention" and request.dropout_p > 0.0:
             reasons.append(f"attention dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
+        if request.op.startswith("add_") and request.dropout_p > 0.0:
+            reasons.append(f"{request.op}'s dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
         return reasons + _common_reasons(request)
 
 
