@@ -372,6 +372,131 @@ def test_hf_patch_matches_unpatched_forward_and_backward(transformers, name, mon
     assert model.config._attn_implementation == twin.config._attn_implementation == "sdpa"
 
 
+# ---- Hugging Face RMSNorm classes ---------------------------------------------------------------
+
+
+def decoder_lm(transformers, name: str) -> nn.Module:
+    """A small decoder-only LM of a Llama-family architecture, random weights, from its config."""
+    t = transformers
+    config_cls, model_cls = {
+        "llama": (t.LlamaConfig, t.LlamaForCausalLM),
+        "mistral": (t.MistralConfig, t.MistralForCausalLM),
+        "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
+        "gemma": (t.GemmaConfig, t.GemmaForCausalLM),
+    }[name]
+    kwargs = dict(
+        vocab_size=99,
+        hidden_size=D,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    if name == "gemma":
+        kwargs["head_dim"] = D // H
+    model = model_cls(config_cls(**kwargs))
+    if name == "gemma":  # Gemma's norm weights start at 0 (1 + w = 1): give them values to test 1 + w
+        with torch.no_grad():
+            for m in model.modules():
+                if type(m).__name__ == "GemmaRMSNorm":
+                    m.weight.normal_()
+    return model
+
+
+def _profiled_ops(model, batch) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(**batch)
+    return {e.key for e in prof.key_averages()}
+
+
+RMS_CLASSES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "gemma": "GemmaRMSNorm"}
+
+
+@pytest.mark.parametrize("name", list(RMS_CLASSES))
+def test_hf_llama_family_rms_norm_served_by_fusedformer(transformers, name):
+    """Built from its config and patched: every RMSNorm runs fusedformer::rms_norm_fwd (the profiler sees
+    it), the logits stay within 1e-4 in float32, and unpatch restores the classes and the numbers."""
+    model = decoder_lm(transformers, name).eval()
+    cls_name = RMS_CLASSES[name]
+    norms = [m for m in model.modules() if type(m).__name__ == cls_name]
+    assert len(norms) == 5  # 2 per layer, and the final norm
+    original_cls = type(norms[0])
+    batch = {k: v for k, v in hf_batch(model).items()}
+    with torch.no_grad():
+        before = model(**batch).logits
+        assert "fusedformer::rms_norm_fwd" not in _profiled_ops(model, batch)
+
+        report = patch(model, verify=True)
+        assert len(report.replaced[f"{cls_name} -> ff.rms_norm"]) == 5
+        assert f"{cls_name} -> ff.rms_norm x5" in str(report)
+        assert all(type(m) is not original_cls and isinstance(m, original_cls) for m in norms)
+        ops = _profiled_ops(model, batch)
+        assert "fusedformer::rms_norm_fwd" in ops, sorted(o for o in ops if "fusedformer" in o)
+        after = model(**batch).logits
+        valid = batch["attention_mask"].bool()
+        assert (after[valid] - before[valid]).abs().max().item() < 1e-4
+
+        unpatch(model)
+        assert all(type(m) is original_cls for m in norms)
+        assert torch.equal(model(**batch).logits, before)
+
+
+def test_hf_llama_rms_norm_gradients_through_fused_op(transformers):
+    model = decoder_lm(transformers, "llama").train()
+    twin = copy.deepcopy(model)
+    patch(model)
+    batch = hf_batch(model)
+    out, out_twin = model(**batch).logits, twin(**batch).logits
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_twin.backward(grad)
+    grads_match(twin, model)
+
+
+@pytest.mark.parametrize("style,cls_path", [
+    ("llama", ("llama", "modeling_llama", "LlamaRMSNorm")),
+    ("gemma", ("gemma", "modeling_gemma", "GemmaRMSNorm")),
+    ("t5", ("t5", "modeling_t5", "T5LayerNorm")),
+])  # fmt: skip
+@pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "bfloat16"), ("bfloat16", "float32")],
+                         ids=lambda d: "x:" + d[0] + ",w:" + d[1])  # fmt: skip
+def test_hf_rms_norm_classes_keep_their_dtype_handling(transformers, style, cls_path, dtypes):
+    """Each class's own dtypes (Llama: fp32 statistics, cast back, then weight; Gemma: 1 + w in fp32; T5: a
+    half weight's dtype): the same output dtype as the original, and values within a rounding of it."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{cls_path[0]}.{cls_path[1]}")
+    x_dtype, w_dtype = (getattr(torch, d) for d in dtypes)
+    norm = getattr(module, cls_path[2])(48).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48) * 0.5 + (0.0 if style == "gemma" else 1.0))
+    x = torch.randn(3, 5, 48).to(x_dtype)
+    expected = norm(x)
+    report = patch(norm)
+    assert report.num_replaced == 1
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = norm(x)
+    assert "fusedformer::rms_norm_fwd" in {e.key for e in prof.key_averages()}
+    assert got.dtype == expected.dtype
+    tol = 1e-5 if got.dtype == torch.float32 and x_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+    unpatch(norm)
+    assert type(norm) is getattr(module, cls_path[2])
+
+
+def test_hf_t5_layer_norm_served_by_fused_rms_op(transformers):
+    model = hf_model(transformers, "t5").eval()
+    report = patch(model)
+    assert len(report.replaced["T5LayerNorm -> ff.rms_norm"]) == 12
+    batch = hf_batch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ff.FallbackWarning)
+        with torch.no_grad():
+            ops = _profiled_ops(model, batch)
+    assert "fusedformer::rms_norm_fwd" in ops
+
+
 def test_hf_padding_mask_takes_effect(transformers):
     """Without a mask the padded batch gives other numbers; patched, the mask reaches the fused attention."""
     model = hf_model(transformers, "bert").eval()
