@@ -24,6 +24,7 @@ import fusedformer as ff
 from fusedformer.bench import memory
 from fusedformer.bench.cases import (
     CASES,
+    ROW_CASES,
     MODES,
     PROVIDERS,
     Case,
@@ -133,7 +134,7 @@ def specs(config: Config) -> list[Spec]:
                 for causal in config.causal:
                     for L in config.lengths_16bit if adt in _16BIT else config.lengths:
                         out.append(Spec("attention", dict(B=B, H=H, L=L, S=L, E=E, causal=causal), dev, adt))
-        elif case in ("layer_norm", "gelu"):
+        elif case in ROW_CASES:
             for rows in config.rows:
                 for width in config.widths:
                     params: dict[str, Any] = dict(rows=rows, width=width)
