@@ -290,16 +290,7 @@ def hf_model(transformers, name: str) -> nn.Module:
         )
         return t.T5ForConditionalGeneration(config)
     if name == "llama":  # grouped-query attention
-        config = t.LlamaConfig(
-            vocab_size=99,
-            hidden_size=D,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=H,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        return t.LlamaForCausalLM(config)
+        return decoder_lm(t, "llama")
     raise ValueError(name)
 
 
