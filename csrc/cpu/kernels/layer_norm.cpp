@@ -84,8 +84,8 @@ struct RowDropout {
   // fmix32, vectorised); lanes past n are hashed too and multiply the zero padding. float64 (there for
   // accuracy, not speed): lane by lane.
   // NOTE [2026-12-02] the float64 mask is built in an array, not by assigning vector lanes in the loop:
-  // GCC 12 at -O3 with AVX-512 miscompiled the lane assignments for 8 float64 lanes (only lane 0 was
-  // written).
+  // built that way, the AVX-512 builds (GCC 12, -O3) gave masks with only lane 0 of each full 8-lane
+  // vector applied (not root-caused; the array form is right on every build, see test_add_norm.py).
   template <typename A>
   vec_t<A> lanes(int64_t c, int64_t n) const {
     if constexpr (std::is_same_v<A, float>) {
