@@ -107,7 +107,7 @@ class BuildWithCpuCapabilities(BuildExtension):
 
 
 setup(
-    packages=["fusedformer", "fusedformer.ops", "fusedformer.nn", "fusedformer.bench", "fusedformer.kernels"],
+    packages=["fusedformer", "fusedformer.ops", "fusedformer.nn", "fusedformer.patching", "fusedformer.bench", "fusedformer.kernels"],
     package_dir={"fusedformer.kernels": "kernels"},
     ext_modules=[
         CppExtension(

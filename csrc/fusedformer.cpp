@@ -46,6 +46,36 @@ TORCH_LIBRARY(fusedformer, m) {
   m.def(
       "layer_norm_bwd(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor mean, Tensor rstd, "
       "Tensor? weight, Tensor? bias) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // RMSNorm: out = input·rstd·weight, rstd = 1/sqrt(mean(input²) + eps) over the last k dims, (*) in
+  // float32 (float64 for float64 input). grad_weight is (D1..Dk), or empty where weight is None.
+  m.def(
+      "rms_norm_fwd(Tensor input, int[] normalized_shape, Tensor? weight, float eps) -> (Tensor out, Tensor rstd)");
+  m.def(
+      "rms_norm_bwd(Tensor grad_out, Tensor input, int[] normalized_shape, Tensor rstd, Tensor? weight) "
+      "-> (Tensor grad_input, Tensor grad_weight)");
+  // Residual add + norm: residual_out = dropout(input) + residual (rounded to the dtype), out =
+  // norm(residual_out). dropout_p in [0, 1): the mask a pure function of (seed, row, column) (see
+  // add_norm_dropout_mask), kept elements scaled by 1 / (1 - p). The backward takes residual_out (not
+  // input and residual) and grad_residual_out or None; it returns grad_residual (= d residual_out plus
+  // the norm's gradient) and grad_input = grad_residual·keep/(1 - p), empty when dropout_p is 0 (then it
+  // equals grad_residual).
+  m.def(
+      "add_layer_norm_fwd(Tensor input, Tensor residual, int[] normalized_shape, Tensor? weight, Tensor? bias, "
+      "float eps, float dropout_p=0.0, int seed=0) -> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)");
+  m.def(
+      "add_layer_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor residual_out, int[] normalized_shape, "
+      "Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, float dropout_p=0.0, int seed=0) "
+      "-> (Tensor grad_residual, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "add_rms_norm_fwd(Tensor input, Tensor residual, int[] normalized_shape, Tensor? weight, float eps, "
+      "float dropout_p=0.0, int seed=0) -> (Tensor out, Tensor residual_out, Tensor rstd)");
+  m.def(
+      "add_rms_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor residual_out, int[] normalized_shape, "
+      "Tensor rstd, Tensor? weight, float dropout_p=0.0, int seed=0) "
+      "-> (Tensor grad_residual, Tensor grad_input, Tensor grad_weight)");
+  // The mask add_*_norm_fwd(..., dropout_p, seed) draws for an input of (rows, cols): (rows, cols) bool,
+  // True = kept. For tests only: the kernels never build it.
+  m.def("add_norm_dropout_mask(int rows, int cols, float dropout_p, int seed) -> Tensor");
   // gelu(input + bias); input (*, D), bias (D,) or None; approximate is "none" or "tanh".
   m.def("gelu_fwd(Tensor input, Tensor? bias, str approximate) -> Tensor");
   // grad_bias is (D,), or empty where bias is None.

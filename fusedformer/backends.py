@@ -44,7 +44,7 @@ class FallbackWarning(UserWarning):
 class Request:
     """What the backends need to know about one call (built from validated inputs)."""
 
-    op: str  # "attention", "attention_with_kv_cache", "layer_norm" or "gelu"
+    op: str  # "attention", "attention_with_kv_cache", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm" or "gelu"
     device: torch.device
     dtype: torch.dtype
     dropout_p: float = 0.0
@@ -106,6 +106,9 @@ _CPU_OPS = {
     "attention": "attention_fwd",
     "attention_with_kv_cache": "attention_with_kv_cache",
     "layer_norm": "layer_norm_fwd",
+    "rms_norm": "rms_norm_fwd",
+    "add_layer_norm": "add_layer_norm_fwd",
+    "add_rms_norm": "add_rms_norm_fwd",
     "gelu": "gelu_fwd",
 }
 _CPU_KERNELS = {
@@ -167,6 +170,9 @@ class TritonBackend:
         "attention": (torch.float32, torch.float16, torch.bfloat16),
         "attention_with_kv_cache": (torch.float32, torch.float16, torch.bfloat16),
         "layer_norm": FLOAT_DTYPES,
+        "rms_norm": FLOAT_DTYPES,
+        "add_layer_norm": FLOAT_DTYPES,
+        "add_rms_norm": FLOAT_DTYPES,
         "gelu": FLOAT_DTYPES,
     }
 
@@ -188,6 +194,8 @@ class TritonBackend:
             reasons.append(f"the Triton {request.op} kernels do not take {request.dtype}")
         if request.op == "attention" and request.dropout_p > 0.0:
             reasons.append(f"attention dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
+        if request.op.startswith("add_") and request.dropout_p > 0.0:
+            reasons.append(f"{request.op}'s dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
         return reasons + _common_reasons(request)
 
 

@@ -11,7 +11,16 @@ import math
 
 import torch
 
-__all__ = ["scaled_dot_product_attention", "attention_with_kv_cache", "layer_norm", "gelu", "compute_dtype"]
+__all__ = [
+    "scaled_dot_product_attention",
+    "attention_with_kv_cache",
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "gelu",
+    "compute_dtype",
+]
 
 
 def compute_dtype(dtype: torch.dtype, upcast: bool = True) -> torch.dtype:
@@ -145,6 +154,69 @@ def layer_norm(
     if bias is not None:
         y = y + bias.to(dtype)
     return y.to(input.dtype)
+
+
+def rms_norm(
+    input: torch.Tensor,  # (*, D1..Dk)
+    normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+    weight: torch.Tensor | None = None,  # (D1..Dk)
+    eps: float | None = None,
+    *,
+    upcast: bool = True,
+) -> torch.Tensor:  # (*, D1..Dk)
+    """RMSNorm over the last ``len(normalized_shape)`` dims, as ``F.rms_norm`` (eps None: ``finfo(input.dtype).eps``)."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    dims = tuple(range(-len(normalized_shape), 0))
+    dtype = compute_dtype(input.dtype, upcast)
+    x = input.to(dtype)
+    y = x * torch.rsqrt((x * x).mean(dim=dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(dtype)
+    return y.to(input.dtype)
+
+
+def _dropped(input: torch.Tensor, dropout_p: float, dropout_mask: torch.Tensor | None) -> torch.Tensor:
+    if dropout_p == 0.0:
+        return input
+    if dropout_mask is not None:  # the fused kernels' mask, (*, D1..Dk) bool, True = kept
+        return input * dropout_mask.to(input.dtype) / (1.0 - dropout_p)
+    return torch.nn.functional.dropout(input, p=dropout_p, training=True)
+
+
+def add_layer_norm(
+    input: torch.Tensor,  # (*, D1..Dk)
+    residual: torch.Tensor,  # (*, D1..Dk)
+    normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+    weight: torch.Tensor | None = None,  # (D1..Dk)
+    bias: torch.Tensor | None = None,  # (D1..Dk)
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    *,
+    dropout_mask: torch.Tensor | None = None,  # (*, D1..Dk) bool, True = kept; torch's dropout if None
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # output, residual_out (*, D1..Dk)
+    """``h = dropout(input) + residual`` in input's dtype, then ``(layer_norm(h), h)``: the composite."""
+    h = _dropped(input, dropout_p, dropout_mask) + residual
+    return layer_norm(h, normalized_shape, weight, bias, eps, upcast=upcast), h
+
+
+def add_rms_norm(
+    input: torch.Tensor,  # (*, D1..Dk)
+    residual: torch.Tensor,  # (*, D1..Dk)
+    normalized_shape: int | list[int] | tuple[int, ...] | torch.Size,
+    weight: torch.Tensor | None = None,  # (D1..Dk)
+    eps: float | None = None,
+    dropout_p: float = 0.0,
+    *,
+    dropout_mask: torch.Tensor | None = None,  # (*, D1..Dk) bool, True = kept; torch's dropout if None
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # output, residual_out (*, D1..Dk)
+    """``h = dropout(input) + residual`` in input's dtype, then ``(rms_norm(h), h)``: the composite."""
+    h = _dropped(input, dropout_p, dropout_mask) + residual
+    return rms_norm(h, normalized_shape, weight, eps, upcast=upcast), h
 
 
 def gelu(

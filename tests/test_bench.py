@@ -61,9 +61,10 @@ def test_cli_writes_csv_with_every_case_mode_provider(tiny_run):
     rows = _rows(out)
     # attention: 2 dtypes (--quick: float32, bfloat16) x 1 length x 2 masks x 3 modes x 3 providers;
     # decode: 2 dtypes x 1 length x fwd x 3 providers;
-    # LayerNorm, GELU: 1 shape x 3 x 3; encoder, decoder: fwd+bwd x 2 providers
+    # LayerNorm, RMSNorm, the add + norms, GELU: 1 shape x 3 x 3; encoder, decoder: fwd+bwd x 2 providers
     counts = {c: sum(r["case"] == c for r in rows) for c in cases.CASES}
-    assert counts == {"attention": 36, "decode": 6, "layer_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2}
+    assert counts == {"attention": 36, "decode": 6, "layer_norm": 9, "rms_norm": 9, "add_layer_norm": 9,
+                      "add_rms_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2}  # fmt: skip
     dtypes = {(r["case"], r["dtype"]) for r in rows}
     assert {d for c, d in dtypes if c in ("attention", "decode")} == {"float32", "bfloat16"}
     assert {d for c, d in dtypes if c not in ("attention", "decode")} == {"float32"}
@@ -75,7 +76,7 @@ def test_cli_writes_csv_with_every_case_mode_provider(tiny_run):
         if r["status"] != "ok":
             continue
         assert float(r["median_ms"]) > 0 and float(r["q1_ms"]) <= float(r["median_ms"]) <= float(r["q3_ms"])
-        rate = r["gflops"] if r["case"] not in ("layer_norm", "gelu", "decode") else r["gbps"]
+        rate = r["gflops"] if r["case"] not in (*cases.ROW_CASES, "decode") else r["gbps"]
         assert float(rate) > 0 and float(r["share_of_ceiling_pct"]) > 0
         assert float(r["peak_extra_mib"]) >= 0, r  # one size per case: --quick probes it
 

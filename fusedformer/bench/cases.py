@@ -18,7 +18,7 @@ use ``unit``.
 
 Providers (the names are the house's): ``fusedformer`` (the public ``ff.*`` functions and
 ``fusedformer.nn`` modules), ``torch`` (``F.scaled_dot_product_attention``, ``F.layer_norm``,
-``F.gelu(x + bias)``, ``torch.nn`` layers) and ``naive`` (``fusedformer.reference``: attention that
+``F.gelu(x + bias)``, ``F.rms_norm``, ``x + r`` then the norm for add + norm, ``torch.nn`` layers) and ``naive`` (``fusedformer.reference``: attention that
 materialises the (L, S) scores). ``fusedformer`` is only fused when ``ff.explain`` says a fused
 backend serves it; ``Case.backend`` says which backend that is, and the report marks the fallback.
 """
@@ -41,6 +41,7 @@ from fusedformer import reference
 __all__ = [
     "CASES",
     "MODES",
+    "ROW_CASES",
     "PROVIDERS",
     "Case",
     "Spec",
@@ -52,7 +53,9 @@ __all__ = [
 
 PROVIDERS = ("fusedformer", "torch", "naive")
 MODES = ("fwd", "bwd", "fwd+bwd")
-CASES = ("attention", "decode", "layer_norm", "gelu", "encoder", "decoder")
+CASES = ("attention", "decode", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "encoder", "decoder")
+#: the cases of (rows, width) elementwise work, measured in bytes/s
+ROW_CASES = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -385,6 +388,75 @@ class LayerNormCase(_RowsCase):
         return [self.x, self.w, self.b]
 
 
+class RmsNormCase(_RowsCase):
+    """``F.rms_norm(x (rows, width), (width,), weight)``."""
+
+    name = "rms_norm"
+
+    def _explain_args(self) -> tuple:
+        x = torch.empty(self.rows, self.width, device=self.device, dtype=self.dtype)
+        w = torch.empty(self.width, device=self.device, dtype=self.dtype)
+        return ff.rms_norm, x, (self.width,), w
+
+    def forward_fn(self, provider: str) -> Callable[[], torch.Tensor]:
+        x, w, shape = self.x, self.w, (self.width,)
+        fn = {"fusedformer": ff.rms_norm, "torch": F.rms_norm, "naive": reference.rms_norm}[provider]
+        return lambda: fn(x, shape, w, 1e-6)
+
+    def leaves(self, provider: str) -> list[torch.Tensor]:
+        return [self.x, self.w]
+
+
+class _AddNormCase(_RowsCase):
+    """``h = x + r; norm(h)`` with x, r (rows, width): fused in fusedformer (``ff.add_*_norm``), ``x + r``
+    then ``F.layer_norm`` / ``F.rms_norm`` in torch. The output timed (and the gradient's way back) is the
+    normalised one; residual_out is returned by both and unused, as when the block's last norm feeds
+    the head."""
+
+    rms = False
+
+    def work(self, mode: str) -> tuple[str, float]:
+        # forward reads x and r, writes y and h; backward reads h and dy, writes dh (dr and dx are one
+        # tensor in the fused op; torch's autograd hands the same one to both)
+        n = self.rows * self.width * self.elt
+        return "byte", n * {"fwd": 4.0, "bwd": 3.0, "fwd+bwd": 7.0}[mode]
+
+    def build(self) -> None:
+        super().build()
+        self.r = self._randn(self.rows, self.width, requires_grad=True)  # (rows, width)
+
+    def _explain_args(self) -> tuple:
+        x = torch.empty(self.rows, self.width, device=self.device, dtype=self.dtype)
+        w = torch.empty(self.width, device=self.device, dtype=self.dtype)
+        if self.rms:
+            return ff.add_rms_norm, x, x, (self.width,), w
+        return ff.add_layer_norm, x, x, (self.width,), w, w
+
+    def forward_fn(self, provider: str) -> Callable[[], torch.Tensor]:
+        x, r, w, b, shape = self.x, self.r, self.w, self.b, (self.width,)
+        if self.rms:
+            if provider == "fusedformer":
+                return lambda: ff.add_rms_norm(x, r, shape, w, 1e-6)[0]
+            norm = F.rms_norm if provider == "torch" else reference.rms_norm
+            return lambda: norm(x + r, shape, w, 1e-6)
+        if provider == "fusedformer":
+            return lambda: ff.add_layer_norm(x, r, shape, w, b, 1e-5)[0]
+        norm = F.layer_norm if provider == "torch" else reference.layer_norm
+        return lambda: norm(x + r, shape, w, b, 1e-5)
+
+    def leaves(self, provider: str) -> list[torch.Tensor]:
+        return [self.x, self.r, self.w] + ([] if self.rms else [self.b])
+
+
+class AddLayerNormCase(_AddNormCase):
+    name = "add_layer_norm"
+
+
+class AddRmsNormCase(_AddNormCase):
+    name = "add_rms_norm"
+    rms = True
+
+
 class GeluCase(_RowsCase):
     """``gelu(x (rows, width) + bias (width,))``: fused in fusedformer, two ops in torch."""
 
@@ -614,6 +686,9 @@ _CASE_TYPES: dict[str, type[Case]] = {
     "attention": AttentionCase,
     "decode": DecodeCase,
     "layer_norm": LayerNormCase,
+    "rms_norm": RmsNormCase,
+    "add_layer_norm": AddLayerNormCase,
+    "add_rms_norm": AddRmsNormCase,
     "gelu": GeluCase,
     "encoder": EncoderCase,
     "decoder": DecoderCase,

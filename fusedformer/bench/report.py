@@ -46,7 +46,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fusedformer.bench.cases import PROVIDERS
+from fusedformer.bench.cases import PROVIDERS, ROW_CASES
 from fusedformer.bench.machine import features_text
 
 __all__ = ["CSV_COLUMNS", "format_report", "write_csv", "write_markdown"]
@@ -188,6 +188,9 @@ _TITLES = {
     "attention": "attention (scaled dot-product)",
     "decode": "decode attention (one query against a long key range)",
     "layer_norm": "LayerNorm (with weight and bias)",
+    "rms_norm": "RMSNorm (with weight)",
+    "add_layer_norm": "residual add + LayerNorm (x + r, then LayerNorm with weight and bias)",
+    "add_rms_norm": "residual add + RMSNorm (x + r, then RMSNorm with weight)",
     "gelu": "bias + GELU",
     "encoder": "TransformerEncoderLayer (train mode, batch_first)",
     "decoder": "TransformerDecoderLayer (train mode, causal self-attention, batch_first)",
@@ -213,7 +216,7 @@ def _case_section(result: Any, case: str, dtype: str) -> str:
         key_headers = ["shape"]
         detail = f"E={first['E']} {dtype}, one query per sequence: bound by reading K and V"
         rate_unit = f"GB/s (% of copy {c.copy_gbps:.0f})"
-    elif case in ("layer_norm", "gelu"):
+    elif case in ROW_CASES:
         key_headers = ["rows x width"]
         detail = dtype + (f" approximate={first.get('approximate')}" if case == "gelu" else "")
         rate_unit = f"GB/s (% of copy {c.copy_gbps:.0f})"

@@ -24,6 +24,7 @@ import fusedformer as ff
 from fusedformer.bench import memory
 from fusedformer.bench.cases import (
     CASES,
+    ROW_CASES,
     MODES,
     PROVIDERS,
     Case,
@@ -143,7 +144,7 @@ def specs(config: Config) -> list[Spec]:
                 for S in config.decode_lengths:
                     params = dict(B=config.decode_batch, H=config.decode_heads, L=1, S=S, E=config.head_dim)
                     out.append(Spec("decode", params, dev, adt))
-        elif case in ("layer_norm", "gelu"):
+        elif case in ROW_CASES:
             for rows in config.rows:
                 for width in config.widths:
                     params: dict[str, Any] = dict(rows=rows, width=width)

@@ -22,6 +22,7 @@ from torch import nn
 from fusedformer import backends
 from fusedformer.reference import causal_mask
 from fusedformer.backends import BACKENDS, Explanation
+from fusedformer.explanation import explain as ff_explain
 from fusedformer.ops.attention import scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention"]
@@ -340,8 +341,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         Takes ``forward``'s arguments; runs the projections (no attention) to build the attention call.
         ``need_weights=True`` names the reason it runs on the reference path.
         """
-        from fusedformer import explain as ff_explain
-
         with torch.no_grad():
             q, k, v, mask, causal, _ = self._prepare(
                 query, key, value, key_padding_mask, attn_mask, is_causal

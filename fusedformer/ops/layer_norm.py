@@ -9,7 +9,7 @@ import torch
 from fusedformer import backends, reference
 from fusedformer.ops import sharding
 
-__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd"]
+__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "check_norm_args", "stats_dtype"]
 
 _FN = "fusedformer.layer_norm"
 
@@ -38,7 +38,7 @@ def layer_norm_bwd(
     )
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -78,7 +78,7 @@ def _register_cpp() -> None:
     @torch.library.register_fake("fusedformer::layer_norm_fwd")
     def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
         lead = input.shape[: input.dim() - len(normalized_shape)]
-        stats = _stats_dtype(input.dtype)
+        stats = stats_dtype(input.dtype)
         return input.new_empty(input.shape), input.new_empty(lead, dtype=stats), input.new_empty(lead, dtype=stats)
 
     @torch.library.register_fake("fusedformer::layer_norm_bwd")
@@ -132,7 +132,7 @@ def _layer_norm_bwd_rules(grad_out, input, normalized_shape, mean, rstd, weight,
     return layouts
 
 
-def _normalize_shape(normalized_shape) -> tuple[int, ...]:
+def _normalize_shape(normalized_shape, fn: str = _FN) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
     try:
@@ -141,34 +141,43 @@ def _normalize_shape(normalized_shape) -> tuple[int, ...]:
         shape = tuple(int(s) for s in normalized_shape)
     except (TypeError, ValueError):
         raise TypeError(
-            f"{_FN}: expected normalized_shape to be an int or a sequence of ints, got {normalized_shape!r}"
+            f"{fn}: expected normalized_shape to be an int or a sequence of ints, got {normalized_shape!r}"
         ) from None
     return shape
 
 
-def _request(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+def check_norm_args(fn: str, input, normalized_shape, params: dict, eps) -> tuple[int, ...]:
+    """Validates a norm call's input, normalized_shape, parameters ({name: tensor or None}: weight, bias,
+    residual, ...; each must have input's dtype and device) and eps; returns normalized_shape as a tuple.
+    The parameters named weight and bias are (D1..Dk); any other is shaped like input."""
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{_FN}: expected input to be a Tensor, got {type(input).__name__}")
+        raise TypeError(f"{fn}: expected input to be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
-        raise TypeError(f"{_FN}: expected input to be a floating-point tensor, got {input.dtype}")
-    shape = _normalize_shape(normalized_shape)
+        raise TypeError(f"{fn}: expected input to be a floating-point tensor, got {input.dtype}")
+    shape = _normalize_shape(normalized_shape, fn)
     if len(shape) == 0 or input.dim() < len(shape) or tuple(input.shape[-len(shape) :]) != shape:
         raise ValueError(
-            f"{_FN}: normalized_shape {list(shape)} does not match the last dims of input of shape {tuple(input.shape)}"
+            f"{fn}: normalized_shape {list(shape)} does not match the last dims of input of shape {tuple(input.shape)}"
         )
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in params.items():
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_FN}: expected {name} to be a Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{_FN}: expected {name} of shape {list(shape)}, got {tuple(t.shape)}")
+            raise TypeError(f"{fn}: expected {name} to be a Tensor or None, got {type(t).__name__}")
+        want = shape if name in ("weight", "bias") else tuple(input.shape)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{fn}: expected {name} of shape {list(want)}, got {tuple(t.shape)}")
         if t.dtype != input.dtype:
-            raise TypeError(f"{_FN}: expected {name} of dtype {input.dtype} like input, got {t.dtype}")
+            raise TypeError(f"{fn}: expected {name} of dtype {input.dtype} like input, got {t.dtype}")
         if t.device != input.device:
-            raise ValueError(f"{_FN}: expected {name} on {input.device} like input, got {t.device}")
-    if not eps >= 0:
-        raise ValueError(f"{_FN}: expected eps >= 0, got {eps}")
+            raise ValueError(f"{fn}: expected {name} on {input.device} like input, got {t.device}")
+    if eps is not None and not eps >= 0:
+        raise ValueError(f"{fn}: expected eps >= 0, got {eps}")
+    return shape
+
+
+def _request(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    check_norm_args(_FN, input, normalized_shape, {"weight": weight, "bias": bias}, eps)
     return backends.Request("layer_norm", input.device, input.dtype)
 
 

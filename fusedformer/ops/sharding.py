@@ -43,7 +43,7 @@ import torch
 
 from fusedformer import backends
 
-__all__ = ["rules", "replicated", "ShardingWarning", "ShardingError"]
+__all__ = ["rules", "replicated", "row_layouts", "ShardingWarning", "ShardingError"]
 
 
 class ShardingWarning(UserWarning):
@@ -69,6 +69,22 @@ def replicated(n_outputs: int, n_args: int, args: Sequence[Any] | None = None) -
 
     ins = [Replicate() if args is None or _is_tensor(a) else None for a in (args or [None] * n_args)]
     return [Replicate()] * n_outputs, ins
+
+
+def row_layouts(lead_dims: int, outputs: Sequence[str | None], inputs: Sequence[str | None]) -> list:
+    """The layouts of a row-wise op (a norm: rows independent, the last dims normalised): replicated,
+    then one layout per leading dim d in which every ``"S"`` is ``Shard(d)``, ``"R"`` ``Replicate()``
+    (weights), ``"P"`` ``Partial()`` (their gradients, summed over each shard's rows) and ``None`` a
+    non-tensor or absent argument."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    def place(token, d):
+        return {"S": Shard(d), "R": Replicate(), "P": Partial(), None: None}[token]
+
+    layouts = [([Replicate() for _ in outputs], [None if t is None else Replicate() for t in inputs])]
+    for d in range(lead_dims):
+        layouts.append(([place(t, d) for t in outputs], [place(t, d) for t in inputs]))
+    return layouts
 
 
 def rules(*op_names: str) -> Callable[[Rule], Rule]:
