@@ -16,9 +16,11 @@ from fusedformer.backends import BackendUnavailableError, Explanation, FallbackW
 from fusedformer.ops import attention as _attention
 from fusedformer.ops import gelu as _gelu
 from fusedformer.ops import layer_norm as _layer_norm
+from fusedformer.ops import varlen as _varlen
 from fusedformer.ops.attention import scaled_dot_product_attention
 from fusedformer.ops.gelu import gelu
 from fusedformer.ops.layer_norm import layer_norm
+from fusedformer.ops.varlen import varlen_attention
 
 from fusedformer import nn  # noqa: E402  (the modules call the functions above)
 from fusedformer.patch import PatchReport, PatchVerificationError, patch, unpatch  # noqa: E402
@@ -38,11 +40,13 @@ __all__ = [
     "PatchVerificationError",
     "scaled_dot_product_attention",
     "unpatch",
+    "varlen_attention",
 ]
 
 _REQUESTS = {
     "scaled_dot_product_attention": _attention._request,
     "attention": _attention._request,
+    "varlen_attention": _varlen._request,
     "layer_norm": _layer_norm._request,
     "gelu": _gelu._request,
 }

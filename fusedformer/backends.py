@@ -42,7 +42,7 @@ class FallbackWarning(UserWarning):
 class Request:
     """What the backends need to know about one call (built from validated inputs)."""
 
-    op: str  # "attention", "layer_norm" or "gelu"
+    op: str  # "attention", "varlen_attention", "layer_norm" or "gelu"
     device: torch.device
     dtype: torch.dtype
     dropout_p: float = 0.0
@@ -62,7 +62,7 @@ _C, _C_ERROR = _load_extension()
 # Read once, here: the C++ kernels register when _C loads, and torch.compile cannot trace this query.
 _CPU_KERNELS = {
     op: _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedformer::{op}_fwd", "CPU")
-    for op in ("attention", "layer_norm", "gelu")
+    for op in ("attention", "varlen_attention", "layer_norm", "gelu")
 }
 
 
@@ -117,6 +117,7 @@ class TritonBackend:
     SUPPORTED_DEVICES = ("cuda",)  # and "cpu" when interpreted
     SUPPORTED_DTYPES = {  # by op family
         "attention": (torch.float32, torch.float16, torch.bfloat16),
+        "varlen_attention": (torch.float32, torch.float16, torch.bfloat16),
         "layer_norm": FLOAT_DTYPES,
         "gelu": FLOAT_DTYPES,
     }
@@ -135,7 +136,7 @@ class TritonBackend:
             reasons.append(f"serves CUDA tensors, got {device}")
         if request.dtype in FLOAT_DTYPES and request.dtype not in self.SUPPORTED_DTYPES[request.op]:
             reasons.append(f"the Triton {request.op} kernels do not take {request.dtype}")
-        if request.op == "attention" and request.dropout_p > 0.0:
+        if request.op in ("attention", "varlen_attention") and request.dropout_p > 0.0:
             reasons.append(f"attention dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
         return reasons + _common_reasons(request)
 
@@ -202,7 +203,7 @@ def cpu_matmul_engines(dtypes: tuple[str, ...] = ("float32", "bfloat16", "float1
 def _detail(request: Request, backend: str) -> str:
     # Never measures: explain runs no kernel (and a process that forks later, like the benchmarks'
     # memory probe, must not have started torch's OpenMP pool).
-    if backend != "cpp" or request.op != "attention" or request.dtype not in FLOAT_DTYPES:
+    if backend != "cpp" or request.op not in ("attention", "varlen_attention") or request.dtype not in FLOAT_DTYPES:
         return ""
     info = _C.attention_engine(str(request.dtype).removeprefix("torch."), measure=False)
     if not info["fwd"]:
