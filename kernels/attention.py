@@ -912,7 +912,7 @@ def _check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != 3:
             raise ValueError(f"{_FN}: expected {name} to be 3-D (total, H, E), got shape {tuple(t.shape)}")
-    _check(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), None)
+    _check(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), None)  # as (1, H, total, E)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != query.device:
             raise ValueError(f"{_FN}: expected {name} int32 (B + 1,) on {query.device}, got {cu.dtype} "
