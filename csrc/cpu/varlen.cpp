@@ -31,6 +31,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/allocator.h"
 #include "cpu/attention.h"
 #include "cpu/common.h"
 #include "cpu/kernels/attention.h"
@@ -150,9 +151,14 @@ AttentionFwdArgs seq_fwd_args(const VarlenDims& d, const Seq& s, int64_t b, cons
 
 // The forward over every sequence with L_b, S_b > 0: out_s (dtype) and lse_s (acc) are the scratch
 // blocks (see the file comment), or, with log_sum_s, only lse_s = m and log_sum_s = log l.
+// After each kernel call, epilogue(b, h, i0, im) runs on the same thread for every query tile it computed
+// (rows [i0, i0 + im) of head h of sequence b): the copy into the packed layout, while the tile is hot
+// and without another parallel region (on a busy machine, each one costs a wake-up of every thread).
+template <typename Epilogue>
 void run_varlen_fwd(const VarlenDims& d, const MatmulEngine* engine, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, bool is_causal, double scale, double dropout_p, int64_t seed,
-                    const at::Tensor& out_s, const at::Tensor& lse_s, const at::Tensor& log_sum_s) {
+                    const at::Tensor& out_s, const at::Tensor& lse_s, const at::Tensor& log_sum_s,
+                    const Epilogue& epilogue) {
   const AttentionBlocks blocks = attention_blocks(engine);
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   int64_t block_m = blocks.fwd_m;
@@ -164,6 +170,7 @@ void run_varlen_fwd(const VarlenDims& d, const MatmulEngine* engine, const at::T
   while (block_m > kMinBlock && count_tasks(block_m) < threads) block_m /= 2;
   // the tasks of all sequences in one list; cost = rows x keys visited
   std::vector<AttentionFwdArgs> args;
+  std::vector<int64_t> seq_of;      // per call: its sequence
   std::vector<int64_t> first_task;  // per call: its first task in the global list
   std::vector<double> cum_cost{0.0};
   const size_t es = out_s.defined() ? out_s.element_size() : 0, acc_es = lse_s.element_size();
@@ -178,6 +185,7 @@ void run_varlen_fwd(const VarlenDims& d, const MatmulEngine* engine, const at::T
     a.log_sum = log_sum_s.defined() ? static_cast<char*>(log_sum_s.data_ptr()) + row0 * acc_es : nullptr;
     first_task.push_back(static_cast<int64_t>(cum_cost.size()) - 1);
     args.push_back(a);
+    seq_of.push_back(b);
     const int64_t n_tiles = ceil_div(s.L, block_m);
     for (int64_t h = 0; h < d.Hq; ++h) {
       for (int64_t u = 0; u < n_tiles; ++u) {
@@ -209,6 +217,11 @@ void run_varlen_fwd(const VarlenDims& d, const MatmulEngine* engine, const at::T
       for (; c < args.size() && first_task[c] < t1; ++c) {
         const int64_t lo = std::max(t0, first_task[c]), hi = std::min(t1, first_task[c + 1]);
         fn(args[c], lo - first_task[c], hi - first_task[c]);
+        const int64_t n_tiles = ceil_div(args[c].L, block_m);
+        for (int64_t t = lo - first_task[c]; t < hi - first_task[c]; ++t) {
+          const int64_t i0 = zigzag(t % n_tiles, n_tiles) * block_m;
+          epilogue(seq_of[c], t / n_tiles, i0, std::min(block_m, args[c].L - i0));
+        }
       }
     }
   });
@@ -225,21 +238,25 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& qu
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": expected dropout_p in [0, 1), got ", dropout_p);
   const at::ScalarType dtype = query.scalar_type(), acc = compute_dtype(dtype);
   const at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
-  at::Tensor out = at::zeros({d.total_q, d.Hq, d.Ev}, query.options());
-  at::Tensor lse = at::full({d.Hq, d.total_q}, std::numeric_limits<double>::infinity(),
-                            query.options().dtype(at::kFloat));
-  if (d.total_q == 0 || d.total_k == 0) return {out, lse};  // no query, or every row without a key
-  at::Tensor out_s = at::empty({d.Hq * d.total_q * d.Ev}, query.options());
-  at::Tensor lse_s = at::empty({d.Hq * d.total_q}, query.options().dtype(acc));
-  run_varlen_fwd(d, attention_engine_for(dtype, false), q, k, v, is_causal, scale, dropout_p, seed, out_s, lse_s,
-                 at::Tensor());
-  // a sequence with no key keeps out = 0, lse = +inf
+  at::Tensor out = empty_output({d.total_q, d.Hq, d.Ev}, dtype);
+  at::Tensor lse = at::empty({d.Hq, d.total_q}, query.options().dtype(at::kFloat));
+  // a sequence with no key: out = 0, lse = +inf
   for (const Seq& s : d.seqs) {
-    if (s.L == 0 || s.S == 0) continue;
-    out.narrow(0, s.q0, s.L).copy_(
-        out_s.narrow(0, d.Hq * s.q0 * d.Ev, d.Hq * s.L * d.Ev).view({d.Hq, s.L, d.Ev}).transpose(0, 1));
-    lse.narrow(1, s.q0, s.L).copy_(lse_s.narrow(0, d.Hq * s.q0, d.Hq * s.L).view({d.Hq, s.L}));
+    if (s.L > 0 && s.S == 0) {
+      out.narrow(0, s.q0, s.L).zero_();
+      lse.narrow(1, s.q0, s.L).fill_(std::numeric_limits<double>::infinity());
+    }
   }
+  if (d.total_q == 0 || d.total_k == 0) return {out, lse};
+  at::Tensor out_s = empty_output({d.Hq * d.total_q, d.Ev}, dtype);
+  at::Tensor lse_s = empty_output({d.Hq * d.total_q}, acc);
+  run_varlen_fwd(d, attention_engine_for(dtype, false), q, k, v, is_causal, scale, dropout_p, seed, out_s, lse_s,
+                 at::Tensor(), [&](int64_t b, int64_t h, int64_t i0, int64_t im) {
+                   const Seq& s = d.seqs[b];
+                   const int64_t r0 = d.Hq * s.q0 + h * s.L + i0;  // the tile's first scratch row
+                   out.narrow(0, s.q0 + i0, im).select(1, h).copy_(out_s.narrow(0, r0, im));
+                   lse.select(0, h).narrow(0, s.q0 + i0, im).copy_(lse_s.narrow(0, r0, im));
+                 });
   return {out, lse};
 }
 
@@ -267,9 +284,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
               op, ": expected logsumexp (Hq, total_q) = (", d.Hq, ", ", d.total_q, ") float32 on the CPU, got ",
               logsumexp.sizes(), " ", logsumexp.scalar_type(), " on ", logsumexp.device());
   const at::ScalarType dtype = query.scalar_type(), acc = compute_dtype(dtype);
-  at::Tensor grad_q = at::zeros({d.total_q, d.Hq, d.E}, query.options());
-  at::Tensor grad_k = at::zeros({d.total_k, d.Hk, d.E}, query.options());
-  at::Tensor grad_v = at::zeros({d.total_k, d.Hk, d.Ev}, query.options());
+  at::Tensor grad_q = empty_output({d.total_q, d.Hq, d.E}, dtype);
+  at::Tensor grad_k = empty_output({d.total_k, d.Hk, d.E}, dtype);
+  at::Tensor grad_v = empty_output({d.total_k, d.Hk, d.Ev}, dtype);
+  // rows no unit computes (queries without keys, keys without queries) have gradient 0
+  for (const Seq& s : d.seqs) {
+    if (s.L > 0 && s.S == 0) grad_q.narrow(0, s.q0, s.L).zero_();
+    if (s.S > 0 && s.L == 0) {
+      grad_k.narrow(0, s.k0, s.S).zero_();
+      grad_v.narrow(0, s.k0, s.S).zero_();
+    }
+  }
   if (d.total_q == 0 || d.total_k == 0) return {grad_q, grad_k, grad_v};
   const at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
   const at::Tensor go = rows_contiguous(grad_out), o = rows_contiguous(out);
@@ -277,36 +302,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
 
   // lse in the scratch layout; split into m and log l (one more Q K^T pass) where float32 is too
   // coarse: float64, or a huge |lse| (see attention_bwd_cpu)
-  at::Tensor lse_s = at::empty({d.Hq * d.total_q}, query.options().dtype(acc)), log_sum_s;
+  at::Tensor lse_s = empty_output({d.Hq * d.total_q}, acc), log_sum_s;
   bool split = acc == at::kDouble;
-  if (!split) {
-    const at::Tensor finite = logsumexp.isfinite();
-    split = at::any(finite & (logsumexp.abs() >= kLargeLse)).item<bool>();
+  const at::Tensor lse_in = logsumexp.contiguous();
+  const float* lse_ptr = lse_in.const_data_ptr<float>();
+  for (int64_t i = 0; i < lse_in.numel() && !split; ++i) {
+    split = std::isfinite(lse_ptr[i]) && std::abs(lse_ptr[i]) >= kLargeLse;
   }
   if (split) {
     log_sum_s = at::empty({d.Hq * d.total_q}, query.options().dtype(acc));
     run_varlen_fwd(d, attention_engine_for(dtype, false), q, k, v, is_causal, scale, 0.0, 0, at::Tensor(), lse_s,
-                   log_sum_s);
+                   log_sum_s, [](int64_t, int64_t, int64_t, int64_t) {});
   } else {
     for (const Seq& s : d.seqs) {
       if (s.L == 0) continue;
-      lse_s.narrow(0, d.Hq * s.q0, d.Hq * s.L).view({d.Hq, s.L}).copy_(logsumexp.narrow(1, s.q0, s.L));
+      lse_s.narrow(0, d.Hq * s.q0, d.Hq * s.L).view({d.Hq, s.L}).copy_(lse_in.narrow(1, s.q0, s.L));
     }
   }
 
   const MatmulEngine* engine = attention_engine_for(dtype, true);
   const AttentionBlocks blocks = attention_blocks(engine);
   const int64_t block_m = blocks.bwd_m, block_n = std::max<int64_t>(kPanel, blocks.bwd_n / kPanel * kPanel);
-  at::Tensor dq_s = at::empty({d.Hq * d.total_q, d.E}, query.options().dtype(acc));
-  at::Tensor row_sum_s = at::empty({d.Hq * d.total_q}, query.options().dtype(acc));
-  at::Tensor dk_s = at::empty({d.Hk * d.total_k * d.E}, query.options());
-  at::Tensor dv_s = at::empty({d.Hk * d.total_k * d.Ev}, query.options());
+  at::Tensor dq_s = empty_output({d.Hq * d.total_q, d.E}, acc);
+  at::Tensor row_sum_s = empty_output({d.Hq * d.total_q}, acc);
+  at::Tensor dk_s = empty_output({d.Hk * d.total_k * d.E}, dtype);
+  at::Tensor dv_s = empty_output({d.Hk * d.total_k * d.Ev}, dtype);
   int64_t n_tickets = 0;
   for (const Seq& s : d.seqs) n_tickets += s.S > 0 ? d.Hq * ceil_div(s.L, block_m) : 0;
   at::Tensor tickets = at::zeros({std::max<int64_t>(1, n_tickets)}, query.options().dtype(at::kInt));
 
   // one unit per (sequence, kv head): B = Hk = 1, the group's G query heads
   std::vector<AttentionBwdArgs> units;
+  std::vector<std::pair<int64_t, int64_t>> unit_of;  // (sequence, kv head)
   std::vector<double> costs;
   const size_t es = query.element_size(), acc_es = lse_s.element_size();
   int64_t ticket0 = 0;
@@ -356,6 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
       a.seed = seed;
       a.dropout_bh_offset = b * d.Hq + h0;
       units.push_back(a);
+      unit_of.emplace_back(b, hk);
       // query-key pairs computed (causal: query i sees min(i + 1, S) keys), per query head
       double pairs = static_cast<double>(s.L) * static_cast<double>(s.S);
       if (is_causal) {
@@ -365,6 +393,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
       costs.push_back(static_cast<double>(G) * (pairs + 64.0 * static_cast<double>(s.L + s.S)));
     }
   }
+  // A unit's rows into the packed gradients: dQ divided by its rows' probability sums (see
+  // kernels/attention.cpp; every row of a unit sees a key, so no sum is 0), dK and dV as they are.
+  auto unpack_unit = [&](size_t i) {
+    const auto [b, hk] = unit_of[i];
+    const Seq& s = d.seqs[b];
+    const int64_t qrow0 = d.Hq * s.q0 + hk * G * s.L, krow0 = d.Hk * s.k0 + hk * s.S;
+    const at::Tensor dq = dq_s.narrow(0, qrow0, G * s.L).view({G, s.L, d.E});
+    dq.div_(row_sum_s.narrow(0, qrow0, G * s.L).view({G, s.L, 1}));
+    grad_q.narrow(0, s.q0, s.L).narrow(1, hk * G, G).copy_(dq.transpose(0, 1));
+    grad_k.narrow(0, s.k0, s.S).select(1, hk).copy_(dk_s.narrow(0, krow0 * d.E, s.S * d.E).view({s.S, d.E}));
+    grad_v.narrow(0, s.k0, s.S).select(1, hk).copy_(dv_s.narrow(0, krow0 * d.Ev, s.S * d.Ev).view({s.S, d.Ev}));
+  };
   const auto fn = attention_bwd_stub.get();
   TORCH_INTERNAL_ASSERT(fn, "no attention kernel was built for this CPU");
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
@@ -384,6 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
       at::parallel_for(0, a.chunks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = end - 1; c >= begin; --c) fn(a, c);
       });
+      unpack_unit(i);
       continue;
     }
     const size_t t = std::min_element(load.begin(), load.end()) - load.begin();
@@ -392,22 +433,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   }
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      for (size_t i : bins[t]) fn(units[i], 0);
+      for (size_t i : bins[t]) {
+        fn(units[i], 0);
+        unpack_unit(i);
+      }
     }
   });
-
-  // dQ's rows divided by their probabilities' sums (see kernels/attention.cpp; a row with no key has 0)
-  dq_s.div_(row_sum_s.masked_fill_(row_sum_s == 0, 1).unsqueeze(-1));
-  const at::Tensor dq_flat = dq_s.view({-1});
-  for (const Seq& s : d.seqs) {
-    if (s.L == 0 || s.S == 0) continue;
-    grad_q.narrow(0, s.q0, s.L)
-        .copy_(dq_flat.narrow(0, d.Hq * s.q0 * d.E, d.Hq * s.L * d.E).view({d.Hq, s.L, d.E}).transpose(0, 1));
-    grad_k.narrow(0, s.k0, s.S)
-        .copy_(dk_s.narrow(0, d.Hk * s.k0 * d.E, d.Hk * s.S * d.E).view({d.Hk, s.S, d.E}).transpose(0, 1));
-    grad_v.narrow(0, s.k0, s.S)
-        .copy_(dv_s.narrow(0, d.Hk * s.k0 * d.Ev, d.Hk * s.S * d.Ev).view({d.Hk, s.S, d.Ev}).transpose(0, 1));
-  }
   return {grad_q, grad_k, grad_v};
 }
 
