@@ -55,9 +55,9 @@ _REQUESTS = {
 def explain(fn: Callable | str | torch.nn.Module, *args, **kwargs) -> Explanation:
     """Which backend would serve ``fn(*args, **kwargs)``, and why each other backend could not.
 
-    ``fn`` is a public function (``ff.scaled_dot_product_attention``, ``ff.layer_norm``, ``ff.gelu``),
-    its name, or a fused module (``ff.nn.MultiheadAttention``, ``LayerNorm``, ``GELU``) with its
-    forward's arguments. Nothing runs; the inputs are checked as the call would check them. ``print()`` the
+    ``fn`` is a public function (``ff.scaled_dot_product_attention``, ``ff.varlen_attention``,
+    ``ff.layer_norm``, ``ff.gelu``), its name, or a fused module (``ff.nn.MultiheadAttention``,
+    ``LayerNorm``, ``GELU``) with its forward's arguments. Nothing runs; the inputs are checked as the call would check them. ``print()`` the
     result for a readable report, or read ``.backend`` and ``.reasons``.
     """
     if isinstance(fn, torch.nn.Module):
