@@ -8,8 +8,9 @@
 // query.stride(0)), L = L_b, S = S_b. Nothing is padded, so no padding position is ever read or
 // computed. The kernels write their outputs contiguous per call ((Hq, L_b, Ev) for out, (Hq, L_b) for
 // the logsumexp and dQ's row sums, (Hk, S_b, E) for dK and dV): scratch blocks laid end to end at
-// offsets Hq * cu_q[b] (Hk * cu_k[b] for keys), copied into the packed layout at the end (one pass,
-// O(total * H * E), against the O(L_b * S_b * H * E) of the attention itself).
+// offsets Hq * cu_q[b] (Hk * cu_k[b] for keys), each tile (backward: each unit) copied into the packed
+// layout by the thread that computed it, right after it (O(total * H * E) in all, against the
+// O(L_b * S_b * H * E) of the attention). Outputs and scratch come from the huge-page output cache.
 //
 // Scheduling. Forward: the tasks of all sequences (b, query head, query tile) in one list, each with
 // its cost (rows x keys it visits, so causal tiles count what they compute), cut into one contiguous
