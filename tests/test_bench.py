@@ -60,9 +60,10 @@ def test_cli_writes_csv_with_every_case_mode_provider(tiny_run):
         assert next(csv.reader(f)) == report.CSV_COLUMNS
     rows = _rows(out)
     # attention: 2 dtypes (--quick: float32, bfloat16) x 1 length x 2 masks x 3 modes x 3 providers;
-    # LayerNorm, GELU: 1 shape x 3 x 3; encoder, decoder: fwd+bwd x 2 providers
+    # LayerNorm, GELU: 1 shape x 3 x 3; encoder, decoder: fwd+bwd x 2 providers; varlen: 2 masks x 3 modes
+    # x 3 providers (fusedformer, torch on the padded batch, torch-loop)
     counts = {c: sum(r["case"] == c for r in rows) for c in cases.CASES}
-    assert counts == {"attention": 36, "layer_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2}
+    assert counts == {"attention": 36, "layer_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2, "varlen": 18}
     dtypes = {(r["case"], r["dtype"]) for r in rows}
     assert {d for c, d in dtypes if c == "attention"} == {"float32", "bfloat16"}
     assert {d for c, d in dtypes if c != "attention"} == {"float32"}
