@@ -82,6 +82,20 @@ TORCH_LIBRARY(fusedformer, m) {
   m.def(
       "gelu_bwd(Tensor grad_out, Tensor input, Tensor? bias, str approximate) "
       "-> (Tensor grad_input, Tensor grad_bias)");
+  // Packed sequences (fusedformer/ops/varlen.py): query (total_q, Hq, E), key (total_k, Hk, E), value
+  // (total_k, Hk, Ev); cu_seqlens_q / cu_seqlens_k int32 (B + 1,), cumulative lengths from 0 to total;
+  // max_seqlen_* bound the lengths. Sequence b's queries attend to sequence b's keys only; is_causal
+  // top-left per sequence; dropout's mask that of attention_fwd on the padded batch (key b * Hq + h,
+  // positions within the sequence). Returns out (total_q, Hq, Ev) and logsumexp (Hq, total_q) float32.
+  m.def(
+      "varlen_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, bool is_causal, float scale, float dropout_p=0.0, int seed=0) "
+      "-> (Tensor out, Tensor logsumexp)");
+  m.def(
+      "varlen_attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor logsumexp, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "bool is_causal, float scale, float dropout_p=0.0, int seed=0) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
 }
 
 namespace {

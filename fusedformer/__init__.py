@@ -19,6 +19,7 @@ from fusedformer.ops.gelu import gelu
 from fusedformer.ops.kv_cache import attention_with_kv_cache
 from fusedformer.ops.layer_norm import layer_norm
 from fusedformer.ops.rms_norm import rms_norm
+from fusedformer.ops.varlen import varlen_attention
 
 from fusedformer import nn  # noqa: E402  (the modules call the functions above)
 from fusedformer import patching  # noqa: E402
@@ -52,4 +53,5 @@ __all__ = [
     "rms_norm",
     "scaled_dot_product_attention",
     "unpatch",
+    "varlen_attention",
 ]

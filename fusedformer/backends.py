@@ -44,7 +44,7 @@ class FallbackWarning(UserWarning):
 class Request:
     """What the backends need to know about one call (built from validated inputs)."""
 
-    op: str  # "attention", "attention_with_kv_cache", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm" or "gelu"
+    op: str  # "attention", "varlen_attention", "attention_with_kv_cache", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm" or "gelu"
     device: torch.device
     dtype: torch.dtype
     dropout_p: float = 0.0
@@ -105,6 +105,7 @@ _C, _C_ERROR = _load_extension()
 _CPU_OPS = {
     "attention": "attention_fwd",
     "attention_with_kv_cache": "attention_with_kv_cache",
+    "varlen_attention": "varlen_attention_fwd",
     "layer_norm": "layer_norm_fwd",
     "rms_norm": "rms_norm_fwd",
     "add_layer_norm": "add_layer_norm_fwd",
@@ -169,6 +170,7 @@ class TritonBackend:
     SUPPORTED_DTYPES = {  # by op family
         "attention": (torch.float32, torch.float16, torch.bfloat16),
         "attention_with_kv_cache": (torch.float32, torch.float16, torch.bfloat16),
+        "varlen_attention": (torch.float32, torch.float16, torch.bfloat16),
         "layer_norm": FLOAT_DTYPES,
         "rms_norm": FLOAT_DTYPES,
         "add_layer_norm": FLOAT_DTYPES,
@@ -192,7 +194,7 @@ class TritonBackend:
             reasons.append(f"there is no Triton kernel for {request.op} yet")
         elif request.dtype in FLOAT_DTYPES and request.dtype not in self.SUPPORTED_DTYPES[request.op]:
             reasons.append(f"the Triton {request.op} kernels do not take {request.dtype}")
-        if request.op == "attention" and request.dropout_p > 0.0:
+        if request.op in ("attention", "varlen_attention") and request.dropout_p > 0.0:
             reasons.append(f"attention dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
         if request.op.startswith("add_") and request.dropout_p > 0.0:
             reasons.append(f"{request.op}'s dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
@@ -261,7 +263,7 @@ def cpu_matmul_engines(dtypes: tuple[str, ...] = ("float32", "bfloat16", "float1
 def _detail(request: Request, backend: str) -> str:
     # Never measures: explain runs no kernel (and a process that forks later, like the benchmarks'
     # memory probe, must not have started torch's OpenMP pool).
-    if backend != "cpp" or request.op != "attention" or request.dtype not in FLOAT_DTYPES:
+    if backend != "cpp" or request.op not in ("attention", "varlen_attention") or request.dtype not in FLOAT_DTYPES:
         # (attention_with_kv_cache runs the decode kernel, or the attention forward for a uniform prefill)
         return ""
     info = _C.attention_engine(str(request.dtype).removeprefix("torch."), measure=False)

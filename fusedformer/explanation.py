@@ -17,6 +17,7 @@ from fusedformer.ops import gelu as _gelu
 from fusedformer.ops import kv_cache as _kv_cache
 from fusedformer.ops import layer_norm as _layer_norm
 from fusedformer.ops import rms_norm as _rms_norm
+from fusedformer.ops import varlen as _varlen
 
 __all__ = ["explain"]
 
@@ -24,6 +25,7 @@ _REQUESTS = {
     "scaled_dot_product_attention": _attention._request,
     "attention": _attention._request,
     "attention_with_kv_cache": _kv_cache._request,
+    "varlen_attention": _varlen._request,
     "layer_norm": _layer_norm._request,
     "gelu": _gelu._request,
     "rms_norm": _rms_norm._request,

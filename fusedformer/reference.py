@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "scaled_dot_product_attention",
     "attention_with_kv_cache",
+    "varlen_attention",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",
@@ -129,6 +130,41 @@ def attention_with_kv_cache(
             )
         )
     return torch.stack(outs) if outs else query.new_empty((0, Hq, L, v_cache.shape[-1]))
+
+
+def varlen_attention(
+    query: torch.Tensor,  # (total_q, Hq, E)
+    key: torch.Tensor,  # (total_k, Hk, E)
+    value: torch.Tensor,  # (total_k, Hk, Ev)
+    cu_seqlens_q: torch.Tensor,  # (B + 1,) int
+    cu_seqlens_k: torch.Tensor,  # (B + 1,) int
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    upcast: bool = True,
+    dropout_mask: torch.Tensor | None = None,  # bool (B, Hq, >= max L, >= max S); True = kept
+) -> torch.Tensor:  # (total_q, Hq, Ev)
+    """Packed sequences, one naive attention per sequence: sequence ``b``'s queries
+    ``[cu_seqlens_q[b], cu_seqlens_q[b + 1])`` attend to its keys ``[cu_seqlens_k[b], cu_seqlens_k[b + 1])``,
+    ``is_causal`` top-left within the sequence; grouped-query when ``Hq`` is a multiple of ``Hk``.
+    ``dropout_mask[b, :, :L_b, :S_b]`` is sequence b's mask when given (the fused kernels' mask)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for b in range(len(cq) - 1):
+        q = query[cq[b]:cq[b + 1]].transpose(0, 1)  # (Hq, L, E)
+        k = key[ck[b]:ck[b + 1]].transpose(0, 1)  # (Hk, S, E)
+        v = value[ck[b]:ck[b + 1]].transpose(0, 1)  # (Hk, S, Ev)
+        mask = None
+        if dropout_mask is not None:
+            mask = dropout_mask[b, :, : q.shape[1], : k.shape[1]]
+        out = scaled_dot_product_attention(
+            q, k, v, None, dropout_p, is_causal, scale, enable_gqa=True, upcast=upcast, dropout_mask=mask
+        )
+        outs.append(out.transpose(0, 1))  # (L, Hq, Ev)
+    if not outs:
+        return query.new_empty((0, query.shape[1], value.shape[-1]))
+    return torch.cat(outs, dim=0)
 
 
 def layer_norm(

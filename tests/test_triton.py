@@ -710,17 +710,21 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
     bf = "bf16"
     heads = dict(UPCAST=False, BLOCK_D=64, BLOCK_DV=32)
-    masks = dict(HAS_MASK=True, MASK_IS_BOOL=False, IS_CAUSAL=True)
-    compile_(A._attn_fwd_kernel, dict(Q=bf, K=bf, V=bf, Mask=bf, Out=bf, Lse="fp32"),
-             dict(heads, **masks, BLOCK_M=64, BLOCK_N=32))
-    compile_(A._attn_bwd_preprocess_kernel,
-             dict(O=bf, DO=bf, Delta="fp32", Renorm="fp32", Q=bf, K=bf, Mask=bf, Lse="fp32"),
-             dict(heads, RENORM=True, IS_CAUSAL=True, BLOCK_M=64, BLOCK_N=64))
-    bwd = dict(Q=bf, K=bf, V=bf, Mask=bf, DO=bf, Lse="fp32", Delta="fp32", Renorm="fp32")
-    compile_(A._attn_bwd_dkdv_kernel, dict(bwd, DK=bf, DV=bf),
-             dict(heads, **masks, RENORM=True, BLOCK_M=32, BLOCK_N=64))
-    compile_(A._attn_bwd_dq_kernel, dict(bwd, DQ=bf),
-             dict(heads, **masks, RENORM=True, BLOCK_M=64, BLOCK_N=32))
+    cu = dict(CuQ="i32", CuK="i32")
+    # the padded kernels (VARLEN off, masks on) and their packed-sequence variant (VARLEN on, no mask)
+    for varlen in (False, True):
+        masks = dict(HAS_MASK=not varlen, MASK_IS_BOOL=False, IS_CAUSAL=True, VARLEN=varlen)
+        renorm = not varlen
+        compile_(A._attn_fwd_kernel, dict(cu, Q=bf, K=bf, V=bf, Mask=bf, Out=bf, Lse="fp32"),
+                 dict(heads, **masks, BLOCK_M=64, BLOCK_N=32))
+        compile_(A._attn_bwd_preprocess_kernel,
+                 dict(cu, O=bf, DO=bf, Delta="fp32", Renorm="fp32", Q=bf, K=bf, Mask=bf, Lse="fp32"),
+                 dict(heads, RENORM=renorm, IS_CAUSAL=True, VARLEN=varlen, BLOCK_M=64, BLOCK_N=64))
+        bwd = dict(cu, Q=bf, K=bf, V=bf, Mask=bf, DO=bf, Lse="fp32", Delta="fp32", Renorm="fp32")
+        compile_(A._attn_bwd_dkdv_kernel, dict(bwd, DK=bf, DV=bf),
+                 dict(heads, **masks, RENORM=renorm, BLOCK_M=32, BLOCK_N=64))
+        compile_(A._attn_bwd_dq_kernel, dict(bwd, DQ=bf),
+                 dict(heads, **masks, RENORM=renorm, BLOCK_M=64, BLOCK_N=32))
     for single in (True, False):
         for add, rms in ((False, False), (True, True)):  # LayerNorm; residual add + RMSNorm
             ln = dict(HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=add, IS_RMS=rms, UPCAST=False,

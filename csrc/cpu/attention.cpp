@@ -588,6 +588,15 @@ void set_attention_engine(at::ScalarType dtype, const std::string& kind) {
   cs.done = false;
 }
 
+const MatmulEngine* attention_engine_for(at::ScalarType dtype, bool backward) {
+  return engine_for(dtype, backward);
+}
+
+AttentionBlocks attention_blocks(const MatmulEngine* engine) {
+  const Blocks b = blocks_for(engine);
+  return {b.fwd_m, b.fwd_n, b.bwd_m, b.bwd_n};
+}
+
 TORCH_LIBRARY_IMPL(fusedformer, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);

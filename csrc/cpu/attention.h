@@ -9,6 +9,8 @@
 namespace fusedformer {
 namespace cpu {
 
+struct MatmulEngine;
+
 // Which engine runs the tile products of attention in `dtype`, forward and backward, and why: measured
 // at first use in this process (the times of each candidate, in ms), or forced.
 struct EngineReport {
@@ -40,6 +42,14 @@ EngineReport attention_engine_report(at::ScalarType dtype, bool measure);
 // Where dtype has no such engine here, the next one down serves: brgemm (the dtype's own packed
 // engine) -> brgemm-f32 -> native.
 void set_attention_engine(at::ScalarType dtype, const std::string& kind);
+
+// For other glue that runs the attention kernels (csrc/cpu/varlen.cpp): the calibrated engine of
+// attention's tile products in dtype (forward or backward), and the tile sizes that go with it.
+const MatmulEngine* attention_engine_for(at::ScalarType dtype, bool backward);
+struct AttentionBlocks {
+  int64_t fwd_m, fwd_n, bwd_m, bwd_n;  // queries per tile, keys per block (fwd) / per task (bwd)
+};
+AttentionBlocks attention_blocks(const MatmulEngine* engine);
 
 }  // namespace cpu
 }  // namespace fusedformer

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fusedformer.bench.cases import CASES, MODES, PROVIDERS
+from fusedformer.bench.cases import ALL_PROVIDERS, CASES, MODES
 from fusedformer.bench.timing import TimingConfig
 
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats: under 2 minutes on 2 cores")
     p.add_argument("--cases", type=_list(str, CASES), default=CASES, help=f"default: {','.join(CASES)}")
-    p.add_argument("--providers", type=_list(str, PROVIDERS), default=PROVIDERS, help=f"default: {','.join(PROVIDERS)}")
+    p.add_argument("--providers", type=_list(str, ALL_PROVIDERS), default=ALL_PROVIDERS,
+                   help=f"default: {','.join(ALL_PROVIDERS)}")  # fmt: skip
     p.add_argument("--modes", type=_list(str, MODES), default=MODES,
                    help=f"for attention, LayerNorm and GELU (default: {','.join(MODES)})")  # fmt: skip
     p.add_argument("--layer-modes", type=_list(str, MODES), default=("fwd+bwd",),

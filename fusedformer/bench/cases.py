@@ -19,7 +19,8 @@ use ``unit``.
 Providers (the names are the house's): ``fusedformer`` (the public ``ff.*`` functions and
 ``fusedformer.nn`` modules), ``torch`` (``F.scaled_dot_product_attention``, ``F.layer_norm``,
 ``F.gelu(x + bias)``, ``F.rms_norm``, ``x + r`` then the norm for add + norm, ``torch.nn`` layers) and ``naive`` (``fusedformer.reference``: attention that
-materialises the (L, S) scores). ``fusedformer`` is only fused when ``ff.explain`` says a fused
+materialises the (L, S) scores). The varlen case has its own third provider, ``torch-loop``: a Python
+loop of torch's SDPA over the sequences (its ``torch`` is SDPA on the padded batch with its mask). ``fusedformer`` is only fused when ``ff.explain`` says a fused
 backend serves it; ``Case.backend`` says which backend that is, and the report marks the fallback.
 """
 
@@ -39,6 +40,7 @@ import fusedformer as ff
 from fusedformer import reference
 
 __all__ = [
+    "ALL_PROVIDERS",
     "CASES",
     "MODES",
     "ROW_CASES",
@@ -52,8 +54,9 @@ __all__ = [
 ]
 
 PROVIDERS = ("fusedformer", "torch", "naive")
+ALL_PROVIDERS = (*PROVIDERS, "torch-loop")  # with the varlen case's own
 MODES = ("fwd", "bwd", "fwd+bwd")
-CASES = ("attention", "decode", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "encoder", "decoder")
+CASES = ("attention", "decode", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "encoder", "decoder", "varlen")
 #: the cases of (rows, width) elementwise work, measured in bytes/s
 ROW_CASES = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu")
 
@@ -312,6 +315,111 @@ def _torch_sdpa_backend(case: AttentionCase) -> str:
         return f"sdpa:{SDPBackend(choice).name.lower()}"
     except Exception:  # a private API: if it moves, say less rather than fail
         return "sdpa"
+
+
+# ---- packed variable-length sequences --------------------------------------------------------------
+
+
+def varlen_lengths(n: int, low: int, high: int, seed: int = 0) -> list[int]:
+    """``n`` sequence lengths drawn uniformly from [low, high], reproducibly (the bench's default batch)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high + 1, (n,), generator=g).tolist()
+
+
+class VarlenCase(Case):
+    """Self-attention over packed sequences of ``lengths`` tokens, ``H`` heads of ``E``: ``ff.varlen_attention``
+    on ``(total, H, E)``, against torch's SDPA on the zero-padded batch ``(B, H, max L, E)`` with its key
+    padding (and causal) mask, and against a Python loop of torch's SDPA over the sequences. All three see
+    the same tokens; the padded provider's output is gathered back to ``(total, H, E)`` (its padding rows
+    then get a zero gradient)."""
+
+    name = "varlen"
+    providers = ("fusedformer", "torch", "torch-loop")
+
+    def __init__(self, spec: Spec):
+        super().__init__(spec)
+        p = self.p
+        self.lengths = [int(n) for n in p["lengths"]]
+        self.H, self.E, self.causal = int(p["H"]), int(p["E"]), bool(p["causal"])
+        self.B, self.Lmax, self.total = len(self.lengths), max(self.lengths), sum(self.lengths)
+
+    def label(self) -> str:
+        return (f"B={self.B} tokens={self.total} max={self.Lmax} H={self.H} E={self.E} "
+                f"{'causal' if self.causal else 'full'}")  # fmt: skip
+
+    def tiny(self) -> Spec:
+        return self.spec.replace(lengths=[8, 3], H=2)
+
+    def work(self, mode: str) -> tuple[str, float]:
+        # FlashAttention's count over the real tokens only: sum_b 4·H·L_b²·E, halved when causal
+        fwd = sum(4.0 * self.H * n * n * self.E for n in self.lengths) / (2.0 if self.causal else 1.0)
+        return "flop", fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+    def estimate_bytes(self, provider: str, mode: str) -> int:
+        io = 8 * self.total * self.H * self.E * self.elt
+        if provider == "torch":  # padded, and torch's masked SDPA on the CPU may build the scores
+            return io * self.Lmax * self.B // max(1, self.total) + 3 * self.B * self.H * self.Lmax**2 * _FP32
+        return io
+
+    def _explain(self) -> tuple[str, bool]:
+        q = torch.empty(self.total, self.H, self.E, device=self.device, dtype=self.dtype)
+        cu = torch.zeros(self.B + 1, dtype=torch.int32, device=self.device)
+        return _explained(ff.varlen_attention, q, q, q, cu, cu, self.Lmax, self.Lmax, is_causal=self.causal)
+
+    def backend(self, provider: str) -> str:
+        if provider == "fusedformer":
+            return _fmt_backend(*self._explain())
+        return "aten"
+
+    def is_fallback(self, provider: str) -> bool:
+        return provider == "fusedformer" and self._explain()[1]
+
+    def build(self) -> None:
+        H, E, B, L = self.H, self.E, self.B, self.Lmax
+        cu = [0]
+        for n in self.lengths:
+            cu.append(cu[-1] + n)
+        self.cu = torch.tensor(cu, dtype=torch.int32, device=self.device)  # (B + 1,)
+        self.q, self.k, self.v = (self._randn(self.total, H, E, requires_grad=True) for _ in range(3))
+        self.grad_out = self._randn(self.total, H, E)  # (total, H, E)
+        # the padded copies of the same tokens: (B, H, L, E), zeros past each length
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(B, H, L, E)
+            for b, n in enumerate(self.lengths):
+                out[b, :, :n] = x[cu[b]:cu[b] + n].transpose(0, 1)
+            return out
+
+        self.qp, self.kp, self.vp = (pad(t.detach()).requires_grad_(True) for t in (self.q, self.k, self.v))
+        keep = torch.arange(L, device=self.device)[None, :] < torch.tensor(self.lengths, device=self.device)[:, None]
+        mask = keep[:, None, None, :].expand(B, 1, L, L)  # (B, 1, L, S): the key padding
+        if self.causal:
+            mask = mask & reference.causal_mask(L, L, self.device)
+        # a padding query row must not be all-masked (torch gives NaN there): let it see key 0
+        self.mask = mask | (~keep[:, None, :, None] & (torch.arange(L, device=self.device) == 0))
+        self.keep = keep  # (B, L): the real tokens
+        # the per-sequence views of the loop: (1, H, L_b, E)
+        self.views = [tuple(t[cu[b]:cu[b] + n].transpose(0, 1).unsqueeze(0) for t in (self.q, self.k, self.v))
+                      for b, n in enumerate(self.lengths)]  # fmt: skip
+
+    def forward_fn(self, provider: str) -> Callable[[], torch.Tensor]:
+        if provider == "fusedformer":
+            q, k, v, cu, L, causal = self.q, self.k, self.v, self.cu, self.Lmax, self.causal
+            return lambda: ff.varlen_attention(q, k, v, cu, cu, L, L, is_causal=causal)
+        if provider == "torch":
+            qp, kp, vp, mask, keep = self.qp, self.kp, self.vp, self.mask, self.keep
+            # the real rows of the padded output, (B, L, H, E)[keep] = (total, H, E): a gather of the
+            # output only (the padding rows then get gradient 0)
+            return lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask).transpose(1, 2)[keep]
+        views, causal = self.views, self.causal
+
+        def loop() -> torch.Tensor:
+            outs = [F.scaled_dot_product_attention(q, k, v, is_causal=causal) for q, k, v in views]
+            return torch.cat([o[0].transpose(0, 1) for o in outs], 0)  # (total, H, E)
+
+        return loop
+
+    def leaves(self, provider: str) -> list[torch.Tensor]:
+        return [self.qp, self.kp, self.vp] if provider == "torch" else [self.q, self.k, self.v]
 
 
 # ---- LayerNorm and bias+GELU: (rows, width) ---------------------------------------------------------
@@ -692,6 +800,7 @@ _CASE_TYPES: dict[str, type[Case]] = {
     "gelu": GeluCase,
     "encoder": EncoderCase,
     "decoder": DecoderCase,
+    "varlen": VarlenCase,
 }
 
 

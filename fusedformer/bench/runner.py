@@ -23,16 +23,17 @@ import torch
 import fusedformer as ff
 from fusedformer.bench import memory
 from fusedformer.bench.cases import (
+    ALL_PROVIDERS,
     CASES,
     ROW_CASES,
     MODES,
-    PROVIDERS,
     Case,
     Spec,
     flop_or_byte_rate,
     make_case,
     train_unit,
     unit,
+    varlen_lengths,
 )
 from fusedformer.bench.ceilings import Ceilings, best_of, measure_ceilings
 from fusedformer.bench.machine import RunInfo, run_info
@@ -52,7 +53,7 @@ class Config:
     device: str = "cpu"
     dtype: str = "float32"  # LayerNorm, GELU and the layers; attention runs at attention_dtypes
     cases: tuple[str, ...] = CASES
-    providers: tuple[str, ...] = PROVIDERS
+    providers: tuple[str, ...] = ALL_PROVIDERS
     modes: tuple[str, ...] = MODES
     layer_modes: tuple[str, ...] = ("fwd+bwd",)
     # attention
@@ -162,6 +163,13 @@ def specs(config: Config) -> list[Spec]:
                 activation=config.activation,
             )
             out.append(Spec(case, params, dev, dt))
+        elif case == "varlen":
+            # issue 9's target: 8 sequences of 64..1024 tokens, H=8, E=64; --quick: up to 256; and never
+            # longer than the attention lengths asked for
+            hi = min(256 if config.quick else 1024, max(config.lengths))
+            lengths = varlen_lengths(8, max(1, hi // 16), hi)
+            for causal in config.causal:
+                out.append(Spec("varlen", dict(lengths=lengths, H=8, E=64, causal=causal), dev, dt))
         else:
             raise ValueError(f"unknown case {case!r}; expected some of {', '.join(CASES)}")
     return out
@@ -386,7 +394,7 @@ def _fill_shares(rows: list[dict[str, Any]], ceilings: Ceilings) -> None:
 
 def _fill_ratios(mode_rows: dict[str, dict[str, Any]]) -> None:
     """ratio_vs_X = X's median / this provider's median: above 1, this provider is faster than X."""
-    for other in ("torch", "naive"):
+    for other in ("torch", "naive", "torch-loop"):
         ref = mode_rows.get(other, {}).get("median_ms")
         for row in mode_rows.values():
             mine = row.get("median_ms")
