@@ -81,24 +81,31 @@ SHAPES = [  # (L, S, E, Ev)
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("L, S, E, Ev", SHAPES)
 def test_dropout_shapes(L, S, E, Ev, is_causal, dtype, fixed_seed):
-    if S == 1 and dtype == torch.bfloat16:
-        return _check_single_key_bfloat16(*qkv(2, 2, 2, L, S, E, Ev, dtype), 0.1, is_causal)
+    # every row sees a single key: S = 1, or one query under a causal mask
+    single_key = S == 1 or (L == 1 and is_causal)
+    if single_key and dtype in (torch.bfloat16, torch.float32):
+        return _check_single_key(*qkv(2, 2, 2, L, S, E, Ev, dtype), 0.1, is_causal)
     check_dropout(*qkv(2, 2, 2, L, S, E, Ev, dtype), 0.1, is_causal=is_causal)
 
 
-def _check_single_key_bfloat16(query, key, value, dropout_p, is_causal):
-    """A single key (S = 1) in bfloat16: out and dV under the house rule; dQ and dK to a stated bound.
+def _check_single_key(query, key, value, dropout_p, is_causal):
+    """Every row sees a single key: out and dV under the house rule; dQ and dK to a stated bound.
 
-    The exact dQ and dK are 0 there (softmax over one key is constant), and the bfloat16 reference gets 0
-    exactly, so the 3x rule leaves no room. The kernel's delta = rowsum(dO * O) reads the saved output,
-    rounded to bfloat16 (O = V / (1 - p) rounds, unit roundoff 2^-9), while dP * D is summed in float32:
-    the row residue r is at most 2^-9 * sum_e |dO_e| |V_e| / (1 - p) (FlashAttention-2's formulation has
-    the same), and dQ = scale * r * K, dK = scale * sum_i r_i * Q_i. Held here to twice that bound.
+    The exact dQ and dK are 0 there (softmax over one key is constant), and the reference in the same
+    dtype gets 0 exactly (its softmax backward subtracts dP from itself), so the 3x rule leaves no room.
+    The kernel's delta = rowsum(dO * O) (FlashAttention-2's formulation) does not cancel dP exactly:
+    - bfloat16: delta reads the saved output, rounded to bfloat16 (O = V / (1 - p) rounds, unit roundoff
+      u = 2^-9), while dP is summed in float32: the row residue r is at most u * sum_e |dO_e| |V_e| / (1 - p);
+    - float32: O = V / (1 - p) rounds once (u = 2^-24) and delta and dP are two E-term dot products
+      summed in different orders, each within E * u * sum_e |dO_e| |V_e| (the recursive-summation bound):
+      r is at most (2 E + 1) * u * sum_e |dO_e| |V_e| / (1 - p).
+    dQ = scale * r * K, dK = scale * sum_i r_i * Q_i. Held here to twice that bound.
     """
     L, E = query.shape[-2], query.shape[-1]
+    unit = 2.0**-9 if query.dtype == torch.bfloat16 else (2 * value.shape[-1] + 1) * 2.0**-24
     scale = 1.0 / math.sqrt(E)
     grad_out = torch.randn(*query.shape[:-1], value.shape[-1], dtype=query.dtype)
-    keep = attention_dropout_mask(query.shape[0], query.shape[1], L, 1, dropout_p, SEED)
+    keep = attention_dropout_mask(query.shape[0], query.shape[1], L, key.shape[-2], dropout_p, SEED)
     kwargs = dict(dropout_p=dropout_p, is_causal=is_causal)
     fused = _run(ff.scaled_dot_product_attention, (query, key, value), grad_out, **kwargs)
     truth = _run(reference.scaled_dot_product_attention, [t.double() for t in (query, key, value)],
@@ -108,11 +115,12 @@ def _check_single_key_bfloat16(query, key, value, dropout_p, is_causal):
     assert_error_within("out", fused[0], same_dtype[0], truth[0], 2)
     assert_error_within("grad_value", fused[3], same_dtype[3], truth[3], 3)
     # (B, H, L): the largest residue delta can carry, per row
-    row = (grad_out.double().abs() * value.double().abs()).sum(-1) / (1 - dropout_p) * 2.0**-9
-    dq_bound = 2 * scale * row.max().item() * key.double().abs().max().item()
+    v0 = value[..., :1, :].double().abs()  # the one key every row sees is key 0
+    row = (grad_out.double().abs() * v0).sum(-1) / (1 - dropout_p) * unit
+    dq_bound = 2 * scale * row.max().item() * key[..., :1, :].double().abs().max().item()
     dk_bound = 2 * scale * (row.unsqueeze(-1) * query.double().abs()).sum(-2).max().item()
-    assert fused[1].double().abs().max().item() <= dq_bound, "grad_query beyond the bfloat16 residue bound"
-    assert fused[2].double().abs().max().item() <= dk_bound, "grad_key beyond the bfloat16 residue bound"
+    assert fused[1].double().abs().max().item() <= dq_bound, "grad_query beyond the residue bound"
+    assert fused[2].double().abs().max().item() <= dk_bound, "grad_key beyond the residue bound"
 
 
 @pytest.mark.parametrize("dropout_p", [0.01, 0.5, 0.9])
