@@ -64,3 +64,24 @@ def test_generate_gives_the_same_tokens(make, cache, padded, monkeypatch):
     assert torch.equal(before, after)
     layers = model.config.num_hidden_layers
     assert calls.count(1) == 39 * layers, f"decode steps served by the fused op: {calls.count(1)} of {39 * layers}"
+
+
+def test_padding_free_batch_runs_on_varlen():
+    """transformers passes the cumulative lengths of a padding-free batch (sequences packed in one row, as
+    DataCollatorWithFlattening makes them) to the attention function: the fusedformer attention runs
+    ff.varlen_attention, and each sequence's logits equal the unpatched model's on that sequence alone."""
+    model = llama()
+    patched = copy.deepcopy(model)
+    ff.patch(patched)
+    lengths = [17, 1, 40, 9]
+    seqs = [torch.randint(4, model.config.vocab_size, (1, n)) for n in lengths]
+    ids = torch.cat(seqs, dim=1)  # (1, 67)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        logits = patched(input_ids=ids, position_ids=position_ids, **packed).logits[0]  # (67, vocab)
+    assert any(e.name == "fusedformer::varlen_attention_fwd" for e in prof.events())
+    with torch.no_grad():
+        expected = torch.cat([model(input_ids=s).logits[0] for s in seqs])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

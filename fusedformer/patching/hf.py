@@ -16,6 +16,7 @@ from torch import nn
 from fusedformer.nn.activation import GELU
 from fusedformer.ops.attention import scaled_dot_product_attention
 from fusedformer.ops.rms_norm import rms_norm
+from fusedformer.ops.varlen import varlen_attention
 from fusedformer.patching.report import PatchState, module_path
 
 __all__ = [
@@ -60,6 +61,27 @@ def hf_gelu_classes() -> tuple[dict[type, str], dict[type, str]]:
     return resolve(fused), resolve(left)
 
 
+def _varlen_forward(module, query, key, value, cu_q, cu_k, kwargs, dropout, scaling, is_causal) -> torch.Tensor:
+    """(1, Hq, total_q, E) packed queries -> (1, total_q, Hq, Ev) through ``ff.varlen_attention``."""
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"fusedformer attention: cu_seq_lens_q/k describe sequences packed in one row, got a batch of "
+            f"{query.shape[0]} rows"
+        )
+
+    def longest(name, cu):
+        m = kwargs.get(name)
+        return int(m) if m is not None else int(cu.diff().max())
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = varlen_attention(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),  # (total, H, E)
+        cu_q.to(torch.int32), cu_k.to(torch.int32), longest("max_length_q", cu_q), longest("max_length_k", cu_k),
+        dropout_p=dropout, is_causal=bool(causal), scale=scaling,
+    )  # (total_q, Hq, Ev)
+    return out.unsqueeze(0)
+
+
 def fusedformer_attention_forward(
     module: nn.Module,
     query: torch.Tensor,  # (B, Hq, L, E)
@@ -90,6 +112,11 @@ def fusedformer_attention_forward(
         raise ValueError("fusedformer attention does not support a paged cache (continuous batching)")
 
     enable_gqa = getattr(module, "num_key_value_groups", 1) > 1
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None and position_bias is None:
+        # a padding-free batch: the sequences packed in one row (1, H, total, E), their cumulative lengths
+        # given as to flash-attention implementations: varlen attention, no mask, no padding
+        return _varlen_forward(module, query, key, value, cu_q, cu_k, kwargs, dropout, scaling, is_causal), None
     L = query.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(L > 1 and attention_mask is None and is_causal)
