@@ -87,6 +87,23 @@ def _scenarios(rank, mesh, tmp):
         result["warnings"] = [str(w.message) for w in caught if issubclass(w.category, ShardingWarning)]
         return result
 
+    def varlen_heads():  # packed sequences (total, H, E), heads sharded, GQA 8/2, causal
+        torch.manual_seed(5)
+        lengths = [7, 1, 20]
+        cu = torch.tensor([0, 7, 8, 28], dtype=torch.int32)
+        q, k, v, g = torch.randn(28, 8, 16), torch.randn(28, 2, 16), torch.randn(28, 2, 16), torch.randn(28, 8, 16)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ff.varlen_attention(*full, cu, cu, max(lengths), max(lengths), is_causal=True)
+        out.backward(g)
+        dt = [distribute_tensor(t, mesh, [Shard(1)]).requires_grad_() for t in (q, k, v)]
+        dcu = distribute_tensor(cu, mesh, [Replicate()])
+        dout = ff.varlen_attention(*dt, dcu, dcu, max(lengths), max(lengths), is_causal=True)
+        dout.backward(distribute_tensor(g, mesh, dout.placements))
+        return {
+            "placements": str(dout.placements),
+            "errors": [_err(dout, out)] + [_err(d.grad, f.grad) for d, f in zip(dt, full)],
+        }
+
     def layer_norm():
         torch.manual_seed(3)
         x, w, b, g = torch.randn(3, 17, 40), torch.randn(40), torch.randn(40), torch.randn(3, 17, 40)
@@ -148,7 +165,8 @@ def _scenarios(rank, mesh, tmp):
         return _llama(rank, mesh, tmp)
 
     results = {}
-    for fn in (probe, heads_masked, batch_masked, gqa_even, gqa_uneven, gather_warns, layer_norm, gelu, dropout,
+    for fn in (probe, heads_masked, batch_masked, gqa_even, gqa_uneven, gather_warns, varlen_heads, layer_norm, gelu,
+               dropout,
                encoder_layer, llama):
         name = fn.__name__
         if True:
@@ -291,6 +309,12 @@ def _get(results, name):
 
 
 FP32 = 1e-5  # relative to the largest value: fp32 rounding (the shards compute what the full call does)
+
+
+def test_varlen_sharded_on_heads(results):
+    r = _get(results, "varlen_heads")
+    assert r["placements"] == "(Shard(dim=1),)", r
+    assert max(r["errors"]) <= FP32, r["errors"]
 
 
 @pytest.mark.parametrize("name, placement", [

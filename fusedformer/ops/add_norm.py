@@ -209,6 +209,11 @@ def add_layer_norm(
     Returns ``(output, residual_out)``, both ``(*, D1..Dk)`` in input's dtype: ``residual_out = h``
     rounded to the dtype (what the next block adds to) and ``output = layer_norm(residual_out)``.
     Gradients flow through both.
+
+    Tensor parallel (DTensor inputs; ops ``add_layer_norm_fwd`` / ``_bwd``): input and residual sharded
+    alike on any dim but the normalised ones, weight and bias replicated; the outputs and input gradients
+    shard alike, grad_weight and grad_bias are ``Partial()`` sums. With dropout, every shard draws the mask
+    of its local (row, column) from the one seed.
     """
     request = _request_layer(input, residual, normalized_shape, weight, bias, eps, dropout_p)
     backend = backends.select(request)
@@ -232,6 +237,8 @@ def add_rms_norm(
 
     As :func:`add_layer_norm`, with ``F.rms_norm``'s ``eps`` (None means ``torch.finfo(input.dtype).eps``)
     and no bias.
+
+    Tensor parallel (DTensor inputs; ops ``add_rms_norm_fwd`` / ``_bwd``): as ``add_layer_norm``.
     """
     request = _request_rms(input, residual, normalized_shape, weight, eps, dropout_p)
     backend = backends.select(request)

@@ -166,6 +166,9 @@ def attention_with_kv_cache(
     anything there; a query with no entry to see gives 0. Inference only: raises if an input requires
     grad. A cache overflow (``n_b > S_max``), negative lengths, or wrong shapes, dtypes or devices raise
     before anything is written. fp32, bf16, fp16 and (CPU) fp64; bf16/fp16 caches are read in their dtype.
+
+    Tensor parallel: no sharding rule (the op writes its caches in place); DTensor inputs raise
+    torch's "no sharding strategy registered" error. Call it on the local shards.
     """
     cache_seqlens = _as_lengths(cache_seqlens, query)
     _check(query, k_cache, v_cache, key, value, cache_seqlens)

@@ -111,6 +111,10 @@ def rms_norm(
     Normalises over the last ``len(normalized_shape)`` dims; the mean of squares and all math in float32
     (float64 for float64), the result rounded once to input's dtype. ``eps=None`` means
     ``torch.finfo(input.dtype).eps``, as ``F.rms_norm``. ``weight`` (optional) has input's dtype.
+
+    Tensor parallel (DTensor inputs; ops ``rms_norm_fwd`` / ``rms_norm_bwd``): input sharded on any dim but
+    the normalised ones, weight replicated; out, rstd and grad_input shard alike, grad_weight is a
+    ``Partial()`` sum. Input sharded on a normalised dim is gathered with a one-time ``ShardingWarning``.
     """
     request = _request(input, normalized_shape, weight, eps)
     backend = backends.select(request)

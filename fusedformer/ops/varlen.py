@@ -14,6 +14,7 @@ import math
 import torch
 
 from fusedformer import backends, reference
+from fusedformer.ops import sharding
 from fusedformer.ops.attention import MAX_HEAD_DIM, _dropout_seed
 
 __all__ = ["varlen_attention", "varlen_attention_fwd", "varlen_attention_bwd"]
@@ -268,6 +269,11 @@ def varlen_attention(
     attending to that sequence's keys only. Differentiable in q, k, v. The kernels never read or compute
     anything outside the sequences (there is no padding) and never build an ``(L, S)`` score matrix. The
     lengths' values are checked by the op (on a GPU, that reads cu_seqlens back once per call).
+
+    Tensor parallel (DTensor inputs; ops ``varlen_attention_fwd`` / ``_bwd``): q, k, v, out and the
+    gradients sharded on heads (dim 1; logsumexp on its dim 0), cu_seqlens replicated; with GQA only where
+    the pieces divide Hk. The tokens never shard (a boundary would cut a sequence): any other layout is
+    gathered with a one-time ``ShardingWarning``.
     """
     request = _request(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
                        is_causal=is_causal, scale=scale)  # fmt: skip
@@ -285,3 +291,34 @@ def varlen_attention(
     out, _ = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(is_causal),
                  scale_value, *extra)  # fmt: skip
     return out
+
+
+# ---- DTensor sharding rules (tensor parallelism; see ops/sharding.py) ----------------------------
+# Packed sequences, tokens first: q (total_q, Hq, E), k and v (total_k, Hk, E/Ev), out (total_q, Hq, Ev),
+# logsumexp (Hq, total_q). Heads are independent: shard on them (dim 1; logsumexp's dim 0), with
+# grouped-query attention only where the shards keep the query and key head groups together (the
+# pieces divide Hk). The tokens never shard: a shard boundary would cut a sequence. cu_seqlens are
+# replicated. With dropout, each head shard draws the mask of its local heads (one seed: shards
+# repeat one pattern; each element is still kept with probability 1 - p).
+
+
+def _varlen_head_layouts(n_out: int, out_heads, in_heads, query, key):
+    from torch.distributed.tensor import Replicate, Shard
+
+    layouts = [([Replicate()] * n_out, [None if p is None else Replicate() for p in in_heads])]
+    Hq, Hk = query.shape[1], key.shape[1]
+    if Hq == Hk or Hk % query.mesh.size() == 0:
+        place = {"H": Shard(1), "L": Shard(0), "R": Replicate(), None: None}
+        layouts.append(([place[p] for p in out_heads], [place[p] for p in in_heads]))
+    return layouts
+
+
+@sharding.rules("varlen_attention_fwd", "triton_varlen_attention_fwd")
+def _varlen_fwd_rules(query, key, value, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p=0.0, seed=0):
+    return _varlen_head_layouts(2, ["H", "L"], ["H", "H", "H", "R", "R"] + [None] * 6, query, key)
+
+
+@sharding.rules("varlen_attention_bwd", "triton_varlen_attention_bwd")
+def _varlen_bwd_rules(grad_out, query, key, value, out, lse, cu_q, cu_k, max_q, max_k, is_causal, scale,
+                      dropout_p=0.0, seed=0):
+    return _varlen_head_layouts(3, ["H", "H", "H"], ["H", "H", "H", "H", "H", "L", "R", "R"] + [None] * 6, query, key)
