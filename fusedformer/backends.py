@@ -22,6 +22,7 @@ __all__ = [
     "Explanation",
     "FallbackWarning",
     "Request",
+    "register_triton_op",
     "report_fallback",
     "select",
 ]
@@ -234,6 +235,22 @@ def forbid_double_backward(op: str) -> None:
         raise NotImplementedError(f"{op}: double backward (a gradient of a gradient) is not supported")
 
     torch.library.register_autograd(op, _backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def register_triton_op(qualname: str, launcher, schema: str, fake) -> None:
+    """Registers a Triton launcher of ``kernels/`` as the custom op ``qualname``.
+
+    Compiled for a GPU it is a ``torch.library.triton_op``: torch.compile sees the kernels inside
+    (``wrap_triton``) and derives the fake kernel by tracing the launcher. Under the interpreter
+    ``wrap_triton`` hands back the kernel itself, so that tracing would run it on fake tensors; there the
+    op is an opaque ``torch.library.custom_op`` with the op family's explicit fake kernel ``fake`` (the
+    one its cpp op uses), and torch.compile calls it like any other extern op.
+    """
+    if TRITON_INTERPRETED:
+        op = torch.library.custom_op(qualname, launcher, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+    else:
+        torch.library.triton_op(qualname, launcher, mutates_args=(), schema=schema)
 
 
 def report_fallback(what: str, reason: str) -> None:

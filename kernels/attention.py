@@ -30,11 +30,33 @@ for a given block configuration):
 
 The probabilities are recomputed from the saved log-sum-exp; nothing of size L·S is ever stored.
 
+Dropout (``dropout_p > 0``) acts on the probabilities after the softmax, with the C++ kernels' mask
+(csrc/cpu/kernels/dropout.h): for query row ``i`` and key ``j`` of pair ``bh = b·Hq + h``,
+
+    (row_key, col_key) = the 32-bit halves of splitmix64(seed + golden·(bh + 1))
+    keep(i, j) = fmix32(fmix32(row_key + i) ^ fmix32(col_key + j)) >= round(p·2^32)
+
+so one seed drops the same elements here and on the CPU. Each program computes its pair's keys from
+the seed tensor (64-bit integer arithmetic, wrapping as in C++) and hashes its rows and keys once per
+tile; the mask is drawn again in the backward, never stored. As on the CPU, the forward sums the
+un-dropped ``p`` into the softmax denominator (the log-sum-exp is the ordinary one) and multiplies ``p``
+by ``D = keep / (1 - p)`` before ``p·V``; the backward uses ``D·p`` for ``dV`` and ``dP = D ∘ (dO·Vᵀ)``
+in ``dS = p ∘ (dP - delta)``, ``delta = rowsum(dO ∘ O)`` of the dropped output as without dropout.
+
+Launch: every kernel runs on a 1-D grid of (blocks × batch·heads) programs (``_common.flat_grid``):
+CUDA caps grid dims y and z at 65,535, which B·H can pass. Autotuning is keyed on the lengths' buckets
+(the next power of two, at least 16: ``length_bucket``), not on L and S themselves, so a new length
+re-tunes only when it enters a new bucket (a decode step, a padded batch); configs whose tiles would not
+fit the device's shared memory (an estimate, ``_smem_bytes``) are pruned before tuning.
+
 Head dims 1..256 (``E`` and ``Ev`` independently) are padded inside the kernel to ``BLOCK_D``/``BLOCK_DV``,
 the next power of two (at least 16), with masked loads: the inputs are never copied, any strides work.
-Dtypes float16, bfloat16 (tensor-core dots) and float32 (``input_precision="ieee"``: full float32
-products, not TF32, as torch computes float32 attention; on CUDA cores, so much slower than the half
-dtypes); float64 is not implemented and refused with an error (the cpp and reference backends take it).
+Dtypes float16, bfloat16 (tensor-core dots) and float32: full float32 products
+(``input_precision="ieee"``, on CUDA cores, so much slower than the half dtypes) as torch computes
+float32 attention, or TF32 where torch allows it (``torch.backends.cuda.matmul.allow_tf32``, see
+``_common.dot_precision``); float64 is not implemented and refused with an error (the cpp and reference
+backends take it). bf16 runs the GPU's own path under the interpreter but for two steps
+(``_common``'s note says which).
 
 Numerics. Scores, softmax statistics and every accumulator are float32; ``p`` and ``dS`` are rounded to
 the input dtype right before their tensor-core dots, as FlashAttention-2 does. The backward recomputes
