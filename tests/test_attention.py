@@ -521,3 +521,36 @@ def test_gqa_backward_scratch_is_bounded():
     assert grads_kib == 40 * 1024
     beyond = (peak_kib - grads_kib) / 1024
     assert beyond < 24, f"the backward took {beyond:.1f} MiB beyond its gradients"
+
+
+# ---- decode-shaped calls: few query rows against many keys --------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "B, Hq, Hk, L, S, E, Ev, is_causal",
+    [
+        (4, 12, 12, 1, 300, 64, 64, False),  # generation: one token per sequence
+        (1, 1, 1, 1, 2000, 59, 40, False),   # one (batch, head): the keys split in 8 chunks, merged
+        (2, 16, 1, 1, 777, 32, 32, False),   # GQA: 16 query heads on one kv head, rows of one task
+        (2, 8, 2, 3, 1025, 80, 64, True),    # a few queries, causal top-left: they see keys 0..2
+        (1, 4, 4, 16, 64, 16, 16, False),    # the largest decode shape, the fewest keys
+    ],
+)
+def test_decode_shapes(B, Hq, Hk, L, S, E, Ev, is_causal, dtype):
+    """(Hq / Hk) x L <= 16 query rows per kv head and S >= 64: the decode kernel serves the forward
+    (chunks of keys over the threads, then a merge); the backward runs after it as after the main one."""
+    check_attention(*qkv(B, Hq, Hk, L, S, E, Ev, dtype), is_causal=is_causal, enable_gqa=Hq != Hk)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_masks_and_dead_rows(dtype):
+    B, H, L, S = 3, 4, 2, 500
+    q, k, v = qkv(B, H, H, L, S, 64, 64, dtype)
+    keep = torch.rand(B, 1, L, S) < 0.7
+    keep[1, :, 0] = False  # a row with no key: 0, never NaN
+    check_attention(q, k, v, attn_mask=keep)
+    additive = torch.zeros(B, 1, 1, S, dtype=dtype).masked_fill(torch.rand(B, 1, 1, S) < 0.3, float("-inf"))
+    check_attention(q, k, v, attn_mask=additive, reference_mask=~torch.isinf(additive))
+    out = ff.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    assert (out[1, :, 0] == 0).all()

@@ -27,6 +27,8 @@ namespace fusedformer {
 namespace cpu {
 
 KernelStub<AttentionFwdFn> attention_fwd_stub;
+KernelStub<AttentionDecodeFn> attention_decode_stub;
+KernelStub<AttentionDecodeMergeFn> attention_decode_merge_stub;
 KernelStub<AttentionBwdFn> attention_bwd_stub;
 
 namespace {
@@ -208,6 +210,70 @@ void run_fwd(const MatmulEngine* engine, const Dims& d, const at::Tensor& q, con
   TORCH_INTERNAL_ASSERT(fn, "no attention kernel was built for this CPU");
   const int64_t tasks = d.B * d.Hq * ceil_div(d.L, a.block_m);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+// The decode kernel serves a forward whose query rows per kv head (Hq / Hk x L) are at most this many
+// (one token per sequence in generation, with GQA groups up to 16), against at least kDecodeMinKeys
+// keys: the main kernel's tasks are query tiles, too few and too thin to keep the threads and the
+// memory busy there (B=4, H=12, one query, S=4096: 48 single-row tasks).
+constexpr int64_t kDecodeRows = 16;
+constexpr int64_t kDecodeMinKeys = 64;
+
+bool decode_shaped(const Dims& d, double dropout_p) {
+  return dropout_p == 0.0 && d.Hk > 0 && d.Hq / d.Hk * d.L <= kDecodeRows && d.S >= kDecodeMinKeys;
+}
+
+// Fills out (dtype) and lse (acc) with the decode kernel: each (batch, kv head)'s keys split in chunks
+// over the threads, then merged. seq_lens: (B,) keys per sequence, or nullptr (all S); causal as
+// AttentionDecodeArgs::causal.
+void run_decode(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                int causal, const int64_t* seq_lens, int64_t max_keys, double scale, at::Tensor& out,
+                at::Tensor& lse) {
+  AttentionDecodeArgs a{};
+  a.dtype = scalar_of(q.scalar_type());
+  a.q = q.const_data_ptr();
+  a.k = k.const_data_ptr();
+  a.v = v.const_data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    a.q_strides[i] = q.stride(i);
+    a.k_strides[i] = k.stride(i);
+    a.v_strides[i] = v.stride(i);
+  }
+  for (int i = 0; i < 4; ++i) a.mask_strides[i] = mask.defined() ? mask.stride(i) : 0;
+  if (mask.defined()) {
+    if (mask.scalar_type() == at::kBool) a.mask_keep = mask.const_data_ptr<bool>();
+    else a.mask_add = mask.const_data_ptr();
+  }
+  a.B = d.B;
+  a.Hq = d.Hq;
+  a.Hk = d.Hk;
+  a.L = d.L;
+  a.S = d.S;
+  a.E = d.E;
+  a.Ev = d.Ev;
+  a.seq_lens = seq_lens;
+  a.causal = causal;
+  a.scale = scale;
+  const int64_t rows = d.Hq / d.Hk * d.L;
+  a.block_m = std::min<int64_t>(64, rows);
+  const int64_t pairs = d.B * d.Hk * ceil_div(rows, a.block_m);
+  // enough chunks for every thread to have a few tasks, none shorter than 256 keys
+  const int64_t want = ceil_div(4 * at::get_num_threads(), pairs);
+  const int64_t n_chunks = std::max<int64_t>(1, std::min(want, ceil_div(max_keys, 256)));
+  a.chunk = std::max<int64_t>(kPanel, (ceil_div(max_keys, n_chunks) + kPanel - 1) / kPanel * kPanel);
+  a.n_chunks = std::max<int64_t>(1, ceil_div(max_keys, a.chunk));
+  const at::ScalarType acc = acc_dtype(q.scalar_type());
+  at::Tensor part_o = at::empty({pairs * a.n_chunks * a.block_m * d.Ev}, q.options().dtype(acc));
+  at::Tensor part_ml = at::empty({pairs * a.n_chunks * a.block_m * 2}, q.options().dtype(acc));
+  a.part_o = part_o.data_ptr();
+  a.part_ml = part_ml.data_ptr();
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr();
+  const auto fn = attention_decode_stub.get();
+  const auto merge = attention_decode_merge_stub.get();
+  TORCH_INTERNAL_ASSERT(fn && merge, "no attention kernel was built for this CPU");
+  at::parallel_for(0, pairs * a.n_chunks, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  at::parallel_for(0, d.B * d.Hq * d.L, 64, [&](int64_t begin, int64_t end) { merge(a, begin, end); });
 }
 
 // Returns grad_q (B, Hq, L, E) in acc; fills grad_k and grad_v. Needs L, S > 0.
@@ -401,8 +467,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
     lse.fill_(std::numeric_limits<double>::infinity());
   } else {
     at::Tensor no_split;
-    run_fwd(engine_for(query.scalar_type(), false), d, q, k, v, mask, is_causal, scale, dropout_p, seed, out,
-            lse, no_split);
+    if (decode_shaped(d, dropout_p)) {
+      run_decode(d, q, k, v, mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse);
+    } else {
+      run_fwd(engine_for(query.scalar_type(), false), d, q, k, v, mask, is_causal, scale, dropout_p, seed, out,
+              lse, no_split);
+    }
   }
   return {out, lse.to(at::kFloat)};
 }

@@ -301,6 +301,32 @@ constexpr int64_t kKeyAlign = 32;
 // narrow B.
 inline int64_t panel_width(const MatmulEngine&, int64_t N) { return std::min(kPanel, round_up(N, 16)); }
 
+// A 16 x 16 block of floats transposed in registers: four butterfly stages; at distance d, rows a and
+// a + d (a with bit d clear) trade the d-wide off-diagonal blocks of their 2d x 2d block. Each row of a
+// stage is one two-source permutation (vpermt2ps with AVX-512).
+inline void transpose16(vf r[16]) {
+#define FF_T_STAGE(d, LO, HI)                                                                        \
+  for (int a = 0; a < 16; ++a) {                                                                     \
+    if (a & d) continue;                                                                             \
+    const vf x = r[a], y = r[a + d];                                                                 \
+    r[a] = __builtin_shufflevector(x, y, LO);                                                        \
+    r[a + d] = __builtin_shufflevector(x, y, HI);                                                    \
+  }
+#define FF_L(...) __VA_ARGS__
+  // row a: its columns k with bit d clear, then row a + d's columns k - d; row a + d: row a's
+  // columns k + d, then its own columns k with bit d set
+  FF_T_STAGE(8, FF_L(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+             FF_L(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+  FF_T_STAGE(4, FF_L(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+             FF_L(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+  FF_T_STAGE(2, FF_L(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+             FF_L(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+  FF_T_STAGE(1, FF_L(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+             FF_L(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+#undef FF_L
+#undef FF_T_STAGE
+}
+
 // Writes B (K x N), B[k][n] = src[k * rs + n * cs] converted to Op, as the engine's panels at dst:
 // panels of ldb columns (panel_width), panel p at dst + p * k_fill * ldb, rows [K, k_fill) and columns
 // past N zero; each passed through eng.pack when it has one. staging: k_fill * ldb elements.
@@ -319,9 +345,25 @@ void pack_b(const MatmulEngine& eng, int64_t K, int64_t N, const Src* src, int64
       }
     } else {  // a transpose: walk the source rows (src + n * cs), write the panel's columns
       if (nb < ldb) std::memset(static_cast<void*>(st), 0, K * ldb * sizeof(Op));
+      int64_t n16 = 0, k16 = 0;
+      if constexpr (std::is_same_v<Op, float>) {
+        if (rs == 1) {  // whole 16 x 16 blocks in registers
+          n16 = nb / 16 * 16;
+          k16 = K / 16 * 16;
+          vf r[16];
+          for (int64_t n = 0; n < n16; n += 16) {
+            for (int64_t k = 0; k < k16; k += 16) {
+              for (int i = 0; i < 16; ++i) r[i] = load_lanes<Src, float>(src + (n0 + n + i) * cs + k);
+              transpose16(r);
+              for (int i = 0; i < 16; ++i) vstore(st + (k + i) * ldb + n, r[i]);
+            }
+          }
+        }
+      }
       for (int64_t n = 0; n < nb; ++n) {
         const Src* row = src + (n0 + n) * cs;
-        for (int64_t k = 0; k < K; ++k) st[k * ldb + n] = convert<Op>(row[k * rs]);
+        // the rest: columns past the whole blocks, and the rows past them in the blocks' columns
+        for (int64_t k = n < n16 ? k16 : 0; k < K; ++k) st[k * ldb + n] = convert<Op>(row[k * rs]);
       }
     }
     std::memset(static_cast<void*>(st + K * ldb), 0, (k_fill - K) * ldb * sizeof(Op));
@@ -629,6 +671,185 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
     }
   }
   if (eng.release != nullptr) eng.release();
+}
+
+// ---- decode: few query rows against many keys ---------------------------------------------------
+
+// The keys query i of sequence b may see: [0, end).
+inline int64_t decode_key_end(int causal, int64_t n_b, int64_t L, int64_t i) {
+  if (causal == 1) return std::min(n_b, i + 1);
+  if (causal == 2) return std::min(n_b, n_b - L + i + 1);
+  return n_b;
+}
+
+template <typename In>
+void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int64_t task_end) {
+  using Acc = acc_t<In>;
+  constexpr int64_t W = Vec<Acc>::kSize;
+  constexpr int64_t KB = kPanel;  // keys per step: a K^T panel of 64 columns, in L1
+  // the micro-kernel on Acc tiles, with the forward's chunked S (see kSumChunk), so that the backward
+  // recomputes these scores bit for bit
+  const MatmulEngine eng{std::is_same_v<Acc, double> ? Scalar::kFloat64 : Scalar::kFloat32, "native", 1,
+                         nullptr, nullptr, nullptr};
+  const int64_t E = a.E, Ev = a.Ev, L = a.L, G = a.Hq / a.Hk, M = G * L, BM = a.block_m;
+  const int64_t n_rblocks = ceil_div(M, BM);
+  const int64_t ldo = round_up(Ev, 16);
+  const Acc scale = static_cast<Acc>(a.scale);
+  const Acc q_scale = is_power_of_two(a.scale) ? scale : Acc(1), s_scale = scale / q_scale;
+  const int64_t* ms = a.mask_strides;
+  const Acc* mask_add = static_cast<const Acc*>(a.mask_add);
+  const In* q_all = static_cast<const In*>(a.q);
+  const In* k_all = static_cast<const In*>(a.k);
+  const In* v_all = static_cast<const In*>(a.v);
+  // V serves as B in place where the micro-kernel reads exactly its rows' columns
+  const bool v_in_place = std::is_same_v<In, Acc> && Ev % W == 0 && a.v_strides[2] >= Ev;
+
+  const int64_t BMv = round_up(BM, W);
+  Buffer<Acc> q_buf(BM * E), kt_buf(E * KB), v_buf(KB * ldo), s_buf(BM * KB), o_buf(BM * ldo);
+  Buffer<Acc> m_buf(BMv), l_buf(BMv), row_max_buf(BMv), alpha_buf(BMv), shift_buf(BMv);
+  Buffer<int64_t> end_buf(BM), mask_row_buf(BM);
+  Acc* qb = q_buf.get();
+  Acc* kt = kt_buf.get();
+  Acc* s = s_buf.get();
+  Acc* o = o_buf.get();
+  Acc* m = m_buf.get();
+  Acc* l = l_buf.get();
+  Acc* row_max = row_max_buf.get();
+  Acc* alpha = alpha_buf.get();
+  Acc* shift = shift_buf.get();
+  int64_t* end = end_buf.get();
+  int64_t* mask_row = mask_row_buf.get();
+  const vec_t<Acc> neg_inf = vbroadcast(kNegInf<Acc>);
+  std::fill(row_max, row_max + BMv, kNegInf<Acc>);
+
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t c = task % a.n_chunks, rb = (task / a.n_chunks) % n_rblocks, pair = task / (a.n_chunks * n_rblocks);
+    const int64_t b = pair / a.Hk, hk = pair % a.Hk;
+    const int64_t r0 = rb * BM, rm = std::min(BM, M - r0);
+    const int64_t n_b = a.seq_lens != nullptr ? a.seq_lens[b] : a.S;
+    // this task's rows: query i of head hk * G + g for r = g * L + i; and the keys they may see
+    int64_t key_end = 0;
+    for (int64_t r = 0; r < rm; ++r) {
+      const int64_t g = (r0 + r) / L, i = (r0 + r) % L, h = hk * G + g;
+      end[r] = decode_key_end(a.causal, n_b, L, i);
+      key_end = std::max(key_end, end[r]);
+      mask_row[r] = b * ms[0] + h * ms[1] + i * ms[2];
+      load_q(qb + r * E, q_all + b * a.q_strides[0] + h * a.q_strides[1] + i * a.q_strides[2], 0, 1, E, E, q_scale);
+    }
+    const int64_t j_begin = c * a.chunk, j_end = std::min(key_end, j_begin + a.chunk);
+    std::fill(m, m + BMv, kNegInf<Acc>);
+    std::fill(l, l + BMv, Acc(0));
+    std::fill(o, o + rm * ldo, Acc(0));
+    const In* k = k_all + b * a.k_strides[0] + hk * a.k_strides[1];
+    const In* v = v_all + b * a.v_strides[0] + hk * a.v_strides[1];
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += KB) {
+      const int64_t jn = std::min(KB, j_end - j0), jv = round_up(jn, W);
+      pack_b(eng, E, jn, k + j0 * a.k_strides[2], 1, a.k_strides[2], E, KB, kt, static_cast<Acc*>(nullptr));
+      mm<Acc, Acc>(eng, rm, jn, E, qb, E, kt, KB, 0, s, KB, false, kSumChunk);
+      for (int64_t r = 0; r < rm; ++r) {
+        row_max[r] = score_row<Acc>(s + r * KB, jv, std::min(jn, end[r] - j0), s_scale, a.mask_keep, mask_add,
+                                    mask_row[r] + j0 * ms[3], ms[3]);
+      }
+      for (int64_t r = 0; r < rm; r += W) {
+        const vec_t<Acc> m_old = vload(m + r);
+        const vec_t<Acc> m_new = vmax<Acc>(m_old, vload(row_max + r));
+        const vec_t<Acc> m_safe = m_new == neg_inf ? vec_t<Acc>{} : m_new;
+        vstore(alpha + r, vexp_softmax<6>(m_old - m_safe));
+        vstore(m + r, m_new);
+        vstore(shift + r, m_safe);
+      }
+      for (int64_t r = 0; r < rm; ++r) {
+        Acc* sr = s + r * KB;
+        const vec_t<Acc> mv = vbroadcast(shift[r]);
+        vec_t<Acc> sum{};
+        for (int64_t col = 0; col < jv; col += W) {
+          const vec_t<Acc> e = vexp_softmax<6>(vload(sr + col) - mv);
+          sum += e;
+          vstore(sr + col, e);
+        }
+        l[r] = l[r] * alpha[r] + vhsum(sum);
+        if (alpha[r] != Acc(1)) {
+          const vec_t<Acc> av = vbroadcast(alpha[r]);
+          for (int64_t e = 0; e < ldo; e += W) vstore(o + r * ldo + e, vload(o + r * ldo + e) * av);
+        }
+      }
+      const Acc* vb;
+      int64_t ldv;
+      if (v_in_place) {
+        vb = reinterpret_cast<const Acc*>(v + j0 * a.v_strides[2]);
+        ldv = a.v_strides[2];
+      } else {
+        pack_b(eng, jn, Ev, v + j0 * a.v_strides[2], a.v_strides[2], 1, jn, ldo, v_buf.get(), static_cast<Acc*>(nullptr));
+        vb = v_buf.get();
+        ldv = ldo;
+      }
+      mm<Acc, Acc>(eng, rm, Ev, jn, s, KB, vb, ldv, 0, o, ldo, true, 0);
+    }
+    const int64_t part = (pair * n_rblocks + rb) * a.n_chunks + c;
+    Acc* po = static_cast<Acc*>(a.part_o) + part * BM * Ev;
+    Acc* pml = static_cast<Acc*>(a.part_ml) + part * BM * 2;
+    for (int64_t r = 0; r < rm; ++r) {
+      std::memcpy(po + r * Ev, o + r * ldo, Ev * sizeof(Acc));
+      pml[2 * r] = m[r];
+      pml[2 * r + 1] = l[r];
+    }
+  }
+}
+
+template <typename In>
+void attention_decode_merge_impl(const AttentionDecodeArgs& a, int64_t row_begin, int64_t row_end) {
+  using Acc = acc_t<In>;
+  const int64_t L = a.L, G = a.Hq / a.Hk, M = G * L, BM = a.block_m, Ev = a.Ev;
+  const int64_t n_rblocks = ceil_div(M, BM);
+  const Acc* part_o = static_cast<const Acc*>(a.part_o);
+  const Acc* part_ml = static_cast<const Acc*>(a.part_ml);
+  In* out = static_cast<In*>(a.out);
+  Acc* lse = static_cast<Acc*>(a.lse);
+  Buffer<Acc> acc_buf(Ev);
+  Acc* acc = acc_buf.get();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t bh = row / L, i = row % L, b = bh / a.Hq, h = bh % a.Hq;
+    const int64_t r = (h % G) * L + i, pair = b * a.Hk + h / G;
+    const int64_t first = (pair * n_rblocks + r / BM) * a.n_chunks, rr = r % BM;
+    Acc mx = kNegInf<Acc>;
+    for (int64_t c = 0; c < a.n_chunks; ++c) mx = std::max(mx, part_ml[((first + c) * BM + rr) * 2]);
+    In* o = out + row * Ev;
+    if (mx == kNegInf<Acc>) {  // no key to attend to: 0, and an infinite logsumexp
+      for (int64_t e = 0; e < Ev; ++e) o[e] = Elem<In>::store(Acc(0));
+      lse[row] = std::numeric_limits<Acc>::infinity();
+      continue;
+    }
+    Acc sum = 0;
+    std::fill(acc, acc + Ev, Acc(0));
+    for (int64_t c = 0; c < a.n_chunks; ++c) {
+      const Acc* ml = part_ml + ((first + c) * BM + rr) * 2;
+      if (ml[0] == kNegInf<Acc>) continue;
+      const Acc f = std::exp(ml[0] - mx);
+      sum += f * ml[1];
+      const Acc* po = part_o + ((first + c) * BM + rr) * Ev;
+      for (int64_t e = 0; e < Ev; ++e) acc[e] += f * po[e];
+    }
+    lse[row] = mx + std::log(sum);
+    for (int64_t e = 0; e < Ev; ++e) o[e] = Elem<In>::store(acc[e] / sum);
+  }
+}
+
+void attention_decode(const AttentionDecodeArgs& a, int64_t task_begin, int64_t task_end) {
+  switch (a.dtype) {
+    case Scalar::kFloat32: return attention_decode_impl<float>(a, task_begin, task_end);
+    case Scalar::kFloat64: return attention_decode_impl<double>(a, task_begin, task_end);
+    case Scalar::kBFloat16: return attention_decode_impl<bf16_t>(a, task_begin, task_end);
+    case Scalar::kFloat16: return attention_decode_impl<fp16_t>(a, task_begin, task_end);
+  }
+}
+
+void attention_decode_merge(const AttentionDecodeArgs& a, int64_t row_begin, int64_t row_end) {
+  switch (a.dtype) {
+    case Scalar::kFloat32: return attention_decode_merge_impl<float>(a, row_begin, row_end);
+    case Scalar::kFloat64: return attention_decode_merge_impl<double>(a, row_begin, row_end);
+    case Scalar::kBFloat16: return attention_decode_merge_impl<bf16_t>(a, row_begin, row_end);
+    case Scalar::kFloat16: return attention_decode_merge_impl<fp16_t>(a, row_begin, row_end);
+  }
 }
 
 // ---- backward -----------------------------------------------------------------------------------
@@ -956,6 +1177,8 @@ void attention_bwd(const AttentionBwdArgs& a, int64_t chunk) {
 }  // namespace
 
 FF_REGISTER_KERNEL(attention_fwd_stub, &attention_fwd);
+FF_REGISTER_KERNEL(attention_decode_stub, &attention_decode);
+FF_REGISTER_KERNEL(attention_decode_merge_stub, &attention_decode_merge);
 FF_REGISTER_KERNEL(attention_bwd_stub, &attention_bwd);
 
 }  // namespace FF_CPU_CAPABILITY

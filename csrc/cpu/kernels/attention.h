@@ -92,7 +92,45 @@ struct AttentionBwdArgs {
 // run concurrently, or a thread running several must run them from the highest down.
 using AttentionBwdFn = void (*)(const AttentionBwdArgs&, int64_t chunk);
 
+// Few query rows against a long key range (decoding, a KV cache): the keys of each (batch, kv head)
+// are split into chunks (flash-decoding), and one task runs one chunk for up to block_m of the pair's
+// query rows, all query heads of the GQA group together (row r = g * L + i is query i of head
+// hk * G + g, G = Hq / Hk): it reads each key and value once, and writes an unnormalised partial
+// output with its rows' max and sum. The merge then combines a row's chunks. Forward only; the
+// logsumexp it returns is the ordinary one, so attention_bwd runs after it as after attention_fwd.
+struct AttentionDecodeArgs {
+  Scalar dtype;               // of q, k, v, out
+  const void* q;              // (B, Hq, L, E), strides q_strides
+  const void* k;              // (B, Hk, S, E), strides k_strides
+  const void* v;              // (B, Hk, S, Ev), strides v_strides
+  const bool* mask_keep;      // (B, Hq, L, S), strides mask_strides; or nullptr
+  const void* mask_add;       // (B, Hq, L, S) in acc, strides mask_strides; or nullptr
+  int64_t q_strides[3];
+  int64_t k_strides[3];
+  int64_t v_strides[3];
+  int64_t mask_strides[4];
+  int64_t B, Hq, Hk, L, S, E, Ev;
+  const int64_t* seq_lens;    // (B,): keys sequence b holds, <= S (the rest is never read); or nullptr: S
+  int causal;                 // 0: none; 1: query i sees keys j <= i (SDPA, top-left);
+                              // 2: j <= n_b - L + i (a KV cache, bottom-right: the last query sees all)
+  double scale;
+  int64_t block_m;            // query rows per task
+  int64_t chunk;              // keys per task, a multiple of 64
+  int64_t n_chunks;           // ceil(max key count / chunk)
+  void* part_o;               // (B * Hk, row blocks, n_chunks, block_m, Ev) acc: unnormalised partials
+  void* part_ml;              // (B * Hk, row blocks, n_chunks, block_m, 2) acc: their rows' max and sum
+  void* out;                  // (B, Hq, L, Ev) contiguous, dtype: written by the merge
+  void* lse;                  // (B, Hq, L) contiguous acc: m + log l, +inf for a row with no key
+};
+
+// Tasks [task_begin, task_end) of B * Hk * ceil(G * L / block_m) * n_chunks.
+using AttentionDecodeFn = void (*)(const AttentionDecodeArgs&, int64_t task_begin, int64_t task_end);
+// Rows [row_begin, row_end) of B * Hq * L: out and lse from the partials.
+using AttentionDecodeMergeFn = void (*)(const AttentionDecodeArgs&, int64_t row_begin, int64_t row_end);
+
 extern KernelStub<AttentionFwdFn> attention_fwd_stub;
+extern KernelStub<AttentionDecodeFn> attention_decode_stub;
+extern KernelStub<AttentionDecodeMergeFn> attention_decode_merge_stub;
 extern KernelStub<AttentionBwdFn> attention_bwd_stub;
 
 }  // namespace cpu
