@@ -19,6 +19,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "cpu_matmul_engines",
+    "cuda_capability",
     "Explanation",
     "FallbackWarning",
     "Request",
@@ -113,6 +114,23 @@ TRITON_KERNELS, _TRITON_ERROR = _load_triton_kernels()
 TRITON_INTERPRETED = bool(TRITON_KERNELS) and TRITON_KERNELS["_common"].INTERPRET
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of CUDA ``device``, or None on ROCm (whose numbering means something else)."""
+    if torch.version.hip is not None:
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def _bf16_capability_reasons(device: torch.device) -> list[str]:
+    # bf16 tl.dot needs sm_80 (Ampere) tensor cores, and below sm_80 Triton has no native bf16 conversions
+    # either: attention fails to compile there, LayerNorm and GELU are held to the same bar (no GPU below
+    # sm_80 has run them). Such a call falls back, and ff.explain says why.
+    cap = cuda_capability(device)
+    if cap is not None and cap < (8, 0):
+        return [f"bfloat16 needs compute capability 8.0 (sm_80) or newer; {device} has sm_{cap[0]}{cap[1]}"]
+    return []
+
+
 class TritonBackend:
     name = "triton"
     SUPPORTED_DEVICES = ("cuda",)  # and "cpu" when interpreted
@@ -136,8 +154,8 @@ class TritonBackend:
             reasons.append(f"serves CUDA tensors, got {device}")
         if request.dtype in FLOAT_DTYPES and request.dtype not in self.SUPPORTED_DTYPES[request.op]:
             reasons.append(f"the Triton {request.op} kernels do not take {request.dtype}")
-        if request.op == "attention" and request.dropout_p > 0.0:
-            reasons.append(f"attention dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
+        if device == "cuda" and request.dtype == torch.bfloat16:
+            reasons += _bf16_capability_reasons(request.device)
         return reasons + _common_reasons(request)
 
 

@@ -44,6 +44,8 @@ __all__ = [
     "sum_rows",
     "num_partials",
     "flat_grid",
+    "length_bucket",
+    "max_shared_memory",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -92,6 +94,27 @@ def flat_grid(n_blocks: int, n_heads: int, what: str) -> tuple[int]:
             f"({MAX_GRID_X}); split the batch"
         )
     return (max(n, 1),)
+
+
+def length_bucket(n: int) -> int:
+    """The autotuning key of a sequence length: the next power of two, at least 16.
+
+    Keying on the exact length would re-tune every config at each new length (each decode step, each
+    dynamically padded batch); within a bucket the best tiles hardly change, so a length re-tunes only
+    when it enters a new bucket (about log2 of the longest length buckets in all).
+    """
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def max_shared_memory(device: torch.device) -> int | None:
+    """The shared memory one program may use on ``device`` (bytes, the opt-in maximum), or None where
+    there is no such limit to respect (CPU tensors under the interpreter)."""
+    if device.type != "cuda":
+        return None
+    from triton.runtime import driver
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 
 @triton.jit

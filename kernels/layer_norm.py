@@ -8,7 +8,9 @@ are saved in that dtype.
 
 Backward: ``G`` programs each take every G-th tile of rows, write ``dx`` for them and keep their part
 of ``dweight = Σ dy·x̂`` and ``dbias = Σ dy`` in registers; a second small kernel sums the ``(G, D)``
-partials in a fixed order. No atomics: the result is deterministic.
+partials in a fixed order. Wide rows take two launches: the row means ``c1``, ``c2`` below, per row;
+then ``G × chunks`` programs, each owning one column chunk of every G-th row tile. No atomics, and in
+no launch is a global location both written and read: race-free by construction and deterministic.
 
     x̂ = (x - mean)·rstd,   y = x̂·w + b
     dx = rstd·(w·dy - mean_D(w·dy·x̂)·x̂ - mean_D(w·dy))
@@ -23,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedformer.kernels._common import INTERPRET, num_partials, round_to, rsqrt_rn, sum_rows, upcast
+from fusedformer.kernels._common import INTERPRET, interp_bf16, num_partials, round_to, rsqrt_rn, sum_rows, widen
 
 __all__ = ["layer_norm_forward", "layer_norm_backward", "MAX_BLOCK_D"]
 
@@ -70,7 +72,7 @@ def _layer_norm_fwd_kernel(
     eps_lo,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # D <= BLOCK_D: the row stays in registers
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
@@ -83,7 +85,7 @@ def _layer_norm_fwd_kernel(
     if SINGLE_BLOCK:
         cols = tl.arange(0, BLOCK_D)
         mask = mask_r[:, None] & (cols[None, :] < D)
-        x = tl.load(x_ptrs + cols[None, :] * stride_xd, mask=mask, other=0.0).to(ACC)
+        x = widen(tl.load(x_ptrs + cols[None, :] * stride_xd, mask=mask, other=0.0), ACC)
         # mean, then the variance of the centred row (two-pass: no cancellation)
         mean = tl.sum(x, 1) / D
         xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -91,23 +93,23 @@ def _layer_norm_fwd_kernel(
         rstd = rsqrt_rn((var + eps_hi) + eps_lo)
         y = xc * rstd[:, None]
         if HAS_WEIGHT:
-            y *= tl.load(W + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
+            y *= widen(tl.load(W + cols, mask=cols < D, other=0.0), ACC)[None, :]
         if HAS_BIAS:
-            y += tl.load(B + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
-        tl.store(y_ptrs + cols[None, :], round_to(y, Y.dtype.element_ty, UPCAST), mask=mask)
+            y += widen(tl.load(B + cols, mask=cols < D, other=0.0), ACC)[None, :]
+        tl.store(y_ptrs + cols[None, :], round_to(y, Y.dtype.element_ty, INTERP_BF16), mask=mask)
     else:
         # a wide row: one pass for the mean, one for the variance, one for the output
         acc = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             mask = mask_r[:, None] & (cols[None, :] < D)
-            acc += tl.load(x_ptrs + cols[None, :] * stride_xd, mask=mask, other=0.0).to(ACC)
+            acc += widen(tl.load(x_ptrs + cols[None, :] * stride_xd, mask=mask, other=0.0), ACC)
         mean = tl.sum(acc, 1) / D
         acc = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             mask = mask_r[:, None] & (cols[None, :] < D)
-            x = tl.load(x_ptrs + cols[None, :] * stride_xd, mask=mask, other=0.0).to(ACC)
+            x = widen(tl.load(x_ptrs + cols[None, :] * stride_xd, mask=mask, other=0.0), ACC)
             xc = tl.where(mask, x - mean[:, None], 0.0)
             acc += xc * xc
         var = tl.sum(acc, 1) / D
@@ -115,13 +117,13 @@ def _layer_norm_fwd_kernel(
         for c0 in range(0, D, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             mask = mask_r[:, None] & (cols[None, :] < D)
-            x = tl.load(x_ptrs + cols[None, :] * stride_xd, mask=mask, other=0.0).to(ACC)
+            x = widen(tl.load(x_ptrs + cols[None, :] * stride_xd, mask=mask, other=0.0), ACC)
             y = (x - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
-                y *= tl.load(W + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
+                y *= widen(tl.load(W + cols, mask=cols < D, other=0.0), ACC)[None, :]
             if HAS_BIAS:
-                y += tl.load(B + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
-            tl.store(y_ptrs + cols[None, :], round_to(y, Y.dtype.element_ty, UPCAST), mask=mask)
+                y += widen(tl.load(B + cols, mask=cols < D, other=0.0), ACC)[None, :]
+            tl.store(y_ptrs + cols[None, :], round_to(y, Y.dtype.element_ty, INTERP_BF16), mask=mask)
     tl.store(Mean + rows, mean, mask=mask_r)
     tl.store(Rstd + rows, rstd, mask=mask_r)
 
@@ -146,101 +148,163 @@ def _layer_norm_bwd_kernel(
     stride_xd,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    # program g takes the row tiles g, g + G, g + 2G, ... and sums its own rows of dweight and dbias
+    # rows of up to BLOCK_D elements, in registers: program g takes the row tiles g, g + G, g + 2G, ...
+    # and sums its own rows of dweight and dbias
     ACC: tl.constexpr = Mean.dtype.element_ty
     pid = tl.program_id(0)
-    if SINGLE_BLOCK:
-        cols = tl.arange(0, BLOCK_D)
-        mask_c = cols < D
+    cols = tl.arange(0, BLOCK_D)
+    mask_c = cols < D
+    if HAS_WEIGHT:
+        w = widen(tl.load(W + cols, mask=mask_c, other=0.0), ACC)
+    dw = tl.zeros((BLOCK_D,), dtype=ACC)
+    db = tl.zeros((BLOCK_D,), dtype=ACC)
+    for r0 in range(pid * ROWS, N, G * ROWS):
+        rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
+        mask_r = rows < N
+        mask = mask_r[:, None] & mask_c[None, :]
+        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd, mask=mask, other=0.0)
+        x, dy = widen(x, ACC), widen(dy, ACC)
+        mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = dy
         if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask_c, other=0.0).to(ACC)
-        dw = tl.zeros((BLOCK_D,), dtype=ACC)
-        db = tl.zeros((BLOCK_D,), dtype=ACC)
-        for r0 in range(pid * ROWS, N, G * ROWS):
-            rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
-            mask_r = rows < N
-            mask = mask_r[:, None] & mask_c[None, :]
-            x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
-            dy = tl.load(DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd, mask=mask, other=0.0)
-            x, dy = x.to(ACC), dy.to(ACC)
-            mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
-            rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            wdy = dy
-            if HAS_WEIGHT:
-                wdy = dy * w[None, :]
-            # dx = rstd·(w·dy - c1·x̂ - c2), c1 and c2 the row means of w·dy·x̂ and w·dy
-            c1 = tl.sum(wdy * xhat, 1) / D
-            c2 = tl.sum(wdy, 1) / D
-            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-            dx_ptrs = DX + rows[:, None] * D + cols[None, :]
-            tl.store(dx_ptrs, round_to(dx, DX.dtype.element_ty, UPCAST), mask=mask)
-            if HAS_WEIGHT:
-                dw += tl.sum(dy * xhat, 0)
-            if HAS_BIAS:
-                db += tl.sum(dy, 0)
+            wdy = dy * w[None, :]
+        # dx = rstd·(w·dy - c1·x̂ - c2), c1 and c2 the row means of w·dy·x̂ and w·dy
+        c1 = tl.sum(wdy * xhat, 1) / D
+        c2 = tl.sum(wdy, 1) / D
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dx_ptrs = DX + rows[:, None] * D + cols[None, :]
+        tl.store(dx_ptrs, round_to(dx, DX.dtype.element_ty, INTERP_BF16), mask=mask)
         if HAS_WEIGHT:
-            tl.store(DWPartial + pid * D + cols, dw, mask=mask_c)
+            dw += tl.sum(dy * xhat, 0)
         if HAS_BIAS:
-            tl.store(DBPartial + pid * D + cols, db, mask=mask_c)
-    else:
-        # a wide row: per row tile, one pass for c1 and c2, one for dx; this program's rows of the
-        # partial sums live in global memory (read and written only by this program)
-        for c0 in range(0, D, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            if HAS_WEIGHT:
-                tl.store(DWPartial + pid * D + cols, tl.zeros((BLOCK_D,), dtype=ACC), mask=cols < D)
-            if HAS_BIAS:
-                tl.store(DBPartial + pid * D + cols, tl.zeros((BLOCK_D,), dtype=ACC), mask=cols < D)
-        for r0 in range(pid * ROWS, N, G * ROWS):
-            rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
-            mask_r = rows < N
-            mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
-            rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
-            acc1 = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
-            acc2 = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
-            for c0 in range(0, D, BLOCK_D):
-                cols = c0 + tl.arange(0, BLOCK_D)
-                mask = mask_r[:, None] & (cols[None, :] < D)
-                x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
-                dy_ptrs = DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd
-                dy = tl.load(dy_ptrs, mask=mask, other=0.0)
-                x, dy = x.to(ACC), dy.to(ACC)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                wdy = dy
-                if HAS_WEIGHT:
-                    wdy *= tl.load(W + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
-                acc1 += wdy * xhat
-                acc2 += wdy
-            c1 = tl.sum(acc1, 1) / D
-            c2 = tl.sum(acc2, 1) / D
-            for c0 in range(0, D, BLOCK_D):
-                cols = c0 + tl.arange(0, BLOCK_D)
-                mask_c = cols < D
-                mask = mask_r[:, None] & mask_c[None, :]
-                x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
-                dy_ptrs = DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd
-                dy = tl.load(dy_ptrs, mask=mask, other=0.0)
-                x, dy = x.to(ACC), dy.to(ACC)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                wdy = dy
-                if HAS_WEIGHT:
-                    wdy = dy * tl.load(W + cols, mask=mask_c, other=0.0).to(ACC)[None, :]
-                dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-                dx_ptrs = DX + rows[:, None] * D + cols[None, :]
-                tl.store(dx_ptrs, round_to(dx, DX.dtype.element_ty, UPCAST), mask=mask)
-                if HAS_WEIGHT:
-                    dw_ptrs = DWPartial + pid * D + cols
-                    dw = tl.load(dw_ptrs, mask=mask_c, other=0.0) + tl.sum(dy * xhat, 0)
-                    tl.store(dw_ptrs, dw, mask=mask_c)
-                if HAS_BIAS:
-                    db_ptrs = DBPartial + pid * D + cols
-                    tl.store(db_ptrs, tl.load(db_ptrs, mask=mask_c, other=0.0) + tl.sum(dy, 0), mask=mask_c)
+            db += tl.sum(dy, 0)
+    if HAS_WEIGHT:
+        tl.store(DWPartial + pid * D + cols, dw, mask=mask_c)
+    if HAS_BIAS:
+        tl.store(DBPartial + pid * D + cols, db, mask=mask_c)
+    # dweight and dbias stay in registers and each program stores its own row of partials once: no
+    # global memory location is both written and read in this launch (sum_rows reads them in the next)
+
+
+@triton.autotune(configs=_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _layer_norm_bwd_row_kernel(
+    DY,  # (N, D)
+    X,  # (N, D)
+    W,  # (D,); unused without HAS_WEIGHT
+    Mean,  # (N,) float32 (float64 for float64 input)
+    Rstd,  # (N,) like Mean
+    C1,  # (N,) like Mean, contiguous: mean_D(w·dy·x̂)
+    C2,  # (N,) like Mean, contiguous: mean_D(w·dy)
+    N,
+    D,
+    stride_dyn,
+    stride_dyd,
+    stride_xn,
+    stride_xd,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    # wide rows, pass 1: each program streams its ROWS rows chunk by chunk for their c1 and c2
+    ACC: tl.constexpr = Mean.dtype.element_ty
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    mask_r = rows < N
+    mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
+    acc1 = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
+    acc2 = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        mask = mask_r[:, None] & (cols[None, :] < D)
+        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd, mask=mask, other=0.0)
+        x, dy = widen(x, ACC), widen(dy, ACC)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = dy
+        if HAS_WEIGHT:
+            wdy = dy * widen(tl.load(W + cols, mask=cols < D, other=0.0), ACC)[None, :]
+        acc1 += wdy * xhat
+        acc2 += wdy
+    tl.store(C1 + rows, tl.sum(acc1, 1) / D, mask=mask_r)
+    tl.store(C2 + rows, tl.sum(acc2, 1) / D, mask=mask_r)
+
+
+@triton.autotune(configs=_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _layer_norm_bwd_col_kernel(
+    DY,  # (N, D)
+    X,  # (N, D)
+    W,  # (D,); unused without HAS_WEIGHT
+    Mean,  # (N,) float32 (float64 for float64 input)
+    Rstd,  # (N,) like Mean
+    C1,  # (N,) like Mean, from _layer_norm_bwd_row_kernel
+    C2,  # (N,) like Mean, from _layer_norm_bwd_row_kernel
+    DX,  # (N, D), contiguous
+    DWPartial,  # (G, D) like Mean, contiguous; unused without HAS_WEIGHT
+    DBPartial,  # (G, D) like Mean, contiguous; unused without HAS_BIAS
+    N,
+    D,
+    G,
+    stride_dyn,
+    stride_dyd,
+    stride_xn,
+    stride_xd,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    # wide rows, pass 2: program (c, g) owns column chunk c of the row tiles g, g + G, g + 2G, ...
+    #
+    # Race-free by construction: in this launch every location of DX and of the partials has exactly
+    # one writer, and none is read. dx[r, cols] is written only by program (chunk of cols, tile of r
+    # mod G); DWPartial[g, cols] and DBPartial[g, cols] only by program (chunk of cols, g), once, from
+    # registers. C1 and C2 were written by the previous launch, and a launch boundary orders them.
+    # (The earlier single-kernel version kept the partials in global memory and read them back in the
+    # next row tile: correct only if the same thread wrote and read each element, which nothing in
+    # Triton promises across differently laid-out tiles, and the interpreter could never show a race.)
+    ACC: tl.constexpr = Mean.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    g = tl.program_id(1)
+    mask_c = cols < D
+    if HAS_WEIGHT:
+        w = widen(tl.load(W + cols, mask=mask_c, other=0.0), ACC)
+    dw = tl.zeros((BLOCK_D,), dtype=ACC)
+    db = tl.zeros((BLOCK_D,), dtype=ACC)
+    for r0 in range(g * ROWS, N, G * ROWS):
+        rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
+        mask_r = rows < N
+        mask = mask_r[:, None] & mask_c[None, :]
+        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd, mask=mask, other=0.0)
+        x, dy = widen(x, ACC), widen(dy, ACC)
+        mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
+        c1 = tl.load(C1 + rows, mask=mask_r, other=0.0)
+        c2 = tl.load(C2 + rows, mask=mask_r, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = dy
+        if HAS_WEIGHT:
+            wdy = dy * w[None, :]
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(DX + rows[:, None] * D + cols[None, :], round_to(dx, DX.dtype.element_ty, INTERP_BF16), mask=mask)
+        if HAS_WEIGHT:
+            dw += tl.sum(dy * xhat, 0)
+        if HAS_BIAS:
+            db += tl.sum(dy, 0)
+    if HAS_WEIGHT:
+        tl.store(DWPartial + g * D + cols, dw, mask=mask_c)
+    if HAS_BIAS:
+        tl.store(DBPartial + g * D + cols, db, mask=mask_c)
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -317,7 +381,7 @@ def layer_norm_forward(
     torch.library.wrap_triton(_layer_norm_fwd_kernel)[grid](
         x, w if w is not None else x, b if b is not None else x, y, mean, rstd,
         N, D, x.stride(0), x.stride(1), eps_hi, float(eps) - eps_hi,
-        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, UPCAST=upcast(input.dtype),
+        HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, INTERP_BF16=interp_bf16(input.dtype),
         SINGLE_BLOCK=single, BLOCK_D=BLOCK_D,
     )  # fmt: skip
     return y, mean, rstd
@@ -357,12 +421,29 @@ def layer_norm_backward(
     G = num_partials(input.device, cap=N)
     dw_part = torch.empty((G, D), dtype=stats, device=input.device) if weight is not None else mean
     db_part = torch.empty((G, D), dtype=stats, device=input.device) if bias is not None else mean
-    torch.library.wrap_triton(_layer_norm_bwd_kernel)[(G,)](
-        dy, x, w if w is not None else x, mean, rstd, dx, dw_part, db_part,
-        N, D, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-        HAS_WEIGHT=w is not None, HAS_BIAS=bias is not None, UPCAST=upcast(input.dtype),
-        SINGLE_BLOCK=single, BLOCK_D=BLOCK_D,
-    )  # fmt: skip
+    flags = dict(HAS_WEIGHT=w is not None, HAS_BIAS=bias is not None, INTERP_BF16=interp_bf16(input.dtype))
+    w_arg = w if w is not None else x
+    if single:
+        torch.library.wrap_triton(_layer_norm_bwd_kernel)[(G,)](
+            dy, x, w_arg, mean, rstd, dx, dw_part, db_part,
+            N, D, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), BLOCK_D=BLOCK_D, **flags,
+        )  # fmt: skip
+    else:  # wide rows: c1, c2 per row first, then dx and the partials by column chunk
+        c1 = torch.empty((N,), dtype=stats, device=input.device)
+        c2 = torch.empty((N,), dtype=stats, device=input.device)
+
+        def grid_rows(META):
+            return (triton.cdiv(N, META["ROWS"]),)
+
+        torch.library.wrap_triton(_layer_norm_bwd_row_kernel)[grid_rows](
+            dy, x, w_arg, mean, rstd, c1, c2,
+            N, D, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+            HAS_WEIGHT=w is not None, BLOCK_D=BLOCK_D,
+        )  # fmt: skip
+        torch.library.wrap_triton(_layer_norm_bwd_col_kernel)[(triton.cdiv(D, BLOCK_D), G)](
+            dy, x, w_arg, mean, rstd, c1, c2, dx, dw_part, db_part,
+            N, D, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), BLOCK_D=BLOCK_D, **flags,
+        )  # fmt: skip
     dw = sum_rows(dw_part, weight.dtype).reshape(weight.shape) if weight is not None else empty
     db = sum_rows(db_part, bias.dtype).reshape(bias.shape) if bias is not None else empty
     return dx, dw, db
