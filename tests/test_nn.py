@@ -402,7 +402,7 @@ def test_mha_fused_dropout_applies_the_kernels_mask(monkeypatch):
     from fusedformer.ops import attention as ops_attention
 
     seed, p = 424242, 0.5
-    monkeypatch.setattr(ops_attention, "_dropout_seed", lambda: seed)
+    monkeypatch.setattr(ops_attention, "_dropout_seed", lambda: torch.tensor(seed))
     t, f = twins(nn.MultiheadAttention, ffnn.MultiheadAttention, D, H, dropout=p, batch_first=True)
     B, L = 2, 7
     x = torch.randn(B, L, D, requires_grad=True)
