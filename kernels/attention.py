@@ -111,8 +111,8 @@ _MASK_FLOOR = tl.constexpr(-2.0e38)
 _RENORM_LSE2 = tl.constexpr(64.0)
 
 
-def _fwd_configs() -> list[triton.Config]:
-    if INTERPRET:
+def _fwd_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
+    if interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -123,8 +123,8 @@ def _fwd_configs() -> list[triton.Config]:
     ]
 
 
-def _dkdv_configs() -> list[triton.Config]:
-    if INTERPRET:
+def _dkdv_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
+    if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -134,8 +134,8 @@ def _dkdv_configs() -> list[triton.Config]:
     ]
 
 
-def _dq_configs() -> list[triton.Config]:
-    if INTERPRET:
+def _dq_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
+    if interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)

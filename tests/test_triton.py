@@ -376,8 +376,22 @@ def test_layer_norm_matches_reference(dtype, shape, normalized_shape, affine):
 
 
 @interpreted
-def test_layer_norm_chunked_path_is_reached():
-    assert 777 > MAX_BLOCK_D >= 256  # the (7, 777) case above streams its rows
+def test_layer_norm_chunked_path_is_reached(monkeypatch):
+    # D = 777 > MAX_BLOCK_D: the backward takes the wide-row pair of launches (the race-free chunked path)
+    from fusedformer.kernels import layer_norm as N
+
+    launched = []
+    wrap = torch.library.wrap_triton
+
+    def spy(kernel):
+        launched.append(kernel)
+        return wrap(kernel)
+
+    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    x, w, b = _randn(7, 777, dtype=torch.float32), _randn(777, dtype=torch.float32), _randn(777, dtype=torch.float32)
+    _check_layer_norm(x, [777], w, b)
+    assert N._layer_norm_bwd_row_kernel in launched and N._layer_norm_bwd_col_kernel in launched
+    assert N._layer_norm_bwd_kernel not in launched
 
 
 @interpreted
@@ -458,17 +472,40 @@ def test_round_to_rounds_to_nearest_even_like_torch():
     import triton.language as tl
 
     @triton.jit
-    def _round_kernel(X, Y, N, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+    def _round_kernel(X, Y, N, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(X + offs, mask=offs < N)
-        tl.store(Y + offs, _common.round_to(x, Y.dtype.element_ty, UPCAST), mask=offs < N)
+        tl.store(Y + offs, _common.round_to(x, Y.dtype.element_ty, INTERP_BF16), mask=offs < N)
 
     ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8)])  # halfway: to even, away from odd
-    x = torch.cat([torch.randn(4000) * 10.0 ** torch.randint(-30, 30, (4000,)), ties])
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4e38, 1e-39, -7e-40, 2.0**-133])
+    x = torch.cat([torch.randn(4000) * 10.0 ** torch.randint(-30, 30, (4000,)), ties, special])
     y = torch.empty(x.shape, dtype=torch.bfloat16)
     grid = (triton.cdiv(x.numel(), 1024),)
-    _round_kernel[grid](x, y, x.numel(), UPCAST=_common.upcast(torch.bfloat16), BLOCK=1024)
-    assert torch.equal(y, x.to(torch.bfloat16))
+    _round_kernel[grid](x, y, x.numel(), INTERP_BF16=_common.interp_bf16(torch.bfloat16), BLOCK=1024)
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))  # bit for bit
+    nan = torch.full((4,), float("nan"))
+    y = torch.empty(4, dtype=torch.bfloat16)
+    _round_kernel[(1,)](nan, y, 4, INTERP_BF16=True, BLOCK=4)
+    assert y.isnan().all()
+
+
+@interpreted
+def test_widen_is_exact_for_every_bf16_value():
+    # widen is how the kernels read bf16 (under the interpreter and on the GPU alike): every one of the
+    # 65,536 bit patterns, subnormals, infinities and NaNs included, must come out as torch widens it
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _widen_kernel(X, Y, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, _common.widen(tl.load(X + offs)))
+
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    y = torch.empty(x.shape, dtype=torch.float32)
+    _widen_kernel[(x.numel() // 4096,)](x, y, BLOCK=4096)
+    assert torch.equal(y.view(torch.int32), x.float().view(torch.int32))
 
 
 # ---- agreement with the C++ CPU ops ---------------------------------------------------------------
@@ -558,6 +595,256 @@ def test_gelu_agrees_with_cpp(dtype, approximate, with_bias):
     grads_c = torch.ops.fusedformer.gelu_bwd(grad, x, b, approximate)
     for name, a, c in zip(("dx", "dbias"), grads, grads_c):
         _assert_agree(name, a, c)
+
+
+# ---- attention dropout: the C++ kernels' mask ------------------------------------------------------
+
+
+def _seed(value: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int64)
+
+
+@interpreted
+@pytest.mark.parametrize("seed", [0x5EED_1234_ABCD, -3, 2**62 + 5])
+def test_attention_dropout_drops_the_cpp_mask(seed):
+    # with V = I (Ev = S) the output is P ∘ D itself: 0 exactly where the C++ mask drops (P > 0 elsewhere)
+    B, H, L, S, p = 2, 3, 37, 29, 0.4
+    q, k = _randn(B, H, L, 16, dtype=torch.float32), _randn(B, H, S, 16, dtype=torch.float32)
+    v = torch.eye(S).expand(B, H, S, S)
+    out, lse = attention_forward(q, k, v, None, False, 0.3, p, _seed(seed))
+    keep = torch.ops.fusedformer.attention_dropout_mask(B, H, L, S, p, seed)
+    assert torch.equal(out != 0, keep)
+    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.3, -1)
+    torch.testing.assert_close(out.double(), probs * keep / (1 - p), rtol=1e-5, atol=1e-7)
+    assert torch.equal(lse, attention_forward(q, k, v, None, False, 0.3)[1])  # of the un-dropped P
+
+
+@interpreted
+def test_attention_dropout_statistics():
+    B, H, L, S, p = 1, 2, 64, 64, 0.3
+    q, k = _randn(B, H, L, 16, dtype=torch.float32, scale=0.1), _randn(B, H, S, 16, dtype=torch.float32)
+    v = torch.eye(S).expand(B, H, S, S)
+    out, _ = attention_forward(q, k, v, None, False, 1.0, p, _seed(11))
+    out2, _ = attention_forward(q, k, v, None, False, 1.0, p, _seed(12))
+    kept, kept2 = out != 0, out2 != 0
+    n = kept.numel()  # 8192 draws: 1 - p within 4 standard deviations (0.02)
+    assert abs(kept.double().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
+    # kept ones are scaled by 1 / (1 - p): each row sums to 1 in expectation (std about 0.05 per row here)
+    assert abs(out.double().sum(-1).mean().item() - 1.0) < 0.03
+    # another seed, another mask: two independent masks agree on (1 - p)^2 + p^2 = 58% of the elements
+    assert abs((kept == kept2).double().mean().item() - ((1 - p) ** 2 + p**2)) < 0.05
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+def test_attention_dropout_agrees_with_cpp(dtype):
+    _require_cpu_kernel("attention_fwd")
+    B, Hq, Hk, L, S = 2, 4, 2, 37, 45
+    q, k, v = _qkv(B, Hq, Hk, L, S, 24, 16, dtype)
+    mask = torch.rand(B, 1, L, S) > 0.2
+    grad = _randn(B, Hq, L, 16, dtype=dtype)
+    seed, ops = _seed(987654321), torch.ops.fusedformer
+    for m, causal in ((None, True), (mask, False), (torch.where(mask, 0.0, float("-inf")).to(dtype), True)):
+        out, lse = attention_forward(q, k, v, m, causal, 0.3, 0.25, seed)
+        out_c, lse_c = ops.attention_fwd(q, k, v, m, causal, 0.3, 0.25, seed)
+        grads = attention_backward(grad, q, k, v, out, lse, m, causal, 0.3, 0.25, seed)
+        grads_c = ops.attention_bwd(grad, q, k, v, out_c, lse_c, m, causal, 0.3, 0.25, seed)
+        names = ("out", "logsumexp", "dq", "dk", "dv")
+        for name, a, c in zip(names, (out, lse, *grads), (out_c, lse_c, *grads_c)):
+            _assert_agree(name, a, c)
+            if dtype == torch.float32:  # the same elements kept: equal to float32 rounding, not just close
+                finite = torch.isfinite(c)  # a dead row's logsumexp is +inf in both (_assert_agree checks)
+                scale = max(1.0, c[finite].abs().max().item())
+                assert (a - c)[finite].abs().max().item() <= 1e-5 * scale, name
+
+
+@interpreted
+def test_attention_dropout_is_served_by_triton_as_on_the_cpu(monkeypatch):
+    """The public function on the Triton backend: no fallback (strict), and under one torch.manual_seed
+    the same seed, so the same kept elements, outputs and gradients as the cpp backend."""
+    import fusedformer as ff
+    from fusedformer import backends
+
+    monkeypatch.setenv("FUSEDFORMER_STRICT", "1")
+    q, k, v = _qkv(2, 4, 2, 19, 23, 16, 16, torch.float32)
+    grad = _randn(2, 4, 19, 16, dtype=torch.float32)
+    request = backends.Request("attention", q.device, q.dtype, 0.2)
+    assert backends.TritonBackend().not_supported_reasons(request) == []
+
+    def run(backend):
+        monkeypatch.setenv("FUSEDFORMER_BACKEND", backend)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(3)
+        out = ff.scaled_dot_product_attention(*leaves, dropout_p=0.2, is_causal=True, enable_gqa=True)
+        out.backward(grad)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    on_triton, on_cpp = run("triton"), run("cpp")
+    for a, c in zip(on_triton, on_cpp):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+@interpreted
+def test_torch_compile_fullgraph_dropout_on_triton(monkeypatch):
+    import fusedformer as ff
+
+    monkeypatch.setenv("FUSEDFORMER_BACKEND", "triton")
+    q, k, v = _qkv(1, 2, 2, 20, 20, 16, 16, torch.float32)
+
+    def fn(q, k, v):
+        return ff.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).sin().sum()
+
+    def grads(f, manual_seed):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(manual_seed)
+        f(*leaves).backward()
+        return [t.grad for t in leaves]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    first, again, other = grads(compiled, 7), grads(compiled, 7), grads(compiled, 8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in first)
+    assert not torch.allclose(first[2], other[2])
+    eager = grads(fn, 7)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        same_as_eager = grads(torch.compile(fn, fullgraph=True), 7)
+    for a, b in zip(eager, same_as_eager):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+# ---- launch limits, autotuning, precision ---------------------------------------------------------
+
+
+@interpreted
+def test_attention_grid_folds_batch_heads_past_65535(monkeypatch):
+    """B·H = 70,000 at L = S = 1: every launch is a 1-D grid of 70,000 programs (CUDA caps grid axes y
+    and z at 65,535). The launches are recorded, not run: the interpreter takes ~30 ms a program."""
+    from fusedformer.kernels import attention as A
+
+    launches = []
+
+    class Record:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, grid))
+
+    monkeypatch.setattr(torch.library, "wrap_triton", Record)
+    q = torch.randn(7000, 10, 1, 16)
+    out, lse = A.attention_forward(q, q, q, None, False, 0.25, 0.1, _seed(1))
+    A.attention_backward(q, q, q, q, out, lse, None, False, 0.25, 0.1, _seed(1))
+    assert [kernel for kernel, _ in launches] == [
+        A._attn_fwd_kernel, A._attn_bwd_preprocess_kernel, A._attn_bwd_dkdv_kernel, A._attn_bwd_dq_kernel
+    ]
+    for kernel, grid in launches:
+        for block in (16, 64, 128):
+            shape = grid({"BLOCK_M": block, "BLOCK_N": block}) if callable(grid) else grid
+            assert shape == (70_000,), (kernel, shape)
+    with pytest.raises(ValueError, match="split the batch"):
+        _common.flat_grid(2**20, 2**12, "test")
+
+
+def test_length_bucket():
+    assert [_common.length_bucket(n) for n in (0, 1, 16, 17, 32, 33, 1000, 1024, 1025)] == [
+        16, 16, 16, 32, 32, 64, 1024, 1024, 2048
+    ]
+
+
+@interpreted
+def test_attention_autotunes_once_per_length_bucket(monkeypatch):
+    """Two configs and a stub benchmark: lengths 17 and 30 share a bucket (one tuning), 33 starts another."""
+    import triton
+
+    from fusedformer.kernels import attention as A
+
+    kernel = A._attn_fwd_kernel
+    assert "L" not in kernel.keys and "S" not in kernel.keys and {"L_BUCKET", "S_BUCKET"} <= set(kernel.keys)
+    tuned = []
+
+    def bench(*args, config, **kwargs):
+        tuned.append(kernel.nargs["L"])
+        return [1.0 + config.kwargs["BLOCK_M"], 0.0, 0.0]
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 16}, num_warps=4, num_stages=1) for bm in (16, 32)]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_bench", bench)
+    for L in (17, 30, 33):
+        q = _randn(1, 1, L, 16, dtype=torch.float32)
+        attention_forward(q, q, q, None, False, 0.25)
+    assert tuned == [17, 17, 33, 33]  # both configs, once per bucket
+    assert len(kernel.cache) == 2
+
+
+def test_attention_prune_respects_shared_memory(monkeypatch):
+    from fusedformer.kernels import attention as A
+
+    q = torch.empty(1, 1, 1, 256, dtype=torch.float32)
+    args = {"Q": q}
+    # the compiled mode's config lists (the interpreter has one config per kernel)
+    lists = (("fwd", A._fwd_configs(False)), ("dkdv", A._dkdv_configs(False)), ("dq", A._dq_configs(False)))
+    for kind, configs in lists:
+        monkeypatch.setattr(A, "max_shared_memory", lambda device: None)
+        everything = A._pruner(kind)(configs, args, BLOCK_D=64, BLOCK_DV=64)
+        monkeypatch.setattr(A, "max_shared_memory", lambda device: 64 * 1024)
+        kept = A._pruner(kind)(configs, args, BLOCK_D=64, BLOCK_DV=64)
+        assert kept and all(A._smem_bytes(kind, c, 64, 64, 4) <= 64 * 1024 for c in kept), kind
+        assert len(kept) < len(everything), kind
+        # nothing fits: the smallest estimate is kept, so that the launch still has a config
+        monkeypatch.setattr(A, "max_shared_memory", lambda device: 1024)
+        (smallest,) = A._pruner(kind)(configs, args, BLOCK_D=64, BLOCK_DV=64)
+        assert A._smem_bytes(kind, smallest, 64, 64, 4) == min(A._smem_bytes(kind, c, 64, 64, 4) for c in configs)
+
+
+@pytest.fixture
+def allow_tf32():
+    """Sets torch.backends.cuda.matmul.allow_tf32 (a property of torch's, which monkeypatch cannot undo)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+
+    def set_(value: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = value
+
+    yield set_
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_dot_precision_follows_torch_tf32(allow_tf32):
+    allow_tf32(False)
+    assert _common.dot_precision(torch.float32) == "ieee"
+    allow_tf32(True)
+    assert _common.dot_precision(torch.float32) == "tf32"
+    assert _common.dot_precision(torch.bfloat16) == "ieee" and _common.dot_precision(torch.float16) == "ieee"
+
+
+@interpreted
+def test_attention_runs_with_tf32_allowed(allow_tf32, monkeypatch):
+    # the interpreter sums full float32 products whatever the precision (no TF32 rounding to see): this
+    # checks that the "tf32" flag reaches every launch's dots and the kernels still compute attention
+    from fusedformer.kernels import attention as A
+
+    precisions = []
+    wrap = torch.library.wrap_triton
+
+    class Spy:
+        def __init__(self, kernel):
+            self.launcher = wrap(kernel)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                precisions.append(kwargs["PRECISION"])
+                return self.launcher[grid](*args, **kwargs)
+
+            return launch
+
+    allow_tf32(True)
+    monkeypatch.setattr(torch.library, "wrap_triton", Spy)
+    q, k, v = _qkv(1, 2, 2, 17, 19, 16, 16, torch.float32)
+    _check_attention(q, k, v, mask=None, is_causal=True)
+    assert precisions == ["tf32"] * 4
+    assert A.dot_precision is _common.dot_precision
 
 
 # ---- the compiled (GPU) code path -----------------------------------------------------------------
