@@ -867,35 +867,42 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 sig[name] = "constexpr"
             elif name in pointers:
                 sig[name] = "*" + pointers[name]
+            elif name in ("eps_hi", "eps_lo", "scale", "qk_scale", "drop_scale"):
+                sig[name] = "fp32"
             else:
-                sig[name] = "fp32" if name in ("eps_hi", "eps_lo", "scale", "qk_scale") else "i32"
+                sig[name] = "i64" if name == "drop_threshold" else "i32"
         binary = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 80, 32))
         assert binary.asm["cubin"], kernel.__name__
 
+    for dt, precision in (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32")):
+        heads = dict(INTERP_BF16=False, PRECISION=precision, BLOCK_D=64, BLOCK_DV=32)
+        masks = dict(HAS_MASK=True, MASK_IS_BOOL=False, IS_CAUSAL=True, DROPOUT=True)
+        compile_(A._attn_fwd_kernel, dict(Q=dt, K=dt, V=dt, Mask=dt, Out=dt, Lse="fp32", Seed="i64"),
+                 dict(heads, **masks, BLOCK_M=64, BLOCK_N=32))
+        compile_(A._attn_bwd_preprocess_kernel,
+                 dict(O=dt, DO=dt, Delta="fp32", Renorm="fp32", Q=dt, K=dt, Mask=dt, Lse="fp32"),
+                 dict(heads, RENORM=True, IS_CAUSAL=True, BLOCK_M=64, BLOCK_N=64))
+        bwd = dict(Q=dt, K=dt, V=dt, Mask=dt, DO=dt, Lse="fp32", Delta="fp32", Renorm="fp32", Seed="i64")
+        compile_(A._attn_bwd_dkdv_kernel, dict(bwd, DK=dt, DV=dt),
+                 dict(heads, **masks, RENORM=True, BLOCK_M=32, BLOCK_N=64))
+        compile_(A._attn_bwd_dq_kernel, dict(bwd, DQ=dt),
+                 dict(heads, **masks, RENORM=True, BLOCK_M=64, BLOCK_N=32))
     bf = "bf16"
-    heads = dict(UPCAST=False, BLOCK_D=64, BLOCK_DV=32)
-    masks = dict(HAS_MASK=True, MASK_IS_BOOL=False, IS_CAUSAL=True)
-    compile_(A._attn_fwd_kernel, dict(Q=bf, K=bf, V=bf, Mask=bf, Out=bf, Lse="fp32"),
-             dict(heads, **masks, BLOCK_M=64, BLOCK_N=32))
-    compile_(A._attn_bwd_preprocess_kernel,
-             dict(O=bf, DO=bf, Delta="fp32", Renorm="fp32", Q=bf, K=bf, Mask=bf, Lse="fp32"),
-             dict(heads, RENORM=True, IS_CAUSAL=True, BLOCK_M=64, BLOCK_N=64))
-    bwd = dict(Q=bf, K=bf, V=bf, Mask=bf, DO=bf, Lse="fp32", Delta="fp32", Renorm="fp32")
-    compile_(A._attn_bwd_dkdv_kernel, dict(bwd, DK=bf, DV=bf),
-             dict(heads, **masks, RENORM=True, BLOCK_M=32, BLOCK_N=64))
-    compile_(A._attn_bwd_dq_kernel, dict(bwd, DQ=bf),
-             dict(heads, **masks, RENORM=True, BLOCK_M=64, BLOCK_N=32))
     for single in (True, False):
-        ln = dict(HAS_WEIGHT=True, HAS_BIAS=True, UPCAST=False, SINGLE_BLOCK=single, BLOCK_D=1024, ROWS=2)
+        ln = dict(HAS_WEIGHT=True, HAS_BIAS=True, INTERP_BF16=False, SINGLE_BLOCK=single, BLOCK_D=1024, ROWS=2)
         compile_(N._layer_norm_fwd_kernel, dict(X=bf, W=bf, B=bf, Y=bf, Mean="fp32", Rstd="fp32"), ln)
-        compile_(N._layer_norm_bwd_kernel, dict(DY=bf, X=bf, W=bf, Mean="fp32", Rstd="fp32", DX=bf,
-                 DWPartial="fp32", DBPartial="fp32"), ln)
+    ln = dict(HAS_WEIGHT=True, HAS_BIAS=True, INTERP_BF16=False, BLOCK_D=1024, ROWS=2)
+    grads = dict(DY=bf, X=bf, W=bf, Mean="fp32", Rstd="fp32", DX=bf, DWPartial="fp32", DBPartial="fp32")
+    compile_(N._layer_norm_bwd_kernel, grads, ln)
+    compile_(N._layer_norm_bwd_row_kernel, dict(grads, C1="fp32", C2="fp32"),
+             dict(HAS_WEIGHT=True, BLOCK_D=1024, ROWS=2))
+    compile_(N._layer_norm_bwd_col_kernel, dict(grads, C1="fp32", C2="fp32"), ln)
     for tanh in (False, True):
-        gl = dict(HAS_BIAS=True, APPROX_TANH=tanh, UPCAST=False, BLOCK_C=256, BLOCK_R=4)
+        gl = dict(HAS_BIAS=True, APPROX_TANH=tanh, INTERP_BF16=False, BLOCK_C=256, BLOCK_R=4)
         compile_(G._gelu_fwd_kernel, dict(X=bf, Bias=bf, Y=bf), gl)
         compile_(G._gelu_bwd_kernel, dict(DY=bf, X=bf, Bias=bf, DX=bf, DBiasPartial="fp32"), gl)
     compile_(_common._sum_rows_kernel, dict(Partial="fp32", Out=bf),
-             dict(UPCAST=False, BLOCK_G=8, BLOCK_C=256))
+             dict(INTERP_BF16=False, BLOCK_G=8, BLOCK_C=256))
     print("compiled")
     """
 )
@@ -923,7 +930,13 @@ _TRACE_SCRIPT = textwrap.dedent(
         fwd = attention_forward(q, q, q, m, True, 0.25)
         return fwd, attention_backward(q, q, q, q, q, lse, m, True, 0.25)
 
-    for fn, args, launches in ((gelu, (x, b), 3), (layer_norm, (x, b), 4), (attention, (q, m), 4)):
+    def attention_dropout(q, m):
+        lse, seed = q[..., 0], torch.tensor(5)
+        fwd = attention_forward(q, q, q, m, True, 0.25, 0.1, seed)
+        return fwd, attention_backward(q, q, q, q, q, lse, m, True, 0.25, 0.1, seed)
+
+    for fn, args, launches in ((gelu, (x, b), 3), (layer_norm, (x, b), 4), (attention, (q, m), 4),
+                               (attention_dropout, (q, m), 4)):
         graph = make_fx(fn, tracing_mode="fake")(*args).graph
         found = [n for n in graph.nodes if "triton_kernel_wrapper" in str(n.target)]
         assert len(found) == launches, (fn.__name__, len(found))
@@ -944,8 +957,9 @@ def test_launchers_trace_with_fake_tensors():
 
 
 def test_kernels_compile_for_gpu():
-    """The interpreter runs Python, not GPU code: compile the bf16 kernels (the path a GPU takes, with
-    UPCAST off and bf16 tensor-core dots) to sm_80 binaries with Triton's own compiler and ptxas."""
+    """The interpreter runs Python, not GPU code: compile the kernels as a GPU takes them (INTERP_BF16
+    off: bf16 tensor-core dots; dropout on; fp32 attention with TF32) to sm_80 binaries with Triton's own
+    compiler and ptxas."""
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run(
