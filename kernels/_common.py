@@ -32,6 +32,8 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRET",
+    "TUNE",
+    "tune_configs",
     "MAX_GRID_X",
     "MAX_GRID_YZ",
     "interp_bf16",
@@ -49,9 +51,22 @@ __all__ = [
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# How widely the autotuners search on a GPU, read once at import (as TRITON_INTERPRET): "full" (the
+# default), "quick" (a few configs per kernel: make gpu-check's timings, within its time budget) or
+# "off" (one config per kernel: make gpu-check's correctness tests, which need no speed).
+TUNE = os.environ.get("FUSEDFORMER_TRITON_TUNE", "full").strip().lower() or "full"
+if TUNE not in ("full", "quick", "off"):
+    raise ValueError(f"FUSEDFORMER_TRITON_TUNE must be full, quick or off; got {TUNE!r}")
 # CUDA's grid limits: x up to 2^31 - 1 programs, y and z up to 65,535 each.
 MAX_GRID_X = 2**31 - 1
 MAX_GRID_YZ = 65_535
+
+
+def tune_configs(full: list, quick: list) -> list:
+    """The configs an autotuner searches under ``TUNE``: all of ``full``, ``quick``, or ``quick[0]``."""
+    if TUNE == "full":
+        return full
+    return quick if TUNE == "quick" else quick[:1]
 
 
 def interp_bf16(dtype: torch.dtype) -> bool:

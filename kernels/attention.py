@@ -94,6 +94,7 @@ from fusedformer.kernels._common import (
     length_bucket,
     max_shared_memory,
     round_to,
+    tune_configs,
     widen,
 )
 
@@ -114,35 +115,44 @@ _RENORM_LSE2 = tl.constexpr(64.0)
 def _fwd_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
     if interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
+    full = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm in (64, 128)
         for bn in (32, 64)
         for w in (4, 8)
         for s in (2, 3, 4)
     ]
+    quick = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=3)
+             for bm, bn, w in ((128, 64, 8), (64, 64, 4), (128, 32, 4))]
+    return tune_configs(full, quick)
 
 
 def _dkdv_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [
+    full = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn in ((16, 64), (32, 64), (32, 128), (64, 64), (64, 128))
         for w in (4, 8)
         for s in (2, 3)
     ]
+    quick = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+             for bm, bn, w, s in ((32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2))]
+    return tune_configs(full, quick)
 
 
 def _dq_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
     if interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
+    full = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn in ((64, 16), (64, 32), (128, 32), (64, 64), (128, 64))
         for w in (4, 8)
         for s in (2, 3)
     ]
+    quick = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+             for bm, bn, w, s in ((128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2))]
+    return tune_configs(full, quick)
 
 
 def _smem_bytes(kind: str, config: triton.Config, D: int, DV: int, size: int) -> int:

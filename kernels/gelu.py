@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedformer.kernels._common import INTERPRET, interp_bf16, div_rn, num_partials, round_to, sum_rows, widen
+from fusedformer.kernels._common import (
+    INTERPRET,
+    div_rn,
+    interp_bf16,
+    num_partials,
+    round_to,
+    sum_rows,
+    tune_configs,
+    widen,
+)
 
 __all__ = ["gelu_forward", "gelu_backward"]
 
@@ -31,7 +40,9 @@ _TANH_COEF = tl.constexpr(0.044715)
 def _configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_R": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (1, 2, 4, 8, 16, 32) for w in (2, 4, 8)]
+    full = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (1, 2, 4, 8, 16, 32) for w in (2, 4, 8)]
+    quick = [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in ((4, 4), (16, 8), (1, 4))]
+    return tune_configs(full, quick)
 
 
 def _prune(configs, named_args, **kwargs):

@@ -25,7 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedformer.kernels._common import INTERPRET, interp_bf16, num_partials, round_to, rsqrt_rn, sum_rows, widen
+from fusedformer.kernels._common import (
+    INTERPRET,
+    interp_bf16,
+    num_partials,
+    round_to,
+    rsqrt_rn,
+    sum_rows,
+    tune_configs,
+    widen,
+)
 
 __all__ = ["layer_norm_forward", "layer_norm_backward", "MAX_BLOCK_D"]
 
@@ -37,7 +46,10 @@ MAX_BLOCK_D = 256 if INTERPRET else 8192
 def _configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"ROWS": 8}, num_warps=4)]
-    return [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8, 16)]
+    full = [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8, 16)]
+    # quick/off: the prune keeps what suits D among these (or the first)
+    quick = [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 8), (4, 4), (16, 4), (2, 16))]
+    return tune_configs(full, quick)
 
 
 def _prune(configs, named_args, **kwargs):
