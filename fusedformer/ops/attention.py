@@ -293,11 +293,11 @@ def scaled_dot_product_attention(
         attn_mask: broadcastable to ``(..., Hq, L, S)``: bool (True = the key takes part) or a float
             mask in query's dtype, added to the scores. Read tile by tile, never expanded.
         dropout_p: attention dropout on the probabilities (after the softmax, before ``@ value``), kept
-            ones scaled by ``1 / (1 - dropout_p)``, as torch. The cpp backend fuses it: the mask is a
+            ones scaled by ``1 / (1 - dropout_p)``, as torch. Fused on both backends: the mask is a
             counter-based hash of (seed, b, h, i, j), the seed drawn from torch's default CPU generator (so
             ``torch.manual_seed`` makes runs reproducible; the draw differs from torch's own dropout),
-            and the backward draws the same mask again; nothing of size (L, S) is stored. Both
-            backends fuse it and draw the same mask for a seed (a CPU run and a GPU run drop the same
+            and the backward draws the same mask again; nothing of size (L, S) is stored. The C++ and
+            Triton kernels draw the same mask for a seed (a CPU run and a GPU run drop the same
             elements). The seed is drawn as a tensor, so ``torch.compile(fullgraph=True)`` works.
         is_causal: query ``i`` sees keys ``j <= i``, aligned top-left as in torch; for L=3, S=5::
 
