@@ -318,7 +318,8 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:  # l sums the un-dropped p; p·v sees p·keep/(1 - p)
-            p = _dropout(p, row_hash[:, None], _dropout_hash(col_key, offs_n)[None, :], threshold, keep_scale)
+            col_hash = _dropout_hash(col_key, offs_n)[None, :]
+            p = _dropout(p, row_hash[:, None], col_hash, threshold, keep_scale)
         # -- acc += p·v, p rounded to v's dtype as the tensor cores take it
         if MASK_KEYS:
             v_mask = (offs_n[:, None] < S) & (offs_dv[None, :] < Ev)
@@ -330,7 +331,9 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_fwd_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
+@triton.autotune(
+    configs=_fwd_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")}
+)
 @triton.jit
 def _attn_fwd_kernel(
     Q,  # (B, Hq, L, E)
@@ -548,7 +551,9 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_dkdv_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
+@triton.autotune(
+    configs=_dkdv_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")}
+)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,  # (B, Hq, L, E)
@@ -687,13 +692,16 @@ def _attn_bwd_dq_inner(
         # dS = p ∘ (D∘(dO·Vᵀ) - delta); dQ += dS·K (scaled at the end)
         dp = dot(do, vT, None, PRECISION, INTERP_BF16)
         if DROPOUT:
-            dp = _dropout(dp, row_hash[:, None], _dropout_hash(col_key, offs_n)[None, :], threshold, keep_scale)
+            col_hash = _dropout_hash(col_key, offs_n)[None, :]
+            dp = _dropout(dp, row_hash[:, None], col_hash, threshold, keep_scale)
         ds = p * (dp - delta[:, None])
         dq = dot(round_to(ds, K.dtype.element_ty, INTERP_BF16), tl.trans(kT), dq, PRECISION, INTERP_BF16)
     return dq
 
 
-@triton.autotune(configs=_dq_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
+@triton.autotune(
+    configs=_dq_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")}
+)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,  # (B, Hq, L, E)
@@ -860,7 +868,8 @@ def _dropout_args(dropout_p: float, seed: torch.Tensor | None, device: torch.dev
         raise ValueError(f"{_FN}: dropout_p > 0 needs a seed (a one-element int64 tensor), got None")
     if seed.dtype != torch.int64 or seed.numel() != 1:
         raise ValueError(
-            f"{_FN}: expected seed to be a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}"
+            f"{_FN}: expected seed to be a one-element int64 tensor, "
+            f"got {seed.dtype} of shape {tuple(seed.shape)}"
         )
     threshold = min(int(dropout_p * 4294967296.0 + 0.5), 0xFFFFFFFF)
     return seed.reshape(1).to(device), threshold, 1.0 / (1.0 - dropout_p), True
@@ -941,7 +950,10 @@ def attention_backward(
     BLOCK_D, BLOCK_DV = _head_blocks(E, Ev)
     qk_scale = float(scale) * math.log2(math.e)
     flags = dict(
-        INTERP_BF16=interp_bf16(query.dtype), PRECISION=dot_precision(query.dtype), BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV
+        INTERP_BF16=interp_bf16(query.dtype),
+        PRECISION=dot_precision(query.dtype),
+        BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV,
     )
     buckets = (length_bucket(L), length_bucket(S))
     seed_arg = seed_dev if dropout else logsumexp

@@ -115,7 +115,8 @@ def _gelu_fwd_kernel(
     if HAS_BIAS:
         x += widen(tl.load(Bias + offs_c, mask=offs_c < D, other=0.0), ACC)[None, :]
     y = _gelu(x, APPROX_TANH)
-    tl.store(Y + offs_r[:, None] * D + offs_c[None, :], round_to(y, Y.dtype.element_ty, INTERP_BF16), mask=mask)
+    y = round_to(y, Y.dtype.element_ty, INTERP_BF16)
+    tl.store(Y + offs_r[:, None] * D + offs_c[None, :], y, mask=mask)
 
 
 @triton.autotune(configs=_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})

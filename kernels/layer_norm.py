@@ -308,7 +308,8 @@ def _layer_norm_bwd_col_kernel(
         if HAS_WEIGHT:
             wdy = dy * w[None, :]
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        tl.store(DX + rows[:, None] * D + cols[None, :], round_to(dx, DX.dtype.element_ty, INTERP_BF16), mask=mask)
+        dx = round_to(dx, DX.dtype.element_ty, INTERP_BF16)
+        tl.store(DX + rows[:, None] * D + cols[None, :], dx, mask=mask)
         if HAS_WEIGHT:
             dw += tl.sum(dy * xhat, 0)
         if HAS_BIAS:

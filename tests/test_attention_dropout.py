@@ -268,7 +268,8 @@ def test_zero_dropout_is_the_plain_kernel():
     q, k, v = qkv(2, 4, 2, 97, 130, 32, 32)
     mask = torch.rand(2, 1, 97, 130) < 0.8
     plain = op.attention_fwd(q, k, v, mask, True, 0.2)
-    assert all(torch.equal(a, b) for a, b in zip(plain, op.attention_fwd(q, k, v, mask, True, 0.2, 0.0, seed_tensor(99))))
+    dropless = op.attention_fwd(q, k, v, mask, True, 0.2, 0.0, seed_tensor(99))
+    assert all(torch.equal(a, b) for a, b in zip(plain, dropless))
     out = ff.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True, scale=0.2, enable_gqa=True,
                                           dropout_p=0.0)
     assert torch.equal(out, plain[0])
@@ -298,7 +299,8 @@ def _dropout_samples():
     samples = [(q, k, v, None, True, 0.3, 0.1, seed_tensor(5)),
                (q, k, v, torch.rand(2, 1, 37, 21) < 0.8, False, 0.2, 0.5, seed_tensor(-3))]
     q, k, v = (t.double() for t in qkv(1, 2, 2, 19, 30, 8, 8))
-    samples.append((q, k, v, torch.randn(19, 30, dtype=torch.float64)[None, None], True, 0.5, 0.2, seed_tensor(2**61)))
+    mask = torch.randn(19, 30, dtype=torch.float64)[None, None]
+    samples.append((q, k, v, mask, True, 0.5, 0.2, seed_tensor(2**61)))
     return samples
 
 
@@ -325,7 +327,8 @@ def test_bad_dropout_p(dropout_p, bwd):
     with pytest.raises(RuntimeError, match="dropout_p in"):
         if bwd:
             out, lse = op.attention_fwd(q, k, v, None, False, 0.25)
-            op.attention_bwd(torch.randn_like(out), q, k, v, out, lse, None, False, 0.25, dropout_p, seed_tensor(0))
+            grad = torch.randn_like(out)
+            op.attention_bwd(grad, q, k, v, out, lse, None, False, 0.25, dropout_p, seed_tensor(0))
         else:
             op.attention_fwd(q, k, v, None, False, 0.25, dropout_p, seed_tensor(0))
 

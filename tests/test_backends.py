@@ -75,7 +75,8 @@ def test_bf16_on_a_gpu_below_sm80_falls_back_and_explain_says_why(op, monkeypatc
         assert backends.TritonBackend().not_supported_reasons(backends.Request(op, cuda, torch.float16)) == []
     for cap in ((8, 0), (9, 0)):
         monkeypatch.setattr(backends, "cuda_capability", lambda device, cap=cap: cap)
-        assert backends.TritonBackend().not_supported_reasons(backends.Request(op, cuda, torch.bfloat16)) == []
+        request = backends.Request(op, cuda, torch.bfloat16)
+        assert backends.TritonBackend().not_supported_reasons(request) == []
 
 
 def test_explain_checks_inputs_like_the_call():

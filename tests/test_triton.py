@@ -388,7 +388,8 @@ def test_layer_norm_chunked_path_is_reached(monkeypatch):
         return wrap(kernel)
 
     monkeypatch.setattr(torch.library, "wrap_triton", spy)
-    x, w, b = _randn(7, 777, dtype=torch.float32), _randn(777, dtype=torch.float32), _randn(777, dtype=torch.float32)
+    x = _randn(7, 777, dtype=torch.float32)
+    w, b = _randn(777, dtype=torch.float32), _randn(777, dtype=torch.float32)
     _check_layer_norm(x, [777], w, b)
     assert N._layer_norm_bwd_row_kernel in launched and N._layer_norm_bwd_col_kernel in launched
     assert N._layer_norm_bwd_kernel not in launched
@@ -796,7 +797,9 @@ def test_attention_prune_respects_shared_memory(monkeypatch):
         # nothing fits: the smallest estimate is kept, so that the launch still has a config
         monkeypatch.setattr(A, "max_shared_memory", lambda device: 1024)
         (smallest,) = A._pruner(kind)(configs, args, BLOCK_D=64, BLOCK_DV=64)
-        assert A._smem_bytes(kind, smallest, 64, 64, 4) == min(A._smem_bytes(kind, c, 64, 64, 4) for c in configs)
+        assert A._smem_bytes(kind, smallest, 64, 64, 4) == min(
+            A._smem_bytes(kind, c, 64, 64, 4) for c in configs
+        )
 
 
 @pytest.fixture
@@ -889,7 +892,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
                  dict(heads, **masks, RENORM=True, BLOCK_M=64, BLOCK_N=32))
     bf = "bf16"
     for single in (True, False):
-        ln = dict(HAS_WEIGHT=True, HAS_BIAS=True, INTERP_BF16=False, SINGLE_BLOCK=single, BLOCK_D=1024, ROWS=2)
+        ln = dict(HAS_WEIGHT=True, HAS_BIAS=True, INTERP_BF16=False, SINGLE_BLOCK=single, BLOCK_D=1024,
+                  ROWS=2)
         compile_(N._layer_norm_fwd_kernel, dict(X=bf, W=bf, B=bf, Y=bf, Mean="fp32", Rstd="fp32"), ln)
     ln = dict(HAS_WEIGHT=True, HAS_BIAS=True, INTERP_BF16=False, BLOCK_D=1024, ROWS=2)
     grads = dict(DY=bf, X=bf, W=bf, Mean="fp32", Rstd="fp32", DX=bf, DWPartial="fp32", DBPartial="fp32")

@@ -165,8 +165,9 @@ def run_benchmarks(deadline: float) -> list[dict]:
                 except Exception as e:  # a failing row is reported, and the others still run
                     first_line = (str(e).splitlines() or [""])[0][:200]
                     row["status"] = f"error: {type(e).__name__}: {first_line}"
-                print(f"[gpu-check] {op} {row['dtype']} L={L} {mode} {provider}: {row['ms'] or row['status']}",
-                      file=sys.stderr, flush=True)
+                done = row["ms"] or row["status"]
+                what = f"{op} {row['dtype']} L={L} {mode} {provider}"
+                print(f"[gpu-check] {what}: {done}", file=sys.stderr, flush=True)
                 torch.cuda.empty_cache()
     return rows
 
@@ -188,13 +189,16 @@ def write_report(out: Path, header: list[str], tests: tuple[bool, str], rows: li
         writer.writeheader()
         writer.writerows(rows)
     speed = _speedups(rows)
+    notes = (
+        "Medians of triton.testing.do_bench (20th-80th percentile in brackets). Speedup = torch's time / "
+        "fusedformer's (above 1: fusedformer faster). torch: SDPA held to its flash backend, F.layer_norm, "
+        "F.gelu(x + bias). Attention rate counts FlashAttention's FLOPs (4·B·H·L·S·E, halved for causal, "
+        "x3.5 for fwd+bwd); LayerNorm and GELU count one read of x and one write of y (x2.5 for fwd+bwd: "
+        "the backward reads x and dy and writes dx)."
+    )
     lines = ["# make gpu-check", "", *[f"- {h}" for h in header], "",
              f"**gpu-marked tests: {'passed' if tests[0] else 'FAILED'}** ({tests[1]}; see tests.log)", "",
-             "Medians of triton.testing.do_bench (20th-80th percentile in brackets). Speedup = torch's time / "
-             "fusedformer's (above 1: fusedformer faster). torch: SDPA held to its flash backend, F.layer_norm, "
-             "F.gelu(x + bias). Attention rate counts FlashAttention's FLOPs (4·B·H·L·S·E, halved for causal, "
-             "x3.5 for fwd+bwd); LayerNorm and GELU count one read of x and one write of y (x2.5 for fwd+bwd: "
-             "the backward reads x and dy and writes dx).", "",
+             notes, "",
              "| op | dtype | L | shape | mode | fusedformer ms | torch ms | speedup | fusedformer rate | "
              "torch rate | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     by_key: dict[tuple, dict[str, dict]] = {}
@@ -207,9 +211,10 @@ def write_report(out: Path, header: list[str], tests: tuple[bool, str], rows: li
             return f"{r['ms']} [{r['ms_p20']}-{r['ms_p80']}]" if r.get("ms") else "-"
 
         status = "; ".join(sorted({r["status"] for r in (ours, theirs) if r and r["status"] != "ok"})) or "ok"
+        speedup = speed.get((op, dtype, L, mode), "-")
+        rates = f"{ours.get('rate') or '-'} {ours.get('unit', '')} | {theirs.get('rate') or '-'}"
         lines.append(f"| {op} | {dtype} | {L} | {shape} | {mode} | {cell(ours)} | {cell(theirs)} | "
-                     f"{speed.get((op, dtype, L, mode), '-')} | {ours.get('rate') or '-'} {ours.get('unit', '')} | "
-                     f"{theirs.get('rate') or '-'} | {status} |")
+                     f"{speedup} | {rates} | {status} |")
     (out / "gpu-check.md").write_text("\n".join(lines) + "\n")
 
 
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results/gpu"))
     parser.add_argument("--budget", type=float, default=280.0, help="seconds for everything (default 280)")
-    parser.add_argument("--test-budget", type=float, default=150.0, help="seconds for the tests (default 150)")
+    parser.add_argument("--test-budget", type=float, default=150.0, help="seconds for the tests (150)")
     parser.add_argument("--skip-tests", action="store_true", help="timings only")
     args = parser.parse_args(argv)
     start = time.monotonic()
@@ -258,14 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_tests:
         tests = (True, "skipped (--skip-tests)")
     else:
-        print(f"[gpu-check] pytest -m gpu (at most {args.test_budget:.0f} s) ...", file=sys.stderr, flush=True)
+        print(f"[gpu-check] pytest -m gpu (at most {args.test_budget:.0f} s)", file=sys.stderr, flush=True)
         tests = run_tests(args.out, args.test_budget)
         print(f"[gpu-check] tests: {tests[1]}", file=sys.stderr)
 
     rows = run_benchmarks(deadline=start + args.budget)
     write_report(args.out, header, tests, rows)
     print((args.out / "gpu-check.md").read_text())
-    print(f"[gpu-check] wrote {args.out}/gpu-check.md, gpu-check.csv, tests.log in {time.monotonic() - start:.0f} s",
+    took = time.monotonic() - start
+    print(f"[gpu-check] wrote {args.out}/gpu-check.md, gpu-check.csv, tests.log in {took:.0f} s",
           file=sys.stderr)
     complete = all(r["status"] == "ok" for r in rows)
     return 0 if tests[0] and complete else 1

@@ -68,8 +68,12 @@ def _register_cpp() -> None:
 
 def _register_triton(kernels) -> None:
     # see backends.register_triton_op: a triton_op on a GPU, an opaque op with this fake when interpreted
-    backends.register_triton_op("fusedformer::triton_gelu_fwd", kernels.gelu_forward, _FWD_SCHEMA, _gelu_fwd_fake)
-    backends.register_triton_op("fusedformer::triton_gelu_bwd", kernels.gelu_backward, _BWD_SCHEMA, _gelu_bwd_fake)
+    backends.register_triton_op(
+        "fusedformer::triton_gelu_fwd", kernels.gelu_forward, _FWD_SCHEMA, _gelu_fwd_fake
+    )
+    backends.register_triton_op(
+        "fusedformer::triton_gelu_bwd", kernels.gelu_backward, _BWD_SCHEMA, _gelu_bwd_fake
+    )
     _register_autograd("triton")
 
 

@@ -76,7 +76,8 @@ def _register_autograd(backend: str) -> None:
 def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
     lead = input.shape[: input.dim() - len(normalized_shape)]
     stats = _stats_dtype(input.dtype)
-    return input.new_empty(input.shape), input.new_empty(lead, dtype=stats), input.new_empty(lead, dtype=stats)
+    mean, rstd = input.new_empty(lead, dtype=stats), input.new_empty(lead, dtype=stats)
+    return input.new_empty(input.shape), mean, rstd
 
 
 def _layer_norm_bwd_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
