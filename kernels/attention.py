@@ -262,6 +262,19 @@ def _dropout_hash(key, idx):
 
 
 @triton.jit
+def _dropout_rows(Seed, bh, offs_m, drop_threshold, DROPOUT: tl.constexpr):
+    """(A_i of rows offs_m, col_key of pair bh, the threshold as uint32): what a query block needs to draw
+    its mask; zeros (unused) without DROPOUT."""
+    if DROPOUT:
+        row_key, col_key = _dropout_keys(Seed, bh)
+        row_hash = _dropout_hash(row_key, offs_m)
+        threshold = drop_threshold.to(tl.uint32)
+    else:
+        row_hash, col_key, threshold = 0, 0, 0
+    return row_hash, col_key, threshold
+
+
+@triton.jit
 def _dropout(x, row_hash, col_hash, threshold, keep_scale):
     """x·keep/(1 - p), keep = fmix32(A_i ^ C_j) >= threshold; the hashes broadcast to x's shape."""
     return tl.where(_fmix32(row_hash ^ col_hash) >= threshold, x * keep_scale, 0.0)
@@ -381,12 +394,7 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-    if DROPOUT:
-        row_key, col_key = _dropout_keys(Seed, off_bh.to(tl.int64))
-        row_hash = _dropout_hash(row_key, offs_m)
-        threshold = drop_threshold.to(tl.uint32)
-    else:
-        row_hash, col_key, threshold = 0, 0, 0
+    row_hash, col_key, threshold = _dropout_rows(Seed, off_bh.to(tl.int64), offs_m, drop_threshold, DROPOUT)
     mid, hi = _causal_stages(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
     # stage 1: key blocks below the diagonal and inside S; stage 2: the diagonal and the ragged end
     acc, l_i, m_i = _attn_fwd_inner(
@@ -763,12 +771,7 @@ def _attn_bwd_dq_kernel(
     V += b * stride_vb + hk * stride_vh
     Mask += b * stride_mb + h * stride_mh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if DROPOUT:
-        row_key, col_key = _dropout_keys(Seed, off_bh.to(tl.int64))
-        row_hash = _dropout_hash(row_key, offs_m)
-        threshold = drop_threshold.to(tl.uint32)
-    else:
-        row_hash, col_key, threshold = 0, 0, 0
+    row_hash, col_key, threshold = _dropout_rows(Seed, off_bh.to(tl.int64), offs_m, drop_threshold, DROPOUT)
     mid, hi = _causal_stages(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, renorm, K, V, Mask,

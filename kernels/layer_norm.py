@@ -140,6 +140,46 @@ def _layer_norm_fwd_kernel(
     tl.store(Rstd + rows, rstd, mask=mask_r)
 
 
+@triton.jit
+def _bwd_tile(
+    DY, X, Mean, Rstd,
+    w,  # (BLOCK_D,) the weight's columns in ACC; unused without HAS_WEIGHT
+    rows, cols, mask_r, mask_c,
+    stride_dyn, stride_dyd, stride_xn, stride_xd,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One (rows, cols) tile of the backward's operands in ACC: (x̂, dy, w·dy, rstd), 0 outside the tile."""
+    mask = mask_r[:, None] & mask_c[None, :]
+    x = widen(tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0), ACC)
+    dy = widen(tl.load(DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd, mask=mask, other=0.0), ACC)
+    mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    wdy = dy
+    if HAS_WEIGHT:
+        wdy = dy * w[None, :]
+    return xhat, dy, wdy, rstd
+
+
+@triton.jit
+def _bwd_dx(
+    DX, rows, cols, mask_r, mask_c, D,
+    xhat, dy, wdy, rstd,
+    c1, c2,  # (ROWS,) the row means of w·dy·x̂ and of w·dy
+    dw, db,  # (BLOCK_D,) this program's partial sums, returned updated
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr,
+):  # fmt: skip
+    """Stores dx = rstd·(w·dy - c1·x̂ - c2) for the tile; adds its dweight and dbias parts to dw, db."""
+    dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    dx = round_to(dx, DX.dtype.element_ty, INTERP_BF16)
+    tl.store(DX + rows[:, None] * D + cols[None, :], dx, mask=mask_r[:, None] & mask_c[None, :])
+    if HAS_WEIGHT:
+        dw += tl.sum(dy * xhat, 0)
+    if HAS_BIAS:
+        db += tl.sum(dy, 0)
+    return dw, db
+
+
 @triton.autotune(configs=_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _layer_norm_bwd_kernel(
@@ -170,6 +210,7 @@ def _layer_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     mask_c = cols < D
+    w = 0.0
     if HAS_WEIGHT:
         w = widen(tl.load(W + cols, mask=mask_c, other=0.0), ACC)
     dw = tl.zeros((BLOCK_D,), dtype=ACC)
@@ -177,26 +218,16 @@ def _layer_norm_bwd_kernel(
     for r0 in range(pid * ROWS, N, G * ROWS):
         rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
         mask_r = rows < N
-        mask = mask_r[:, None] & mask_c[None, :]
-        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd, mask=mask, other=0.0)
-        x, dy = widen(x, ACC), widen(dy, ACC)
-        mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        wdy = dy
-        if HAS_WEIGHT:
-            wdy = dy * w[None, :]
-        # dx = rstd·(w·dy - c1·x̂ - c2), c1 and c2 the row means of w·dy·x̂ and w·dy
-        c1 = tl.sum(wdy * xhat, 1) / D
+        xhat, dy, wdy, rstd = _bwd_tile(
+            DY, X, Mean, Rstd, w, rows, cols, mask_r, mask_c, stride_dyn, stride_dyd, stride_xn, stride_xd,
+            HAS_WEIGHT, ACC,
+        )  # fmt: skip
+        c1 = tl.sum(wdy * xhat, 1) / D  # the whole row is in the tile
         c2 = tl.sum(wdy, 1) / D
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        dx_ptrs = DX + rows[:, None] * D + cols[None, :]
-        tl.store(dx_ptrs, round_to(dx, DX.dtype.element_ty, INTERP_BF16), mask=mask)
-        if HAS_WEIGHT:
-            dw += tl.sum(dy * xhat, 0)
-        if HAS_BIAS:
-            db += tl.sum(dy, 0)
+        dw, db = _bwd_dx(
+            DX, rows, cols, mask_r, mask_c, D, xhat, dy, wdy, rstd, c1, c2, dw, db,
+            HAS_WEIGHT, HAS_BIAS, INTERP_BF16,
+        )  # fmt: skip
     if HAS_WEIGHT:
         tl.store(DWPartial + pid * D + cols, dw, mask=mask_c)
     if HAS_BIAS:
@@ -229,20 +260,18 @@ def _layer_norm_bwd_row_kernel(
     ACC: tl.constexpr = Mean.dtype.element_ty
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     mask_r = rows < N
-    mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
-    rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
     acc1 = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
     acc2 = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
-        mask = mask_r[:, None] & (cols[None, :] < D)
-        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd, mask=mask, other=0.0)
-        x, dy = widen(x, ACC), widen(dy, ACC)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        wdy = dy
+        mask_c = cols < D
+        w = 0.0
         if HAS_WEIGHT:
-            wdy = dy * widen(tl.load(W + cols, mask=cols < D, other=0.0), ACC)[None, :]
+            w = widen(tl.load(W + cols, mask=mask_c, other=0.0), ACC)
+        xhat, _dy, wdy, _rstd = _bwd_tile(
+            DY, X, Mean, Rstd, w, rows, cols, mask_r, mask_c, stride_dyn, stride_dyd, stride_xn, stride_xd,
+            HAS_WEIGHT, ACC,
+        )  # fmt: skip
         acc1 += wdy * xhat
         acc2 += wdy
     tl.store(C1 + rows, tl.sum(acc1, 1) / D, mask=mask_r)
@@ -288,6 +317,7 @@ def _layer_norm_bwd_col_kernel(
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     g = tl.program_id(1)
     mask_c = cols < D
+    w = 0.0
     if HAS_WEIGHT:
         w = widen(tl.load(W + cols, mask=mask_c, other=0.0), ACC)
     dw = tl.zeros((BLOCK_D,), dtype=ACC)
@@ -295,25 +325,16 @@ def _layer_norm_bwd_col_kernel(
     for r0 in range(g * ROWS, N, G * ROWS):
         rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
         mask_r = rows < N
-        mask = mask_r[:, None] & mask_c[None, :]
-        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd, mask=mask, other=0.0)
-        x, dy = widen(x, ACC), widen(dy, ACC)
-        mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
+        xhat, dy, wdy, rstd = _bwd_tile(
+            DY, X, Mean, Rstd, w, rows, cols, mask_r, mask_c, stride_dyn, stride_dyd, stride_xn, stride_xd,
+            HAS_WEIGHT, ACC,
+        )  # fmt: skip
         c1 = tl.load(C1 + rows, mask=mask_r, other=0.0)
         c2 = tl.load(C2 + rows, mask=mask_r, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        wdy = dy
-        if HAS_WEIGHT:
-            wdy = dy * w[None, :]
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        dx = round_to(dx, DX.dtype.element_ty, INTERP_BF16)
-        tl.store(DX + rows[:, None] * D + cols[None, :], dx, mask=mask)
-        if HAS_WEIGHT:
-            dw += tl.sum(dy * xhat, 0)
-        if HAS_BIAS:
-            db += tl.sum(dy, 0)
+        dw, db = _bwd_dx(
+            DX, rows, cols, mask_r, mask_c, D, xhat, dy, wdy, rstd, c1, c2, dw, db,
+            HAS_WEIGHT, HAS_BIAS, INTERP_BF16,
+        )  # fmt: skip
     if HAS_WEIGHT:
         tl.store(DWPartial + g * D + cols, dw, mask=mask_c)
     if HAS_BIAS:

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from fusedformer import reference  # noqa: E402
+from tests.conftest import check_compiled_dropout  # noqa: E402
 from fusedformer.kernels import _common  # noqa: E402
 from fusedformer.kernels.attention import attention_backward, attention_forward  # noqa: E402
 from fusedformer.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
@@ -695,24 +696,7 @@ def test_torch_compile_fullgraph_dropout_on_triton(monkeypatch):
     def fn(q, k, v):
         return ff.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).sin().sum()
 
-    def grads(f, manual_seed):
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        torch.manual_seed(manual_seed)
-        f(*leaves).backward()
-        return [t.grad for t in leaves]
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
-    first, again, other = grads(compiled, 7), grads(compiled, 7), grads(compiled, 8)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in first)
-    assert not torch.allclose(first[2], other[2])
-    eager = grads(fn, 7)
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(fallback_random=True):
-        same_as_eager = grads(torch.compile(fn, fullgraph=True), 7)
-    for a, b in zip(eager, same_as_eager):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    check_compiled_dropout(fn, (q, k, v))
 
 
 # ---- launch limits, autotuning, precision ---------------------------------------------------------
@@ -877,9 +861,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
         binary = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 80, 32))
         assert binary.asm["cubin"], kernel.__name__
 
-    for dt, precision in (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32")):
+    for dt, precision, dropout in (("bf16", "ieee", True), ("fp16", "ieee", True), ("fp32", "tf32", True),
+                                   ("bf16", "ieee", False)):
         heads = dict(INTERP_BF16=False, PRECISION=precision, BLOCK_D=64, BLOCK_DV=32)
-        masks = dict(HAS_MASK=True, MASK_IS_BOOL=False, IS_CAUSAL=True, DROPOUT=True)
+        masks = dict(HAS_MASK=True, MASK_IS_BOOL=False, IS_CAUSAL=True, DROPOUT=dropout)
         compile_(A._attn_fwd_kernel, dict(Q=dt, K=dt, V=dt, Mask=dt, Out=dt, Lse="fp32", Seed="i64"),
                  dict(heads, **masks, BLOCK_M=64, BLOCK_N=32))
         compile_(A._attn_bwd_preprocess_kernel,
@@ -895,12 +880,13 @@ _COMPILE_SCRIPT = textwrap.dedent(
         ln = dict(HAS_WEIGHT=True, HAS_BIAS=True, INTERP_BF16=False, SINGLE_BLOCK=single, BLOCK_D=1024,
                   ROWS=2)
         compile_(N._layer_norm_fwd_kernel, dict(X=bf, W=bf, B=bf, Y=bf, Mean="fp32", Rstd="fp32"), ln)
-    ln = dict(HAS_WEIGHT=True, HAS_BIAS=True, INTERP_BF16=False, BLOCK_D=1024, ROWS=2)
     grads = dict(DY=bf, X=bf, W=bf, Mean="fp32", Rstd="fp32", DX=bf, DWPartial="fp32", DBPartial="fp32")
-    compile_(N._layer_norm_bwd_kernel, grads, ln)
-    compile_(N._layer_norm_bwd_row_kernel, dict(grads, C1="fp32", C2="fp32"),
-             dict(HAS_WEIGHT=True, BLOCK_D=1024, ROWS=2))
-    compile_(N._layer_norm_bwd_col_kernel, dict(grads, C1="fp32", C2="fp32"), ln)
+    for affine in (True, False):
+        ln = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, INTERP_BF16=False, BLOCK_D=1024, ROWS=2)
+        compile_(N._layer_norm_bwd_kernel, grads, ln)
+        compile_(N._layer_norm_bwd_row_kernel, dict(grads, C1="fp32", C2="fp32"),
+                 dict(HAS_WEIGHT=affine, BLOCK_D=1024, ROWS=2))
+        compile_(N._layer_norm_bwd_col_kernel, dict(grads, C1="fp32", C2="fp32"), ln)
     for tanh in (False, True):
         gl = dict(HAS_BIAS=True, APPROX_TANH=tanh, INTERP_BF16=False, BLOCK_C=256, BLOCK_R=4)
         compile_(G._gelu_fwd_kernel, dict(X=bf, Bias=bf, Y=bf), gl)
