@@ -182,62 +182,6 @@ def _bwd_dx(
 
 @triton.autotune(configs=_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _layer_norm_bwd_kernel(
-    DY,  # (N, D)
-    X,  # (N, D)
-    W,  # (D,); unused without HAS_WEIGHT
-    Mean,  # (N,) float32 (float64 for float64 input)
-    Rstd,  # (N,) like Mean
-    DX,  # (N, D), contiguous
-    DWPartial,  # (G, D) like Mean, contiguous; unused without HAS_WEIGHT
-    DBPartial,  # (G, D) like Mean, contiguous; unused without HAS_BIAS
-    N,
-    D,
-    G,
-    stride_dyn,
-    stride_dyd,
-    stride_xn,
-    stride_xd,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ROWS: tl.constexpr,
-):
-    # rows of up to BLOCK_D elements, in registers: program g takes the row tiles g, g + G, g + 2G, ...
-    # and sums its own rows of dweight and dbias
-    ACC: tl.constexpr = Mean.dtype.element_ty
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_D)
-    mask_c = cols < D
-    w = 0.0
-    if HAS_WEIGHT:
-        w = widen(tl.load(W + cols, mask=mask_c, other=0.0), ACC)
-    dw = tl.zeros((BLOCK_D,), dtype=ACC)
-    db = tl.zeros((BLOCK_D,), dtype=ACC)
-    for r0 in range(pid * ROWS, N, G * ROWS):
-        rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
-        mask_r = rows < N
-        xhat, dy, wdy, rstd = _bwd_tile(
-            DY, X, Mean, Rstd, w, rows, cols, mask_r, mask_c, stride_dyn, stride_dyd, stride_xn, stride_xd,
-            HAS_WEIGHT, ACC,
-        )  # fmt: skip
-        c1 = tl.sum(wdy * xhat, 1) / D  # the whole row is in the tile
-        c2 = tl.sum(wdy, 1) / D
-        dw, db = _bwd_dx(
-            DX, rows, cols, mask_r, mask_c, D, xhat, dy, wdy, rstd, c1, c2, dw, db,
-            HAS_WEIGHT, HAS_BIAS, INTERP_BF16,
-        )  # fmt: skip
-    if HAS_WEIGHT:
-        tl.store(DWPartial + pid * D + cols, dw, mask=mask_c)
-    if HAS_BIAS:
-        tl.store(DBPartial + pid * D + cols, db, mask=mask_c)
-    # dweight and dbias stay in registers and each program stores its own row of partials once: no
-    # global memory location is both written and read in this launch (sum_rows reads them in the next)
-
-
-@triton.autotune(configs=_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})
-@triton.jit
 def _layer_norm_bwd_row_kernel(
     DY,  # (N, D)
     X,  # (N, D)
@@ -280,14 +224,14 @@ def _layer_norm_bwd_row_kernel(
 
 @triton.autotune(configs=_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _layer_norm_bwd_col_kernel(
+def _layer_norm_bwd_kernel(
     DY,  # (N, D)
     X,  # (N, D)
     W,  # (D,); unused without HAS_WEIGHT
     Mean,  # (N,) float32 (float64 for float64 input)
     Rstd,  # (N,) like Mean
-    C1,  # (N,) like Mean, from _layer_norm_bwd_row_kernel
-    C2,  # (N,) like Mean, from _layer_norm_bwd_row_kernel
+    C1,  # (N,) like Mean, from _layer_norm_bwd_row_kernel; unused with SINGLE_BLOCK
+    C2,  # (N,) like Mean, from _layer_norm_bwd_row_kernel; unused with SINGLE_BLOCK
     DX,  # (N, D), contiguous
     DWPartial,  # (G, D) like Mean, contiguous; unused without HAS_WEIGHT
     DBPartial,  # (G, D) like Mean, contiguous; unused without HAS_BIAS
@@ -301,15 +245,17 @@ def _layer_norm_bwd_col_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INTERP_BF16: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,  # D <= BLOCK_D: c1 and c2 come from the tile, one column chunk
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    # wide rows, pass 2: program (c, g) owns column chunk c of the row tiles g, g + G, g + 2G, ...
+    # program (c, g) owns column chunk c of the row tiles g, g + G, g + 2G, ... (wide rows: pass 2)
     #
     # Race-free by construction: in this launch every location of DX and of the partials has exactly
     # one writer, and none is read. dx[r, cols] is written only by program (chunk of cols, tile of r
     # mod G); DWPartial[g, cols] and DBPartial[g, cols] only by program (chunk of cols, g), once, from
-    # registers. C1 and C2 were written by the previous launch, and a launch boundary orders them.
+    # registers, and summed by sum_rows in the next launch. C1 and C2 were written by the previous launch,
+    # and a launch boundary orders them.
     # (The earlier single-kernel version kept the partials in global memory and read them back in the
     # next row tile: correct only if the same thread wrote and read each element, which nothing in
     # Triton promises across differently laid-out tiles, and the interpreter could never show a race.)
@@ -329,8 +275,12 @@ def _layer_norm_bwd_col_kernel(
             DY, X, Mean, Rstd, w, rows, cols, mask_r, mask_c, stride_dyn, stride_dyd, stride_xn, stride_xd,
             HAS_WEIGHT, ACC,
         )  # fmt: skip
-        c1 = tl.load(C1 + rows, mask=mask_r, other=0.0)
-        c2 = tl.load(C2 + rows, mask=mask_r, other=0.0)
+        if SINGLE_BLOCK:  # the whole row is in the tile
+            c1 = tl.sum(wdy * xhat, 1) / D
+            c2 = tl.sum(wdy, 1) / D
+        else:
+            c1 = tl.load(C1 + rows, mask=mask_r, other=0.0)
+            c2 = tl.load(C2 + rows, mask=mask_r, other=0.0)
         dw, db = _bwd_dx(
             DX, rows, cols, mask_r, mask_c, D, xhat, dy, wdy, rstd, c1, c2, dw, db,
             HAS_WEIGHT, HAS_BIAS, INTERP_BF16,
@@ -455,14 +405,9 @@ def layer_norm_backward(
     G = num_partials(input.device, cap=N)
     dw_part = torch.empty((G, D), dtype=stats, device=input.device) if weight is not None else mean
     db_part = torch.empty((G, D), dtype=stats, device=input.device) if bias is not None else mean
-    flags = dict(HAS_WEIGHT=w is not None, HAS_BIAS=bias is not None, INTERP_BF16=interp_bf16(input.dtype))
     w_arg = w if w is not None else x
-    if single:
-        torch.library.wrap_triton(_layer_norm_bwd_kernel)[(G,)](
-            dy, x, w_arg, mean, rstd, dx, dw_part, db_part,
-            N, D, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), BLOCK_D=BLOCK_D, **flags,
-        )  # fmt: skip
-    else:  # wide rows: c1, c2 per row first, then dx and the partials by column chunk
+    c1 = c2 = mean  # unused on one column chunk
+    if not single:  # wide rows: c1, c2 per row first (_layer_norm_bwd_row_kernel)
         c1 = torch.empty((N,), dtype=stats, device=input.device)
         c2 = torch.empty((N,), dtype=stats, device=input.device)
 
@@ -474,10 +419,12 @@ def layer_norm_backward(
             N, D, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
             HAS_WEIGHT=w is not None, BLOCK_D=BLOCK_D,
         )  # fmt: skip
-        torch.library.wrap_triton(_layer_norm_bwd_col_kernel)[(triton.cdiv(D, BLOCK_D), G)](
-            dy, x, w_arg, mean, rstd, c1, c2, dx, dw_part, db_part,
-            N, D, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), BLOCK_D=BLOCK_D, **flags,
-        )  # fmt: skip
+    torch.library.wrap_triton(_layer_norm_bwd_kernel)[(triton.cdiv(D, BLOCK_D), G)](
+        dy, x, w_arg, mean, rstd, c1, c2, dx, dw_part, db_part,
+        N, D, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+        HAS_WEIGHT=w is not None, HAS_BIAS=bias is not None, INTERP_BF16=interp_bf16(input.dtype),
+        SINGLE_BLOCK=single, BLOCK_D=BLOCK_D,
+    )  # fmt: skip
     dw = sum_rows(dw_part, weight.dtype).reshape(weight.shape) if weight is not None else empty
     db = sum_rows(db_part, bias.dtype).reshape(bias.shape) if bias is not None else empty
     return dx, dw, db

@@ -378,7 +378,7 @@ def test_layer_norm_matches_reference(dtype, shape, normalized_shape, affine):
 
 @interpreted
 def test_layer_norm_chunked_path_is_reached(monkeypatch):
-    # D = 777 > MAX_BLOCK_D: the backward takes the wide-row pair of launches (the race-free chunked path)
+    # D = 777 > MAX_BLOCK_D: the backward takes the wide-row path (c1 and c2 per row in a launch of their own)
     from fusedformer.kernels import layer_norm as N
 
     launched = []
@@ -392,8 +392,7 @@ def test_layer_norm_chunked_path_is_reached(monkeypatch):
     x = _randn(7, 777, dtype=torch.float32)
     w, b = _randn(777, dtype=torch.float32), _randn(777, dtype=torch.float32)
     _check_layer_norm(x, [777], w, b)
-    assert N._layer_norm_bwd_row_kernel in launched and N._layer_norm_bwd_col_kernel in launched
-    assert N._layer_norm_bwd_kernel not in launched
+    assert N._layer_norm_bwd_row_kernel in launched and N._layer_norm_bwd_kernel in launched
 
 
 @interpreted
@@ -881,12 +880,13 @@ _COMPILE_SCRIPT = textwrap.dedent(
                   ROWS=2)
         compile_(N._layer_norm_fwd_kernel, dict(X=bf, W=bf, B=bf, Y=bf, Mean="fp32", Rstd="fp32"), ln)
     grads = dict(DY=bf, X=bf, W=bf, Mean="fp32", Rstd="fp32", DX=bf, DWPartial="fp32", DBPartial="fp32")
+    grads.update(C1="fp32", C2="fp32")
     for affine in (True, False):
-        ln = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, INTERP_BF16=False, BLOCK_D=1024, ROWS=2)
-        compile_(N._layer_norm_bwd_kernel, grads, ln)
-        compile_(N._layer_norm_bwd_row_kernel, dict(grads, C1="fp32", C2="fp32"),
-                 dict(HAS_WEIGHT=affine, BLOCK_D=1024, ROWS=2))
-        compile_(N._layer_norm_bwd_col_kernel, dict(grads, C1="fp32", C2="fp32"), ln)
+        for single in (True, False):
+            ln = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, INTERP_BF16=False, SINGLE_BLOCK=single, BLOCK_D=1024,
+                      ROWS=2)
+            compile_(N._layer_norm_bwd_kernel, grads, ln)
+        compile_(N._layer_norm_bwd_row_kernel, grads, dict(HAS_WEIGHT=affine, BLOCK_D=1024, ROWS=2))
     for tanh in (False, True):
         gl = dict(HAS_BIAS=True, APPROX_TANH=tanh, INTERP_BF16=False, BLOCK_C=256, BLOCK_R=4)
         compile_(G._gelu_fwd_kernel, dict(X=bf, Bias=bf, Y=bf), gl)
