@@ -347,7 +347,7 @@ def _attn_fwd_inner(
 @triton.autotune(
     configs=_fwd_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")}
 )
-@triton.jit
+@triton.jit(do_not_specialize=["drop_threshold"])  # 1 would become a constexpr, with no .to
 def _attn_fwd_kernel(
     Q,  # (B, Hq, L, E)
     K,  # (B, Hk, S, E)
@@ -562,7 +562,7 @@ def _attn_bwd_dkdv_inner(
 @triton.autotune(
     configs=_dkdv_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")}
 )
-@triton.jit
+@triton.jit(do_not_specialize=["drop_threshold"])  # 1 would become a constexpr, with no .to
 def _attn_bwd_dkdv_kernel(
     Q,  # (B, Hq, L, E)
     K,  # (B, Hk, S, E)
@@ -710,7 +710,7 @@ def _attn_bwd_dq_inner(
 @triton.autotune(
     configs=_dq_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")}
 )
-@triton.jit
+@triton.jit(do_not_specialize=["drop_threshold"])  # 1 would become a constexpr, with no .to
 def _attn_bwd_dq_kernel(
     Q,  # (B, Hq, L, E)
     K,  # (B, Hk, S, E)
