@@ -47,4 +47,4 @@ gpu-check:
 	$(PY) -m fusedformer.bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build *.egg-info fusedformer/_C*.so $(ENV_DIR)/.fusedformer-ext
+	rm -rf build *.egg-info fusedformer/_C*.so fusedformer/_build_info.py $(ENV_DIR)/.fusedformer-ext

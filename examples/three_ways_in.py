@@ -11,7 +11,7 @@ from torch import nn
 
 import fusedformer as ff
 import fusedformer.nn as ffnn
-from fusedformer.patch import patch, unpatch
+from fusedformer.patching import patch, unpatch
 
 torch.manual_seed(0)
 B, L, H, E = 2, 128, 4, 32  # batch, sequence, heads, head dim

@@ -1,4 +1,5 @@
-"""fusedformer: fused transformer kernels for PyTorch (attention, LayerNorm, GELU; forward and backward).
+"""fusedformer: fused transformer kernels for PyTorch (attention, LayerNorm, RMSNorm, residual add + norm,
+GELU; forward and backward).
 
     import fusedformer as ff
     out = ff.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -7,60 +8,50 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys as _sys
 
-import torch
-
-from fusedformer import backends as _backends
-from fusedformer.backends import BackendUnavailableError, Explanation, FallbackWarning
-from fusedformer.ops import attention as _attention
-from fusedformer.ops import gelu as _gelu
-from fusedformer.ops import layer_norm as _layer_norm
+from fusedformer.allocator import cpu_memory_stats, empty_cache
+from fusedformer.backends import BackendUnavailableError, Explanation, ExtensionWarning, FallbackWarning
+from fusedformer.explanation import explain
+from fusedformer.ops.add_norm import add_layer_norm, add_rms_norm
 from fusedformer.ops.attention import scaled_dot_product_attention
 from fusedformer.ops.gelu import gelu
+from fusedformer.ops.kv_cache import attention_with_kv_cache
 from fusedformer.ops.layer_norm import layer_norm
+from fusedformer.ops.rms_norm import rms_norm
+from fusedformer.ops.varlen import varlen_attention
 
 from fusedformer import nn  # noqa: E402  (the modules call the functions above)
-from fusedformer.patch import PatchReport, PatchVerificationError, patch, unpatch  # noqa: E402
+from fusedformer import patching  # noqa: E402
+from fusedformer.patching import PatchReport, PatchVerificationError, patch, unpatch  # noqa: E402
+
+# The patching code lives in fusedformer.patching: the function ff.patch would shadow a module of the
+# same name. `from fusedformer.patch import patch, unpatch` (the old spelling) still works through this
+# alias; `fusedformer.patch` as an attribute is the function.
+_sys.modules.setdefault(__name__ + ".patch", patching)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "attention_with_kv_cache",
+    "add_layer_norm",
+    "add_rms_norm",
     "BackendUnavailableError",
+    "cpu_memory_stats",
+    "empty_cache",
     "Explanation",
+    "ExtensionWarning",
     "FallbackWarning",
     "explain",
     "gelu",
     "layer_norm",
     "nn",
     "patch",
+    "patching",
     "PatchReport",
     "PatchVerificationError",
+    "rms_norm",
     "scaled_dot_product_attention",
     "unpatch",
+    "varlen_attention",
 ]
-
-_REQUESTS = {
-    "scaled_dot_product_attention": _attention._request,
-    "attention": _attention._request,
-    "layer_norm": _layer_norm._request,
-    "gelu": _gelu._request,
-}
-
-
-def explain(fn: Callable | str | torch.nn.Module, *args, **kwargs) -> Explanation:
-    """Which backend would serve ``fn(*args, **kwargs)``, and why each other backend could not.
-
-    ``fn`` is a public function (``ff.scaled_dot_product_attention``, ``ff.layer_norm``, ``ff.gelu``),
-    its name, or a fused module (``ff.nn.MultiheadAttention``, ``LayerNorm``, ``GELU``) with its
-    forward's arguments. Nothing runs; the inputs are checked as the call would check them. ``print()`` the
-    result for a readable report, or read ``.backend`` and ``.reasons``.
-    """
-    if isinstance(fn, torch.nn.Module):
-        if not (type(fn).__module__.startswith("fusedformer.") and hasattr(fn, "explain")):
-            raise ValueError(f"fusedformer.explain: {type(fn).__name__} is not a fusedformer module")
-        return fn.explain(*args, **kwargs)
-    name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
-    if name not in _REQUESTS:
-        raise ValueError(f"fusedformer.explain: expected one of {sorted(set(_REQUESTS))}, got {fn!r}")
-    return _backends.explain_request(_REQUESTS[name](*args, **kwargs))

@@ -18,9 +18,11 @@ import torch
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "call",
     "cpu_matmul_engines",
     "cuda_capability",
     "Explanation",
+    "ExtensionWarning",
     "FallbackWarning",
     "Request",
     "register_triton_op",
@@ -44,27 +46,77 @@ class FallbackWarning(UserWarning):
 class Request:
     """What the backends need to know about one call (built from validated inputs)."""
 
-    op: str  # "attention", "layer_norm" or "gelu"
+    op: str  # "attention", "varlen_attention", "attention_with_kv_cache", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm" or "gelu"
     device: torch.device
     dtype: torch.dtype
     dropout_p: float = 0.0
     mask_requires_grad: bool = False
 
 
+class ExtensionWarning(UserWarning):
+    """fusedformer._C did not load, or was built against another torch than the one running."""
+
+
+def _built_with_torch() -> tuple[str | None, str]:
+    """The torch version _C was built against and the command that rebuilds it, from the module that
+    setup.py writes beside _C (readable even when _C itself cannot load); (None, ...) without one."""
+    try:
+        from fusedformer import _build_info
+    except ImportError:
+        return None, "pip install --no-build-isolation --force-reinstall --no-deps ."
+    return _build_info.TORCH_VERSION, _build_info.REBUILD_COMMAND
+
+
 def _load_extension() -> tuple[object | None, str | None]:
+    """Imports _C; on failure, or when it was built against another torch, says so loudly (an
+    ``ExtensionWarning`` at import) and returns the reason, which the cpp backend then gives for every call."""
+    built, rebuild = _built_with_torch()
+    mismatch = (
+        f"fusedformer._C was built against torch {built} but torch {torch.__version__} is running; "
+        f"rebuild it against this torch from the source tree with `{rebuild}`"
+        if built is not None and built != torch.__version__
+        else None
+    )
     try:
         from fusedformer import _C  # noqa: F401  (loading it registers the ops)
-
-        return _C, None
     except ImportError as e:  # the package imports without its extension; the cpp backend says why
-        return None, f"the C++ extension fusedformer._C did not load ({e})"
+        why = f"the C++ extension fusedformer._C did not load ({e})"
+        if mismatch is not None:
+            why += "; " + mismatch
+        elif built is None:
+            why += f"; build it with `{rebuild}` (or `python setup.py build_ext --inplace` in a checkout)"
+        warnings.warn(f"fusedformer: {why}. Every CPU call will run on the slow reference path "
+                      "(O(n²) attention) or, with FUSEDFORMER_STRICT=1, raise.", ExtensionWarning, stacklevel=2)
+        return None, why
+    built = _C.built_with_torch() if hasattr(_C, "built_with_torch") else built  # _C's own record wins
+    if built is not None and built != torch.__version__:
+        # _C loaded, but it was compiled for another torch's ABI: it may crash or compute wrongly
+        global _MISMATCH
+        _MISMATCH = (
+            f"fusedformer._C was built against torch {built} but torch {torch.__version__} is running; "
+            f"rebuild it against this torch from the source tree with `{rebuild}`"
+        )
+        warnings.warn(f"fusedformer: {_MISMATCH}.", ExtensionWarning, stacklevel=2)
+    return _C, None
 
 
+_MISMATCH: str | None = None  # set by _load_extension when a loaded _C was built against another torch
 _C, _C_ERROR = _load_extension()
 # Read once, here: the C++ kernels register when _C loads, and torch.compile cannot trace this query.
+# The op that holds each family's CPU kernel.
+_CPU_OPS = {
+    "attention": "attention_fwd",
+    "attention_with_kv_cache": "attention_with_kv_cache",
+    "varlen_attention": "varlen_attention_fwd",
+    "layer_norm": "layer_norm_fwd",
+    "rms_norm": "rms_norm_fwd",
+    "add_layer_norm": "add_layer_norm_fwd",
+    "add_rms_norm": "add_rms_norm_fwd",
+    "gelu": "gelu_fwd",
+}
 _CPU_KERNELS = {
-    op: _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedformer::{op}_fwd", "CPU")
-    for op in ("attention", "layer_norm", "gelu")
+    family: _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedformer::{op}", "CPU")
+    for family, op in _CPU_OPS.items()
 }
 
 
@@ -89,7 +141,7 @@ class CppBackend:
         if request.device.type not in self.SUPPORTED_DEVICES:
             reasons.append(f"serves CPU tensors, got {request.device.type}")
         if not _CPU_KERNELS.get(request.op, False):
-            reasons.append(f"fusedformer::{request.op}_fwd has no CPU kernel in this build")
+            reasons.append(f"fusedformer::{_CPU_OPS[request.op]} has no CPU kernel in this build")
         return reasons + _common_reasons(request)
 
 
@@ -104,10 +156,10 @@ def _load_triton_kernels() -> tuple[dict[str, object], str | None]:
     except ImportError:
         return {}, "triton is not installed (pip install triton)"
     try:
-        from fusedformer.kernels import _common, attention, gelu, layer_norm
+        from fusedformer.kernels import _common, attention, decode, gelu, layer_norm
     except Exception as e:  # a broken triton install must not break `import fusedformer`
         return {}, f"the Triton kernels failed to import ({type(e).__name__}: {e})"
-    return {"attention": attention, "layer_norm": layer_norm, "gelu": gelu, "_common": _common}, None
+    return {"attention": attention, "decode": decode, "layer_norm": layer_norm, "gelu": gelu, "_common": _common}, None
 
 
 TRITON_KERNELS, _TRITON_ERROR = _load_triton_kernels()
@@ -136,7 +188,12 @@ class TritonBackend:
     SUPPORTED_DEVICES = ("cuda",)  # and "cpu" when interpreted
     SUPPORTED_DTYPES = {  # by op family
         "attention": (torch.float32, torch.float16, torch.bfloat16),
+        "attention_with_kv_cache": (torch.float32, torch.float16, torch.bfloat16),
+        "varlen_attention": (torch.float32, torch.float16, torch.bfloat16),
         "layer_norm": FLOAT_DTYPES,
+        "rms_norm": FLOAT_DTYPES,
+        "add_layer_norm": FLOAT_DTYPES,
+        "add_rms_norm": FLOAT_DTYPES,
         "gelu": FLOAT_DTYPES,
     }
 
@@ -152,10 +209,16 @@ class TritonBackend:
             )
         elif device not in ("cuda", "cpu"):
             reasons.append(f"serves CUDA tensors, got {device}")
-        if request.dtype in FLOAT_DTYPES and request.dtype not in self.SUPPORTED_DTYPES[request.op]:
+        if request.op not in self.SUPPORTED_DTYPES:
+            reasons.append(f"there is no Triton kernel for {request.op} yet")
+        elif request.dtype in FLOAT_DTYPES and request.dtype not in self.SUPPORTED_DTYPES[request.op]:
             reasons.append(f"the Triton {request.op} kernels do not take {request.dtype}")
         if device == "cuda" and request.dtype == torch.bfloat16:
             reasons += _bf16_capability_reasons(request.device)
+        if request.op == "varlen_attention" and request.dropout_p > 0.0:
+            reasons.append(f"varlen attention dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
+        if request.op.startswith("add_") and request.dropout_p > 0.0:
+            reasons.append(f"{request.op}'s dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
         return reasons + _common_reasons(request)
 
 
@@ -221,7 +284,8 @@ def cpu_matmul_engines(dtypes: tuple[str, ...] = ("float32", "bfloat16", "float1
 def _detail(request: Request, backend: str) -> str:
     # Never measures: explain runs no kernel (and a process that forks later, like the benchmarks'
     # memory probe, must not have started torch's OpenMP pool).
-    if backend != "cpp" or request.op != "attention" or request.dtype not in FLOAT_DTYPES:
+    if backend != "cpp" or request.op not in ("attention", "varlen_attention") or request.dtype not in FLOAT_DTYPES:
+        # (attention_with_kv_cache runs the decode kernel, or the attention forward for a uniform prefill)
         return ""
     info = _C.attention_engine(str(request.dtype).removeprefix("torch."), measure=False)
     if not info["fwd"]:
@@ -238,6 +302,8 @@ def explain_request(request: Request) -> Explanation:
     else:
         chosen = next((name for name in _PRIORITY if not reasons[name]), "reference")
     detail = _detail(request, chosen) if not reasons[chosen] else ""
+    if chosen == "cpp" and _MISMATCH is not None:
+        detail = f"WARNING: {_MISMATCH}" + (f"; {detail}" if detail else "")
     return Explanation(request.op, chosen, reasons, forced=forced is not None, detail=detail)
 
 
@@ -292,12 +358,41 @@ def report_fallback(what: str, reason: str) -> None:
         warnings.warn(message, FallbackWarning, stacklevel=4)
 
 
+def call(op, *args):
+    """``op(*args)``; below the autograd key when no tensor argument needs a gradient (inference).
+
+    torch.library registers the ops' autograd in Python: every call through the Autograd key runs a
+    Python wrapper (~10 us) even under ``torch.no_grad()``, which small inference calls feel. Under
+    torch.compile the op is called as is (the guard is not traceable, and the graph pays no such cost).
+    """
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    ):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+_SELECTED: dict[tuple, str] = {}
+
+
 def select(request: Request) -> str:
     """The name of the backend that serves ``request``; raises or warns as the module doc says.
 
     On every call: asks only the backends it needs (the forced one, or the priority list up to the
     first that fits); every backend's reasons are gathered only for a fallback's message.
     """
+    env = (os.environ.get("FUSEDFORMER_BACKEND"), os.environ.get("FUSEDFORMER_STRICT"))
+    chosen = _SELECTED.get((request, env))
+    if chosen is not None:  # a fused backend served this kind of call before, in this environment
+        return chosen
+    chosen = _select(request)
+    if chosen != "reference":  # a fallback warns or raises again, as the environment says
+        _SELECTED[(request, env)] = chosen
+    return chosen
+
+
+def _select(request: Request) -> str:
     forced = _forced_backend()
     if forced is not None:
         why = _BACKENDS[forced].not_supported_reasons(request)

@@ -97,8 +97,16 @@ from fusedformer.kernels._common import (
     tune_configs,
     widen,
 )
+from fusedformer.kernels.decode import _mask_args, decode_forward, decode_shaped
 
-__all__ = ["attention_forward", "attention_backward", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
+__all__ = [
+    "attention_forward",
+    "attention_backward",
+    "varlen_attention_forward",
+    "varlen_attention_backward",
+    "MAX_HEAD_DIM",
+    "SUPPORTED_DTYPES",
+]
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -191,7 +199,7 @@ def _pruner(kind: str):
 
 
 # Autotuning is keyed on the lengths' buckets (L_BUCKET, S_BUCKET: length_bucket), not on L and S.
-_TUNE_KEY = ["L_BUCKET", "S_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "DROPOUT"]
+_TUNE_KEY = ["L_BUCKET", "S_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_MASK", "DROPOUT", "VARLEN"]
 
 
 # ---- shared pieces ------------------------------------------------------------------------------
@@ -294,6 +302,16 @@ def _causal_stages(start_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_
     return mid, hi
 
 
+@triton.jit
+def _varlen_bounds(CuQ, CuK, b):
+    """Packed sequence b: its first query row q0, length L, first key row k0, length S."""
+    q0 = tl.load(CuQ + b).to(tl.int64)
+    k0 = tl.load(CuK + b).to(tl.int64)
+    L = tl.load(CuQ + b + 1) - q0.to(tl.int32)
+    S = tl.load(CuK + b + 1) - k0.to(tl.int32)
+    return q0, L, k0, S
+
+
 # ---- forward ------------------------------------------------------------------------------------
 
 
@@ -356,6 +374,8 @@ def _attn_fwd_kernel(
     Out,  # (B, Hq, L, Ev)
     Lse,  # (B, Hq, L) float32
     Seed,  # (1,) int64; unused without DROPOUT
+    CuQ,  # (B + 1,) int32 cumulative query lengths; only with VARLEN
+    CuK,  # (B + 1,) int32 cumulative key lengths; only with VARLEN
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -367,7 +387,7 @@ def _attn_fwd_kernel(
     qk_scale,  # scale·log2(e)
     drop_threshold, drop_scale,  # round(p·2^32) and 1/(1 - p); unused without DROPOUT
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -378,6 +398,14 @@ def _attn_fwd_kernel(
     b = (off_bh // Hq).to(tl.int64)
     h = (off_bh % Hq).to(tl.int64)
     hk = h // GROUP
+    if VARLEN:
+        # sequence b: rows [q0, q0 + L) of the packed tensors (batch strides 0); L, S were the maxima
+        q0, L, k0, S = _varlen_bounds(CuQ, CuK, b)
+        Q += q0 * stride_ql
+        K += k0 * stride_ks
+        V += k0 * stride_vs
+        Out += q0 * stride_ol
+        Lse += q0 * stride_ll
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + hk * stride_kh
     V += b * stride_vb + hk * stride_vh
@@ -396,6 +424,9 @@ def _attn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     row_hash, col_key, threshold = _dropout_rows(Seed, off_bh.to(tl.int64), offs_m, drop_threshold, DROPOUT)
     mid, hi = _causal_stages(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if VARLEN:  # a query block past its sequence's end visits no key
+        hi = tl.where(start_m < L, hi, 0)
+        mid = tl.minimum(mid, hi)
     # stage 1: key blocks below the diagonal and inside S; stage 2: the diagonal and the ragged end
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K, V, Mask,
@@ -436,6 +467,8 @@ def _attn_bwd_preprocess_kernel(
     K,  # (B, Hk, S, E); only with RENORM
     Mask,  # broadcastable to (B, Hq, L, S); only with RENORM
     Lse,  # (B, Hq, L) float32; only with RENORM
+    CuQ,  # (B + 1,) int32 cumulative query lengths; only with VARLEN
+    CuK,  # (B + 1,) int32 cumulative key lengths; only with VARLEN
     stride_ob, stride_oh, stride_ol, stride_oe,
     stride_dob, stride_doh, stride_dol, stride_doe,
     stride_qb, stride_qh, stride_ql, stride_qe,
@@ -444,7 +477,9 @@ def _attn_bwd_preprocess_kernel(
     stride_lb, stride_lh, stride_ll,
     Hq, GROUP, L, S, E, Ev,
     qk_scale,
+    TOTAL_Q,  # with VARLEN: Delta is (Hq, TOTAL_Q), row h * TOTAL_Q + q0 + i
     RENORM: tl.constexpr, IS_CAUSAL: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -453,6 +488,12 @@ def _attn_bwd_preprocess_kernel(
     start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
     b = (off_bh // Hq).to(tl.int64)
     h = (off_bh % Hq).to(tl.int64)
+    row0 = off_bh.to(tl.int64) * L
+    if VARLEN:  # no RENORM here: varlen takes no mask
+        q0, L, k0, S = _varlen_bounds(CuQ, CuK, b)
+        O += q0 * stride_ol
+        DO += q0 * stride_dol
+        row0 = h * TOTAL_Q + q0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_o = (offs_m[:, None] < L) & (offs_dv[None, :] < Ev)
@@ -466,7 +507,7 @@ def _attn_bwd_preprocess_kernel(
         mask=mask_o,
         other=0.0,
     ))
-    row = off_bh.to(tl.int64) * L + offs_m
+    row = row0 + offs_m
     tl.store(Delta + row, tl.sum(o * do, 1), mask=offs_m < L)
     if RENORM:
         # A float mask may put a row's scores near finfo.min: then lse is ~1e38 and float32 keeps no
@@ -575,6 +616,8 @@ def _attn_bwd_dkdv_kernel(
     DK,  # (B, Hk, S, E)
     DV,  # (B, Hk, S, Ev)
     Seed,  # (1,) int64; unused without DROPOUT
+    CuQ,  # (B + 1,) int32 cumulative query lengths; only with VARLEN
+    CuK,  # (B + 1,) int32 cumulative key lengths; only with VARLEN
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -587,8 +630,9 @@ def _attn_bwd_dkdv_kernel(
     L_BUCKET, S_BUCKET,  # autotuning keys only
     scale, qk_scale,
     drop_threshold, drop_scale,  # unused without DROPOUT
+    TOTAL_Q,  # with VARLEN: Delta is (Hq, TOTAL_Q)
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, RENORM: tl.constexpr,
-    DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -599,6 +643,17 @@ def _attn_bwd_dkdv_kernel(
     b = (off_bhk // Hk).to(tl.int64)
     hk = (off_bhk % Hk).to(tl.int64)
     Hq = Hk * GROUP
+    q_hi = L  # the query rows to visit end here
+    if VARLEN:
+        q0, L, k0, S = _varlen_bounds(CuQ, CuK, b)
+        Q += q0 * stride_ql
+        DO += q0 * stride_dol
+        Lse += q0 * stride_ll
+        K += k0 * stride_ks
+        V += k0 * stride_vs
+        DK += k0 * stride_dks
+        DV += k0 * stride_dvs
+        q_hi = tl.where(start_n < S, L, 0)  # a key block past its sequence's end visits no query
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -637,19 +692,22 @@ def _attn_bwd_dkdv_kernel(
         DOh = DO + b * stride_dob + h * stride_doh
         Maskh = Mask + b * stride_mb + h * stride_mh
         Lseh = Lse + b * stride_lb + h * stride_lh
-        row0 = (b * Hq + h) * L
+        if VARLEN:
+            row0 = h * TOTAL_Q + q0
+        else:
+            row0 = (b * Hq + h) * L
         # stage 1: the diagonal query blocks (causal mask); stage 2: the query blocks that see every key
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Qh, DOh, Maskh, Lseh, Delta + row0, Renorm + row0,
             stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms, stride_ll,
-            offs_n, lo, mid, L, S, E, Ev, qk_scale, row_key, col_hash, threshold, drop_scale,
+            offs_n, lo, tl.minimum(mid, q_hi), L, S, E, Ev, qk_scale, row_key, col_hash, threshold, drop_scale,
             HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, True, RENORM, DROPOUT, INTERP_BF16, PRECISION,
             BLOCK_M, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Qh, DOh, Maskh, Lseh, Delta + row0, Renorm + row0,
             stride_ql, stride_qe, stride_dol, stride_doe, stride_ml, stride_ms, stride_ll,
-            offs_n, mid, L, L, S, E, Ev, qk_scale, row_key, col_hash, threshold, drop_scale,
+            offs_n, mid, q_hi, L, S, E, Ev, qk_scale, row_key, col_hash, threshold, drop_scale,
             HAS_MASK, MASK_IS_BOOL, IS_CAUSAL, False, RENORM, DROPOUT, INTERP_BF16, PRECISION,
             BLOCK_M, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
@@ -722,6 +780,8 @@ def _attn_bwd_dq_kernel(
     Renorm,  # (B, Hq, L) float32, contiguous; unused without RENORM
     DQ,  # (B, Hq, L, E)
     Seed,  # (1,) int64; unused without DROPOUT
+    CuQ,  # (B + 1,) int32 cumulative query lengths; only with VARLEN
+    CuK,  # (B + 1,) int32 cumulative key lengths; only with VARLEN
     stride_qb, stride_qh, stride_ql, stride_qe,
     stride_kb, stride_kh, stride_ks, stride_ke,
     stride_vb, stride_vh, stride_vs, stride_ve,
@@ -733,8 +793,9 @@ def _attn_bwd_dq_kernel(
     L_BUCKET, S_BUCKET,  # autotuning keys only
     scale, qk_scale,
     drop_threshold, drop_scale,  # unused without DROPOUT
+    TOTAL_Q,  # with VARLEN: Delta is (Hq, TOTAL_Q)
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, RENORM: tl.constexpr,
-    DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -744,6 +805,16 @@ def _attn_bwd_dq_kernel(
     b = (off_bh // Hq).to(tl.int64)
     h = (off_bh % Hq).to(tl.int64)
     hk = h // GROUP
+    row0 = off_bh.to(tl.int64) * L
+    if VARLEN:
+        q0, L, k0, S = _varlen_bounds(CuQ, CuK, b)
+        Q += q0 * stride_ql
+        DO += q0 * stride_dol
+        Lse += q0 * stride_ll
+        DQ += q0 * stride_dql
+        K += k0 * stride_ks
+        V += k0 * stride_vs
+        row0 = h * TOTAL_Q + q0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -761,7 +832,7 @@ def _attn_bwd_dq_kernel(
     )
     lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m * stride_ll, mask=in_l, other=float("inf"))
     lse2 = lse2 * _LOG2E
-    row = off_bh.to(tl.int64) * L + offs_m
+    row = row0 + offs_m
     delta = tl.load(Delta + row, mask=in_l, other=0.0)
     if RENORM:
         renorm = tl.load(Renorm + row, mask=in_l, other=1.0)
@@ -773,6 +844,9 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     row_hash, col_key, threshold = _dropout_rows(Seed, off_bh.to(tl.int64), offs_m, drop_threshold, DROPOUT)
     mid, hi = _causal_stages(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if VARLEN:  # a query block past its sequence's end visits no key
+        hi = tl.where(start_m < L, hi, 0)
+        mid = tl.minimum(mid, hi)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, renorm, K, V, Mask,
         stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms,
@@ -844,18 +918,6 @@ def _check(query, key, value, attn_mask) -> None:
             )
 
 
-def _mask_args(attn_mask: torch.Tensor | None, dummy: torch.Tensor):
-    """(tensor, 4 strides with 0 on broadcast dims, HAS_MASK, MASK_IS_BOOL); never expands or copies."""
-    if attn_mask is None:
-        return dummy, (0, 0, 0, 0), False, False
-    pad = 4 - attn_mask.dim()
-    sizes = (1,) * pad + tuple(attn_mask.shape)
-    strides = (0,) * pad + tuple(attn_mask.stride())
-    strides = tuple(0 if n == 1 else st for n, st in zip(sizes, strides))
-    is_bool = attn_mask.dtype == torch.bool
-    return (attn_mask.view(torch.uint8) if is_bool else attn_mask), strides, True, is_bool
-
-
 def _head_blocks(E: int, Ev: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(Ev))
 
@@ -897,6 +959,9 @@ def attention_forward(
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=query.device)
     if out.numel() == 0:
         return out, lse
+    if decode_shaped(Hq, Hk, L, S) and not dropout:
+        # few query rows, many keys: the key range split over programs (kernels/decode.py; no dropout there)
+        return decode_forward(query, key, value, attn_mask, 1 if is_causal else 0, scale)
     mask, mask_strides, has_mask, mask_is_bool = _mask_args(attn_mask, query)
     BLOCK_D, BLOCK_DV = _head_blocks(E, Ev)
 
@@ -904,12 +969,12 @@ def attention_forward(
         return flat_grid(triton.cdiv(L, META["BLOCK_M"]), B * Hq, _FN)
 
     torch.library.wrap_triton(_attn_fwd_kernel)[grid](
-        query, key, value, mask, out, lse, seed_dev if dropout else lse,
+        query, key, value, mask, out, lse, seed_dev if dropout else lse, lse, lse,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides, *out.stride(), *lse.stride(),
         Hq, Hq // Hk, L, S, E, Ev, length_bucket(L), length_bucket(S),
         float(scale) * math.log2(math.e), threshold, keep_scale,
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool, IS_CAUSAL=bool(is_causal), DROPOUT=dropout,
-        INTERP_BF16=interp_bf16(query.dtype), PRECISION=dot_precision(query.dtype),
+        INTERP_BF16=interp_bf16(query.dtype), PRECISION=dot_precision(query.dtype), VARLEN=False,
         BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
     )  # fmt: skip
     return out, lse
@@ -965,33 +1030,182 @@ def attention_backward(
 
     pre_grid = flat_grid(triton.cdiv(L, _PRE_BLOCK_M), B * Hq, _FN)
     torch.library.wrap_triton(_attn_bwd_preprocess_kernel)[pre_grid](
-        out, grad_out, delta, inv_z, query, key, mask, logsumexp,
+        out, grad_out, delta, inv_z, query, key, mask, logsumexp, delta, delta,
         *out.stride(), *grad_out.stride(), *query.stride(), *key.stride(), *mask_strides, *logsumexp.stride(),
-        Hq, Hq // Hk, L, S, E, Ev, qk_scale,
-        RENORM=renorm, IS_CAUSAL=bool(is_causal), BLOCK_M=_PRE_BLOCK_M, BLOCK_N=_PRE_BLOCK_N, **flags,
+        Hq, Hq // Hk, L, S, E, Ev, qk_scale, 0,
+        RENORM=renorm, IS_CAUSAL=bool(is_causal), VARLEN=False, BLOCK_M=_PRE_BLOCK_M, BLOCK_N=_PRE_BLOCK_N, **flags,
     )  # fmt: skip
 
     def grid_dkdv(META):
         return flat_grid(triton.cdiv(S, META["BLOCK_N"]), B * Hk, _FN)
 
     torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[grid_dkdv](
-        query, key, value, mask, grad_out, logsumexp, delta, inv_z, dk, dv, seed_arg,
+        query, key, value, mask, grad_out, logsumexp, delta, inv_z, dk, dv, seed_arg, delta, delta,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides,
         *grad_out.stride(), *logsumexp.stride(), *dk.stride(), *dv.stride(),
-        Hk, Hq // Hk, L, S, E, Ev, *buckets, float(scale), qk_scale, threshold, keep_scale,
+        Hk, Hq // Hk, L, S, E, Ev, *buckets, float(scale), qk_scale, threshold, keep_scale, 0,
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool, IS_CAUSAL=bool(is_causal), RENORM=renorm,
-        DROPOUT=dropout, **flags,
+        DROPOUT=dropout, VARLEN=False, **flags,
     )  # fmt: skip
 
     def grid_dq(META):
         return flat_grid(triton.cdiv(L, META["BLOCK_M"]), B * Hq, _FN)
 
     torch.library.wrap_triton(_attn_bwd_dq_kernel)[grid_dq](
-        query, key, value, mask, grad_out, logsumexp, delta, inv_z, dq, seed_arg,
+        query, key, value, mask, grad_out, logsumexp, delta, inv_z, dq, seed_arg, delta, delta,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides,
         *grad_out.stride(), *logsumexp.stride(), *dq.stride(),
-        Hq, Hq // Hk, L, S, E, Ev, *buckets, float(scale), qk_scale, threshold, keep_scale,
+        Hq, Hq // Hk, L, S, E, Ev, *buckets, float(scale), qk_scale, threshold, keep_scale, 0,
         HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool, IS_CAUSAL=bool(is_causal), RENORM=renorm,
-        DROPOUT=dropout, **flags,
+        DROPOUT=dropout, VARLEN=False, **flags,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# ---- packed variable-length sequences -----------------------------------------------------------
+#
+# The same kernels with VARLEN on: program (query block, b·Hq + h) of sequence b reads its bounds from
+# cu_seqlens and shifts its pointers to the sequence's first row; the batch strides are 0, L and S are
+# the sequence's own lengths (the launch passes the maxima, which size the grid). Blocks past a
+# sequence's end visit nothing. Layouts, tokens first: query (total_q, Hq, E), key (total_k, Hk, E),
+# value (total_k, Hk, Ev), out (total_q, Hq, Ev), logsumexp (Hq, total_q).
+
+
+def _check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k) -> None:
+    """Raises, naming the argument, on anything these kernels cannot take (shapes, dtypes, devices; the
+    lengths' values are checked by fusedformer.ops.varlen before the call)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 3:
+            raise ValueError(f"{_FN}: expected {name} to be 3-D (total, H, E), got shape {tuple(t.shape)}")
+    _check(*(t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)), None)  # as (1, H, total, E)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != query.device:
+            raise ValueError(f"{_FN}: expected {name} int32 (B + 1,) on {query.device}, got {cu.dtype} "
+                             f"{tuple(cu.shape)} on {cu.device}")  # fmt: skip
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 1:
+        raise ValueError(f"{_FN}: expected cu_seqlens_q and cu_seqlens_k of one length B + 1 >= 1")
+
+
+def _packed_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(total, H, D) read as (batch, head, row, col) with batch stride 0: rows offset per sequence."""
+    return 0, t.stride(1), t.stride(0), t.stride(2)
+
+
+def varlen_attention_forward(
+    query: torch.Tensor,  # (total_q, Hq, E)
+    key: torch.Tensor,  # (total_k, Hk, E)
+    value: torch.Tensor,  # (total_k, Hk, Ev)
+    cu_seqlens_q: torch.Tensor,  # (B + 1,) int32
+    cu_seqlens_k: torch.Tensor,  # (B + 1,) int32
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out (total_q, Hq, Ev); logsumexp (Hq, total_q) float32
+    """FlashAttention-2 forward over packed sequences (sequence b's queries see its keys only)."""
+    _check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k)
+    total_q, Hq, E = query.shape
+    Hk, Ev = key.shape[1], value.shape[2]
+    B = cu_seqlens_q.shape[0] - 1
+    out = torch.empty((total_q, Hq, Ev), dtype=query.dtype, device=query.device)
+    lse = torch.empty((Hq, total_q), dtype=torch.float32, device=query.device)
+    if out.numel() == 0 or B == 0:
+        return out, lse
+    BLOCK_D, BLOCK_DV = _head_blocks(E, Ev)
+
+    def grid(META):
+        return flat_grid(triton.cdiv(max_seqlen_q, META["BLOCK_M"]), B * Hq, _FN)
+
+    # no dropout here (the backends decline varlen dropout on Triton): Seed unused, DROPOUT off
+    torch.library.wrap_triton(_attn_fwd_kernel)[grid](
+        query, key, value, query, out, lse, lse, cu_seqlens_q, cu_seqlens_k,
+        *_packed_strides(query), *_packed_strides(key), *_packed_strides(value), 0, 0, 0, 0,
+        *_packed_strides(out), 0, lse.stride(0), lse.stride(1),
+        Hq, Hq // Hk, max_seqlen_q, max_seqlen_k, E, Ev, length_bucket(max_seqlen_q), length_bucket(max_seqlen_k),
+        float(scale) * math.log2(math.e), 0, 1.0,
+        HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=bool(is_causal), DROPOUT=False,
+        INTERP_BF16=interp_bf16(query.dtype), PRECISION=dot_precision(query.dtype), VARLEN=True,
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+    )  # fmt: skip
+    return out, lse
+
+
+def varlen_attention_backward(
+    grad_out: torch.Tensor,  # (total_q, Hq, Ev)
+    query: torch.Tensor,  # (total_q, Hq, E)
+    key: torch.Tensor,  # (total_k, Hk, E)
+    value: torch.Tensor,  # (total_k, Hk, Ev)
+    out: torch.Tensor,  # (total_q, Hq, Ev) from varlen_attention_forward
+    logsumexp: torch.Tensor,  # (Hq, total_q) float32 from varlen_attention_forward
+    cu_seqlens_q: torch.Tensor,  # (B + 1,) int32
+    cu_seqlens_k: torch.Tensor,  # (B + 1,) int32
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # grad_query, grad_key, grad_value
+    """FlashAttention-2 backward over packed sequences; deterministic, as attention_backward."""
+    _check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k)
+    total_q, Hq, E = query.shape
+    total_k, Hk, Ev = key.shape[0], key.shape[1], value.shape[2]
+    B = cu_seqlens_q.shape[0] - 1
+    if grad_out.shape != (total_q, Hq, Ev) or out.shape != (total_q, Hq, Ev):
+        raise ValueError(
+            f"{_FN}: expected grad_out and out of shape {(total_q, Hq, Ev)}, "
+            f"got {tuple(grad_out.shape)} and {tuple(out.shape)}"
+        )
+    if logsumexp.shape != (Hq, total_q) or logsumexp.dtype != torch.float32:
+        raise ValueError(
+            f"{_FN}: expected logsumexp (Hq, total_q) = {(Hq, total_q)} in float32, "
+            f"got {tuple(logsumexp.shape)} in {logsumexp.dtype}"
+        )
+    dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    dk = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    dv = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    if B == 0 or total_q == 0 or total_k == 0 or Hq == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    BLOCK_D, BLOCK_DV = _head_blocks(E, Ev)
+    qk_scale = float(scale) * math.log2(math.e)
+    flags = dict(
+        INTERP_BF16=interp_bf16(query.dtype),
+        PRECISION=dot_precision(query.dtype),
+        BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV,
+        VARLEN=True,
+    )
+    buckets = (length_bucket(max_seqlen_q), length_bucket(max_seqlen_k))
+    delta = torch.empty((Hq, total_q), dtype=torch.float32, device=query.device)
+    lse_strides = (0, logsumexp.stride(0), logsumexp.stride(1))
+    cu = (cu_seqlens_q, cu_seqlens_k)
+
+    pre_grid = flat_grid(triton.cdiv(max_seqlen_q, _PRE_BLOCK_M), B * Hq, _FN)
+    torch.library.wrap_triton(_attn_bwd_preprocess_kernel)[pre_grid](
+        out, grad_out, delta, delta, query, key, query, logsumexp, *cu,
+        *_packed_strides(out), *_packed_strides(grad_out), *_packed_strides(query), *_packed_strides(key),
+        0, 0, 0, 0, *lse_strides,
+        Hq, Hq // Hk, max_seqlen_q, max_seqlen_k, E, Ev, qk_scale, total_q,
+        RENORM=False, IS_CAUSAL=bool(is_causal), BLOCK_M=_PRE_BLOCK_M, BLOCK_N=_PRE_BLOCK_N, **flags,
+    )  # fmt: skip
+
+    def grid_dkdv(META):
+        return flat_grid(triton.cdiv(max_seqlen_k, META["BLOCK_N"]), B * Hk, _FN)
+
+    torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[grid_dkdv](
+        query, key, value, query, grad_out, logsumexp, delta, delta, dk, dv, logsumexp, *cu,
+        *_packed_strides(query), *_packed_strides(key), *_packed_strides(value), 0, 0, 0, 0,
+        *_packed_strides(grad_out), *lse_strides, *_packed_strides(dk), *_packed_strides(dv),
+        Hk, Hq // Hk, max_seqlen_q, max_seqlen_k, E, Ev, *buckets, float(scale), qk_scale, 0, 1.0, total_q,
+        HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=bool(is_causal), RENORM=False, DROPOUT=False, **flags,
+    )  # fmt: skip
+
+    def grid_dq(META):
+        return flat_grid(triton.cdiv(max_seqlen_q, META["BLOCK_M"]), B * Hq, _FN)
+
+    torch.library.wrap_triton(_attn_bwd_dq_kernel)[grid_dq](
+        query, key, value, query, grad_out, logsumexp, delta, delta, dq, logsumexp, *cu,
+        *_packed_strides(query), *_packed_strides(key), *_packed_strides(value), 0, 0, 0, 0,
+        *_packed_strides(grad_out), *lse_strides, *_packed_strides(dq),
+        Hq, Hq // Hk, max_seqlen_q, max_seqlen_k, E, Ev, *buckets, float(scale), qk_scale, 0, 1.0, total_q,
+        HAS_MASK=False, MASK_IS_BOOL=False, IS_CAUSAL=bool(is_causal), RENORM=False, DROPOUT=False, **flags,
     )  # fmt: skip
     return dq, dk, dv

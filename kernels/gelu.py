@@ -79,8 +79,10 @@ def _gelu(x, APPROX_TANH: tl.constexpr):
 def _gelu_grad(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
         s, sd = _tanh_sigmoid(x)
-        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_COEF * x * x)
-        g = s + tl.where(sd == 0.0, 0.0, x * sd * 2.0 * du)  # sd = 0 where x³ may overflow: 0·inf
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_COEF * (x * x))  # x² first, as torch
+        # multiplied in torch's order: where x³ overflows (|x| > ~7e12) sd is 0 and the term 0, but where
+        # x² does too (|x| > ~1.8e19 in float32) du is inf and the term NaN, as torch's backward gives
+        g = s + x * sd * 2.0 * du
     else:
         g = 0.5 * (1.0 + tl.math.erf(x * _INV_SQRT2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
     return g

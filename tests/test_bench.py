@@ -60,12 +60,15 @@ def test_cli_writes_csv_with_every_case_mode_provider(tiny_run):
         assert next(csv.reader(f)) == report.CSV_COLUMNS
     rows = _rows(out)
     # attention: 2 dtypes (--quick: float32, bfloat16) x 1 length x 2 masks x 3 modes x 3 providers;
-    # LayerNorm, GELU: 1 shape x 3 x 3; encoder, decoder: fwd+bwd x 2 providers
+    # decode: 2 dtypes x 1 length x fwd x 3 providers; varlen: 2 masks x 3 modes x 3 providers (fusedformer,
+    # torch on the padded batch, torch-loop);
+    # LayerNorm, RMSNorm, the add + norms, GELU: 1 shape x 3 x 3; encoder, decoder: fwd+bwd x 2 providers
     counts = {c: sum(r["case"] == c for r in rows) for c in cases.CASES}
-    assert counts == {"attention": 36, "layer_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2}
+    assert counts == {"attention": 36, "decode": 6, "layer_norm": 9, "rms_norm": 9, "add_layer_norm": 9,
+                      "add_rms_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2, "varlen": 18}  # fmt: skip
     dtypes = {(r["case"], r["dtype"]) for r in rows}
-    assert {d for c, d in dtypes if c == "attention"} == {"float32", "bfloat16"}
-    assert {d for c, d in dtypes if c != "attention"} == {"float32"}
+    assert {d for c, d in dtypes if c in ("attention", "decode")} == {"float32", "bfloat16"}
+    assert {d for c, d in dtypes if c not in ("attention", "decode")} == {"float32"}
     for r in rows:
         for key in ("machine", "cpu_features", "date", "version", "commit",
                     "backend" if r["status"] == "ok" else "status"):  # fmt: skip
@@ -74,7 +77,7 @@ def test_cli_writes_csv_with_every_case_mode_provider(tiny_run):
         if r["status"] != "ok":
             continue
         assert float(r["median_ms"]) > 0 and float(r["q1_ms"]) <= float(r["median_ms"]) <= float(r["q3_ms"])
-        rate = r["gflops"] if r["case"] not in ("layer_norm", "gelu") else r["gbps"]
+        rate = r["gflops"] if r["case"] not in (*cases.ROW_CASES, "decode") else r["gbps"]
         assert float(rate) > 0 and float(r["share_of_ceiling_pct"]) > 0
         assert float(r["peak_extra_mib"]) >= 0, r  # one size per case: --quick probes it
 
@@ -221,11 +224,16 @@ def test_timing_reports_a_failing_provider_and_goes_on():
     assert isinstance(stats["good"], timing.Stats)
 
 
+@pytest.mark.parametrize("L, S", [(128, 256), (256, 128), (97, 97), (1, 17), (17, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_flop_count_is_flash_attentions(causal):
-    B, H, L, S, E = 2, 3, 128, 256, 64
+def test_attention_flop_count_counts_the_scores_computed(causal, L, S):
+    """4·E FLOPs per computed score (QK^T and PV), counted here from the mask itself, not from cases.py."""
+    B, H, E = 2, 3, 64
     case = cases.make_case(Spec("attention", {"B": B, "H": H, "L": L, "S": S, "E": E, "causal": causal}))
-    fwd = 4 * B * H * L * S * E / (2 if causal else 1)
+    keep = torch.ones(L, S, dtype=torch.bool)
+    if causal:  # torch's top-left alignment: query i sees keys j <= i
+        keep = keep.tril()
+    fwd = 4 * B * H * E * int(keep.sum())
     assert case.work("fwd") == ("flop", fwd)
     assert case.work("bwd") == ("flop", 2.5 * fwd)
     assert case.work("fwd+bwd") == ("flop", 3.5 * fwd)
@@ -340,7 +348,8 @@ def test_quick_config_runs_attention_in_bfloat16_too():
     specs = runner.specs(runner.default_config(quick=True))
     attention = {(s.dtype, s.params["causal"], s.params["L"]) for s in specs if s.case == "attention"}
     assert {(dt, c) for dt, c, _ in attention} == {(dt, c) for dt in ("float32", "bfloat16") for c in (False, True)}
-    assert {s.dtype for s in specs if s.case != "attention"} == {"float32"}
+    assert {s.dtype for s in specs if s.case not in ("attention", "decode")} == {"float32"}
+    assert {(s.dtype, s.params["S"]) for s in specs if s.case == "decode"} == {("float32", 4096), ("bfloat16", 4096)}
 
 
 def test_default_config_runs_the_targets_rows_in_every_dtype():
@@ -352,7 +361,11 @@ def test_default_config_runs_the_targets_rows_in_every_dtype():
         assert {(dtype, False, 4096), (dtype, True, 4096), (dtype, True, 2048)} <= attention, dtype
     assert max(L for dt, _, L in attention if dt == "bfloat16") == 4096  # the shorter list
     assert max(L for dt, _, L in attention if dt == "float32") == 8192
-    assert {s.dtype for s in specs if s.case != "attention"} == {"float32"}
+    assert {s.dtype for s in specs if s.case not in ("attention", "decode")} == {"float32"}
+    # the decode target's row: B=4, H=12, S=4096, E=64
+    assert {("float32", 4, 12, 4096, 64), ("bfloat16", 4, 12, 4096, 64)} <= {
+        (s.dtype, s.params["B"], s.params["H"], s.params["S"], s.params["E"]) for s in specs if s.case == "decode"
+    }
 
 
 def test_lengths_alone_apply_to_every_dtype():

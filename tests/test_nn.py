@@ -145,7 +145,7 @@ def ignore_fallback():
         yield
 
 
-# ---- LayerNorm and GELU -------------------------------------------------------------------------
+# ---- LayerNorm, RMSNorm and GELU ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape,ns", [((2, 17, D), (D,)), ((1, 1), (1,)), ((3, 5, 7, 97), (7, 97))])
@@ -158,6 +158,26 @@ def test_layer_norm_matches_torch(shape, ns, affine, bias):
                 p.normal_()
         f.load_state_dict(t.state_dict())
     check_twins(t, f, torch.randn(*shape) * 3 + 1)
+
+
+@pytest.mark.parametrize("shape,ns", [((2, 17, D), (D,)), ((1, 1), (1,)), ((3, 5, 7, 97), (7, 97))])
+@pytest.mark.parametrize("affine,eps", [(True, None), (True, 1e-3), (False, None)])
+def test_rms_norm_matches_torch(shape, ns, affine, eps):
+    t, f = twins(nn.RMSNorm, ffnn.RMSNorm, ns, eps=eps, elementwise_affine=affine)
+    assert isinstance(f, nn.RMSNorm)
+    if affine:
+        with torch.no_grad():
+            t.weight.normal_()
+        f.load_state_dict(t.state_dict())
+    check_twins(t, f, torch.randn(*shape) * 3 + 1)
+    assert ff.explain(f, torch.randn(*shape)).backend == "cpp"
+
+
+def test_rms_norm_mixed_dtype_casts_parameters():
+    t, f = twins(nn.RMSNorm, ffnn.RMSNorm, D)
+    x = torch.randn(4, D).bfloat16()
+    assert f(x).dtype == torch.bfloat16
+    assert_close("bf16 output", f(x).float(), t(x.float()).float(), 3e-2)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -731,6 +751,7 @@ def _all_twins():
     layer_args = (D, H, 48, 0.0)
     return [
         (nn.LayerNorm, ffnn.LayerNorm, (D,), {}),
+        (nn.RMSNorm, ffnn.RMSNorm, (D,), {"eps": 1e-6}),
         (nn.GELU, ffnn.GELU, (), {"approximate": "tanh"}),
         (
             nn.MultiheadAttention,
@@ -816,16 +837,18 @@ def _fused_in_this_build() -> set[str]:
     explained = {
         "attention": ff.explain(ff.scaled_dot_product_attention, q, q, q),
         "layer_norm": ff.explain(ff.layer_norm, x, (8,)),
+        "add_layer_norm": ff.explain(ff.add_layer_norm, x, x, (8,)),
         "gelu": ff.explain(ff.gelu, x),
     }
     return {op for op, e in explained.items() if e.backend == "cpp"}
 
 
 @pytest.mark.parametrize("mode", ["train", "eval_no_grad"])
-def test_layers_run_through_the_fused_ops(mode):
-    t_layer = nn.TransformerDecoderLayer(D, H, 48, 0.0, "gelu", batch_first=True)
-    f_enc = ffnn.TransformerEncoderLayer(D, H, 48, 0.0, "gelu", batch_first=True)
-    f_dec = ffnn.TransformerDecoderLayer(D, H, 48, 0.0, "gelu", batch_first=True)
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_layers_run_through_the_fused_ops(mode, norm_first):
+    t_layer = nn.TransformerDecoderLayer(D, H, 48, 0.0, "gelu", batch_first=True, norm_first=norm_first)
+    f_enc = ffnn.TransformerEncoderLayer(D, H, 48, 0.0, "gelu", batch_first=True, norm_first=norm_first)
+    f_dec = ffnn.TransformerDecoderLayer(D, H, 48, 0.0, "gelu", batch_first=True, norm_first=norm_first)
     f_dec.load_state_dict(t_layer.state_dict())
     x, mem = torch.randn(2, 9, D, requires_grad=True), torch.randn(2, 7, D)
 
@@ -841,7 +864,10 @@ def test_layers_run_through_the_fused_ops(mode):
         with torch.no_grad():
             ops = _ops_of(run)
     fused = _fused_in_this_build()
-    assert {"layer_norm", "gelu"} <= fused  # built with these kernels: the test cannot pass vacuously
+    # built with these kernels: the test cannot pass vacuously
+    assert {"layer_norm", "add_layer_norm", "gelu"} <= fused
+    if not norm_first:  # every norm follows a residual add: all of them are add + norm
+        fused.discard("layer_norm")
     passes = ("fwd", "bwd") if mode == "train" else ("fwd",)
     must = {f"fusedformer.{op}_{p}" for op in fused for p in passes}
     assert must <= ops, f"missing fused ops: {must - ops}"

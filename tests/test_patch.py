@@ -1,9 +1,9 @@
-"""fusedformer.patch / unpatch: torch.nn models and Hugging Face transformers models (random weights, offline)."""
+"""fusedformer.patch / unpatch (fusedformer.patching): torch.nn models and Hugging Face transformers models
+(random weights, offline)."""
 
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import warnings
 
@@ -13,12 +13,9 @@ from torch import nn
 
 import fusedformer as ff
 import fusedformer.nn as ffnn
-from fusedformer.patch import PatchVerificationError, patch, unpatch
+import fusedformer.patching as ffpatch
+from fusedformer.patching import PatchVerificationError, hf as ffpatch_hf, patch, unpatch, verify as ffpatch_verify
 from tests.test_nn import assert_close, one_thread, padding_mask  # noqa: F401 (an autouse fixture)
-
-# the module itself: once fusedformer/__init__ exports the function ``patch``, the attribute
-# ``fusedformer.patch`` is that function, and ``import fusedformer.patch as m`` would bind it
-ffpatch = importlib.import_module("fusedformer.patch")
 
 D, H = 32, 4
 
@@ -43,6 +40,13 @@ class MyNorm(nn.LayerNorm):
         return super().forward(x) * 2
 
 
+class ScaleNorm(nn.Module):
+    """A normalisation fusedformer has no kernel for: patch leaves it and says why."""
+
+    def forward(self, x):
+        return x / x.norm(dim=-1, keepdim=True)
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -55,11 +59,12 @@ class Net(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.mine = MyNorm(D)
         self.rms = nn.RMSNorm(D)
+        self.scale = ScaleNorm()
 
     def forward(self, x, memory, kpm):
         h = self.encoder(x, src_key_padding_mask=kpm)
         h = h + self.cross(h, memory, memory, need_weights=False)[0]
-        return self.rms(self.mine(self.act(self.norm(h))))
+        return self.scale(self.rms(self.mine(self.act(self.norm(h)))))
 
 
 def net_inputs(B=3, L=11, S=7):
@@ -84,7 +89,7 @@ def test_patch_swaps_torch_modules_in_place():
     assert type(net.cross) is ffnn.MultiheadAttention
     assert type(net.norm) is ffnn.LayerNorm and type(net.encoder.norm) is ffnn.LayerNorm
     assert type(net.act) is ffnn.GELU
-    assert type(net.mine) is MyNorm and type(net.rms) is nn.RMSNorm
+    assert type(net.mine) is MyNorm and type(net.rms) is ffnn.RMSNorm
     assert report.replaced["TransformerEncoder"] == ["encoder"]
     assert report.replaced["TransformerEncoderLayer"] == ["encoder.layers.0", "encoder.layers.1"]
     assert sorted(report.replaced["MultiheadAttention"]) == [
@@ -93,9 +98,10 @@ def test_patch_swaps_torch_modules_in_place():
         "encoder.layers.1.self_attn",
     ]
     assert len(report.replaced["LayerNorm"]) == 6 and report.replaced["GELU"] == ["act"]
+    assert report.replaced["RMSNorm"] == ["rms"]
     left = dict(report.left)
     assert "subclass of torch.nn.LayerNorm" in left["mine"]
-    assert "not torch.nn.LayerNorm" in left["rms"]
+    assert "no fused kernel" in left["scale"]
 
     x, memory, kpm = net_inputs()
     out, out_twin = net(x, memory, kpm), twin(x, memory, kpm)
@@ -114,16 +120,16 @@ def test_patch_swaps_torch_modules_in_place():
         type(net.encoder) is nn.TransformerEncoder
         and type(net.encoder.layers[1].self_attn) is nn.MultiheadAttention
     )
-    assert type(net.norm) is nn.LayerNorm and type(net.act) is nn.GELU
+    assert type(net.norm) is nn.LayerNorm and type(net.act) is nn.GELU and type(net.rms) is nn.RMSNorm
     assert not ffpatch.is_patched(net)
 
 
 def test_patch_report_reads_well():
     report = patch(Net())
     text = str(report)
-    assert text.startswith("fusedformer.patch: replaced 13 module(s), left 2")
+    assert text.startswith("fusedformer.patch: replaced 14 module(s), left 2")
     assert "TransformerEncoderLayer x2: encoder.layers.0, encoder.layers.1" in text
-    assert "left in place:" in text and "mine" in text and "rms" in text
+    assert "left in place:" in text and "mine" in text and "scale" in text
     assert "need_weights" in text  # the note on MultiheadAttention's default
 
 
@@ -197,15 +203,15 @@ def test_verify_compares_real_tokens_only():
     difference at a padded position passes, the same difference at a real token fails."""
     before = [torch.zeros(2, 5, 3), torch.zeros(2)]
     attention_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    padding = ffpatch._padding({"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": attention_mask})
+    padding = ffpatch_verify.padding({"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": attention_mask})
     after = [before[0].clone(), before[1].clone()]
     after[0][0, 4] = 1.0  # a padded position
-    assert ffpatch._compare(before, after, None, None, padding) == 0.0
+    assert ffpatch_verify.compare(before, after, None, None, padding) == 0.0
     with pytest.raises(PatchVerificationError):
-        ffpatch._compare(before, after, None, None, None)  # without the mask, every position counts
+        ffpatch_verify.compare(before, after, None, None, None)  # without the mask, every position counts
     after[0][1, 4] = 1.0  # a real token (its 3 features)
     with pytest.raises(PatchVerificationError, match="at 3 element"):  # the real token's 3 values
-        ffpatch._compare(before, after, None, None, padding)
+        ffpatch_verify.compare(before, after, None, None, padding)
 
 
 def test_verify_asks_for_inputs_it_cannot_build():
@@ -284,25 +290,16 @@ def hf_model(transformers, name: str) -> nn.Module:
         )
         return t.T5ForConditionalGeneration(config)
     if name == "llama":  # grouped-query attention
-        config = t.LlamaConfig(
-            vocab_size=99,
-            hidden_size=D,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=H,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        return t.LlamaForCausalLM(config)
+        return decoder_lm(t, "llama")
     raise ValueError(name)
 
 
-HF_MODELS = {  # name: (number of attention modules served, number of LayerNorms, GELU modules)
-    "bert": (2, 5, 2),
-    "gpt2": (2, 5, 2),
-    "bart": (6, 12, 4),
-    "t5": (6, 0, 4),
-    "llama": (2, 0, 0),
+HF_MODELS = {  # name: (number of attention modules served, number of LayerNorms, GELU modules, RMSNorms)
+    "bert": (2, 5, 2, 0),
+    "gpt2": (2, 5, 2, 0),
+    "bart": (6, 12, 4, 0),
+    "t5": (6, 0, 4, 12),
+    "llama": (2, 0, 0, 5),
 }
 
 
@@ -331,20 +328,21 @@ def test_hf_patch_matches_unpatched_forward_and_backward(transformers, name, mon
     model = hf_model(transformers, name).train()
     twin = copy.deepcopy(model)
     calls = []
-    real = ffpatch.scaled_dot_product_attention
+    real = ffpatch_hf.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, **kwargs):
         calls.append(attn_mask is not None)
         return real(q, k, v, attn_mask=attn_mask, **kwargs)
 
     report = patch(model, verify=True)
-    n_attention, n_layer_norm, n_gelu = HF_MODELS[name]
-    assert len(report.replaced.get(ffpatch._HF_ATTENTION_KIND, [])) == n_attention
+    n_attention, n_layer_norm, n_gelu, n_rms = HF_MODELS[name]
+    assert len(report.replaced.get(ffpatch.HF_ATTENTION_KIND, [])) == n_attention
     assert len(report.replaced.get("LayerNorm", [])) == n_layer_norm
     assert sum(len(p) for k, p in report.replaced.items() if "GELU" in k) == n_gelu
+    assert sum(len(p) for k, p in report.replaced.items() if "ff.rms_norm" in k) == n_rms
     assert report.max_abs_diff < 1e-4
 
-    monkeypatch.setattr(ffpatch, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(ffpatch_hf, "scaled_dot_product_attention", spy)
     batch = hf_batch(model)
     with warnings.catch_warnings():
         if (
@@ -363,6 +361,131 @@ def test_hf_patch_matches_unpatched_forward_and_backward(transformers, name, mon
 
     unpatch(model)
     assert model.config._attn_implementation == twin.config._attn_implementation == "sdpa"
+
+
+# ---- Hugging Face RMSNorm classes ---------------------------------------------------------------
+
+
+def decoder_lm(transformers, name: str) -> nn.Module:
+    """A small decoder-only LM of a Llama-family architecture, random weights, from its config."""
+    t = transformers
+    config_cls, model_cls = {
+        "llama": (t.LlamaConfig, t.LlamaForCausalLM),
+        "mistral": (t.MistralConfig, t.MistralForCausalLM),
+        "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM),
+        "gemma": (t.GemmaConfig, t.GemmaForCausalLM),
+    }[name]
+    kwargs = dict(
+        vocab_size=99,
+        hidden_size=D,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    if name == "gemma":
+        kwargs["head_dim"] = D // H
+    model = model_cls(config_cls(**kwargs))
+    if name == "gemma":  # Gemma's norm weights start at 0 (1 + w = 1): give them values to test 1 + w
+        with torch.no_grad():
+            for m in model.modules():
+                if type(m).__name__ == "GemmaRMSNorm":
+                    m.weight.normal_()
+    return model
+
+
+def _profiled_ops(model, batch) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(**batch)
+    return {e.key for e in prof.key_averages()}
+
+
+RMS_CLASSES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "gemma": "GemmaRMSNorm"}
+
+
+@pytest.mark.parametrize("name", list(RMS_CLASSES))
+def test_hf_llama_family_rms_norm_served_by_fusedformer(transformers, name):
+    """Built from its config and patched: every RMSNorm runs fusedformer::rms_norm_fwd (the profiler sees
+    it), the logits stay within 1e-4 in float32, and unpatch restores the classes and the numbers."""
+    model = decoder_lm(transformers, name).eval()
+    cls_name = RMS_CLASSES[name]
+    norms = [m for m in model.modules() if type(m).__name__ == cls_name]
+    assert len(norms) == 5  # 2 per layer, and the final norm
+    original_cls = type(norms[0])
+    batch = {k: v for k, v in hf_batch(model).items()}
+    with torch.no_grad():
+        before = model(**batch).logits
+        assert "fusedformer::rms_norm_fwd" not in _profiled_ops(model, batch)
+
+        report = patch(model, verify=True)
+        assert len(report.replaced[f"{cls_name} -> ff.rms_norm"]) == 5
+        assert f"{cls_name} -> ff.rms_norm x5" in str(report)
+        assert all(type(m) is not original_cls and isinstance(m, original_cls) for m in norms)
+        ops = _profiled_ops(model, batch)
+        assert "fusedformer::rms_norm_fwd" in ops, sorted(o for o in ops if "fusedformer" in o)
+        after = model(**batch).logits
+        valid = batch["attention_mask"].bool()
+        assert (after[valid] - before[valid]).abs().max().item() < 1e-4
+
+        unpatch(model)
+        assert all(type(m) is original_cls for m in norms)
+        assert torch.equal(model(**batch).logits, before)
+
+
+def test_hf_llama_rms_norm_gradients_through_fused_op(transformers):
+    model = decoder_lm(transformers, "llama").train()
+    twin = copy.deepcopy(model)
+    patch(model)
+    batch = hf_batch(model)
+    out, out_twin = model(**batch).logits, twin(**batch).logits
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_twin.backward(grad)
+    grads_match(twin, model)
+
+
+@pytest.mark.parametrize("style,cls_path", [
+    ("llama", ("llama", "modeling_llama", "LlamaRMSNorm")),
+    ("gemma", ("gemma", "modeling_gemma", "GemmaRMSNorm")),
+    ("t5", ("t5", "modeling_t5", "T5LayerNorm")),
+])  # fmt: skip
+@pytest.mark.parametrize("dtypes", [("float32", "float32"), ("bfloat16", "bfloat16"), ("bfloat16", "float32")],
+                         ids=lambda d: "x:" + d[0] + ",w:" + d[1])  # fmt: skip
+def test_hf_rms_norm_classes_keep_their_dtype_handling(transformers, style, cls_path, dtypes):
+    """Each class's own dtypes (Llama: fp32 statistics, cast back, then weight; Gemma: 1 + w in fp32; T5: a
+    half weight's dtype): the same output dtype as the original, and values within a rounding of it."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{cls_path[0]}.{cls_path[1]}")
+    x_dtype, w_dtype = (getattr(torch, d) for d in dtypes)
+    norm = getattr(module, cls_path[2])(48).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48) * 0.5 + (0.0 if style == "gemma" else 1.0))
+    x = torch.randn(3, 5, 48).to(x_dtype)
+    expected = norm(x)
+    report = patch(norm)
+    assert report.num_replaced == 1
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = norm(x)
+    assert "fusedformer::rms_norm_fwd" in {e.key for e in prof.key_averages()}
+    assert got.dtype == expected.dtype
+    tol = 1e-5 if got.dtype == torch.float32 and x_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+    unpatch(norm)
+    assert type(norm) is getattr(module, cls_path[2])
+
+
+def test_hf_t5_layer_norm_served_by_fused_rms_op(transformers):
+    model = hf_model(transformers, "t5").eval()
+    report = patch(model)
+    assert len(report.replaced["T5LayerNorm -> ff.rms_norm"]) == 12
+    batch = hf_batch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ff.FallbackWarning)
+        with torch.no_grad():
+            ops = _profiled_ops(model, batch)
+    assert "fusedformer::rms_norm_fwd" in ops
 
 
 def test_hf_padding_mask_takes_effect(transformers):
@@ -473,7 +596,7 @@ def test_hf_attention_function_matches_sdpa(transformers, mask, module_causal, L
     theirs, _ = sdpa_attention_forward(module, q, k, v, attention_mask, dropout=0.0, scaling=0.3, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ff.FallbackWarning)  # a position bias that requires grad
-        ours, weights = ffpatch.fusedformer_attention_forward(
+        ours, weights = ffpatch_hf.fusedformer_attention_forward(
             module, q, k, v, attention_mask, dropout=0.0, scaling=0.3, **kwargs
         )
     assert weights is None and ours.shape == theirs.shape == (B, L, Hq, E)
@@ -490,7 +613,7 @@ def test_hf_attention_function_rejects_what_it_cannot_do(transformers):
     module = nn.Module()
     q = torch.randn(1, 2, 3, 8)
     with pytest.raises(ValueError, match="softcap"):
-        ffpatch.fusedformer_attention_forward(module, q, q, q, None, softcap=30.0)
+        ffpatch_hf.fusedformer_attention_forward(module, q, q, q, None, softcap=30.0)
 
 
 def test_hf_sample_inputs_pad_a_row(transformers):
@@ -504,3 +627,8 @@ def test_public_api_exports():
     """``ff.patch`` / ``ff.unpatch`` and ``ff.nn`` are the public way in."""
     assert ff.patch is patch and ff.unpatch is unpatch
     assert ff.nn is ffnn
+    # the module is fusedformer.patching (the function would shadow a module fusedformer.patch); the
+    # old spelling `from fusedformer.patch import patch` still works
+    from fusedformer.patch import patch as old_spelling
+
+    assert old_spelling is patch and ff.patching is ffpatch

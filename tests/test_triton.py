@@ -39,7 +39,17 @@ from tests.conftest import check_compiled_dropout  # noqa: E402
 from fusedformer.kernels import _common  # noqa: E402
 from fusedformer.kernels.attention import attention_backward, attention_forward  # noqa: E402
 from fusedformer.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
-from fusedformer.kernels.layer_norm import MAX_BLOCK_D, layer_norm_backward, layer_norm_forward  # noqa: E402
+from fusedformer.kernels.layer_norm import (  # noqa: E402
+    MAX_BLOCK_D,
+    add_layer_norm_backward,
+    add_layer_norm_forward,
+    add_rms_norm_backward,
+    add_rms_norm_forward,
+    layer_norm_backward,
+    layer_norm_forward,
+    rms_norm_backward,
+    rms_norm_forward,
+)
 
 interpreted = pytest.mark.skipif(
     not _common.INTERPRET,
@@ -404,6 +414,114 @@ def test_layer_norm_strided_input_and_eps(dtype):
     _check_layer_norm(x, [40], w, b, eps=0.1)
 
 
+# ---- RMSNorm and residual add + norm ------------------------------------------------------------
+
+
+def _add_norm_ref(rms, x, r, shape, w, b, grads, eps, dtype, upcast):
+    """(out, residual_out, d input, d residual, dw, db) of norm(x + r) with h rounded to x's dtype,
+    computed in ``dtype``; ``r`` None: the plain norm (then residual_out, d residual are None)."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) if t is not None else None for t in (x, r, w, b)]
+    if r is None:
+        h = leaves[0]
+    else:  # h's value: x + r rounded to x's dtype (as stored); its gradient: 1 to both (s - s.detach() is 0)
+        s = leaves[0] + leaves[1]
+        h = (x + r).to(dtype) + (s - s.detach())
+    if rms:
+        y = reference.rms_norm(h, shape, leaves[2], eps, upcast=upcast)
+    else:
+        y = reference.layer_norm(h, shape, leaves[2], leaves[3], eps, upcast=upcast)
+    outs, gs = [y], [grads[0].to(dtype)]
+    if r is not None:
+        outs.append(h)
+        gs.append(grads[1].to(dtype))
+    torch.autograd.backward(outs, gs)
+    res = h.detach() if r is not None else None
+    return y.detach(), res, *(t.grad if t is not None else None for t in leaves)
+
+
+def _check_add_norm(rms, x, r, shape, w, b, eps=1e-5):
+    g_out = _randn(*x.shape, dtype=x.dtype)
+    g_res = _randn(*x.shape, dtype=x.dtype) if r is not None else None
+    if r is None and rms:
+        y, rstd = rms_norm_forward(x, shape, w, eps)
+        dx, dw = rms_norm_backward(g_out, x, shape, rstd, w)
+        ours = (y, None, dx, None, dw, None)
+    elif rms:
+        y, h, rstd = add_rms_norm_forward(x, r, shape, w, eps)
+        dh, di, dw = add_rms_norm_backward(g_out, g_res, h, shape, rstd, w)
+        assert di.numel() == 0  # no dropout: the input's gradient is the residual's
+        ours = (y, h, dh, dh, dw, None)
+    else:
+        y, h, mean, rstd = add_layer_norm_forward(x, r, shape, w, b, eps)
+        dh, di, dw, db = add_layer_norm_backward(g_out, g_res, h, shape, mean, rstd, w, b)
+        assert di.numel() == 0
+        ours = (y, h, dh, dh, dw, db)
+    truth = _add_norm_ref(rms, x, r, shape, w, b, (g_out, g_res), eps, torch.float64, True)
+    same = _add_norm_ref(rms, x, r, shape, w, b, (g_out, g_res), eps, x.dtype, False)
+    if r is not None:
+        assert torch.equal(ours[1], x + r)  # residual_out: x + r rounded to the dtype, as the composite
+    names = ("out", "residual_out", "dinput", "dresidual", "dweight", "dbias")
+    for name, o, sm, t, factor in zip(names, ours, same, truth, (2, 0, 3, 3, 3, 3)):
+        if t is None or not factor:
+            continue
+        if o.numel() == 0 and t.numel() != 0:
+            raise AssertionError(f"{name}: empty")
+        assert o.dtype == x.dtype
+        _check(name, o, sm, t, factor)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,normalized_shape", LN_SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["rms", "add_rms", "add_layer"])
+def test_rms_and_add_norm_match_reference(dtype, shape, normalized_shape, kind):
+    x = _randn(*shape, dtype=dtype, scale=2.0, offset=0.5)
+    r = _randn(*shape, dtype=dtype) if kind.startswith("add") else None
+    w = _randn(*normalized_shape, dtype=dtype)
+    b = _randn(*normalized_shape, dtype=dtype) if kind == "add_layer" else None
+    _check_add_norm(kind != "add_layer", x, r, list(normalized_shape), w, b)
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["rms", "add_rms"])
+def test_rms_norm_without_weight(kind):
+    x = _randn(9, 300, dtype=torch.float32)  # streamed: 300 > MAX_BLOCK_D
+    r = _randn(9, 300, dtype=torch.float32) if kind == "add_rms" else None
+    _check_add_norm(True, x, r, [300], None, None, eps=1e-3)
+
+
+@interpreted
+def test_add_norm_triton_rejects_dropout():
+    x = _randn(4, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dropout"):
+        add_rms_norm_forward(x, x, [8], None, 1e-5, 0.1, 3)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_rms_and_add_norm_agree_with_cpp(dtype):
+    for op in ("rms_norm_fwd", "rms_norm_bwd", "add_layer_norm_fwd", "add_layer_norm_bwd", "add_rms_norm_fwd"):
+        _require_cpu_kernel(op)
+    x, r = _randn(5, 6, 97, dtype=dtype, offset=1.0), _randn(5, 6, 97, dtype=dtype)
+    shape = [6, 97]
+    w, b = _randn(6, 97, dtype=dtype), _randn(6, 97, dtype=dtype)
+    g, g_res = _randn(5, 6, 97, dtype=dtype), _randn(5, 6, 97, dtype=dtype)
+    ops = torch.ops.fusedformer
+    ours, cpp = rms_norm_forward(x, shape, w, 1e-5), ops.rms_norm_fwd(x, shape, w, 1e-5)
+    for name, a, c in zip(("out", "rstd"), ours, cpp):
+        _assert_agree(f"rms {name}", a, c)
+    grads, grads_c = rms_norm_backward(g, x, shape, ours[1], w), ops.rms_norm_bwd(g, x, shape, cpp[1], w)
+    for name, a, c in zip(("dx", "dweight"), grads, grads_c):
+        _assert_agree(f"rms {name}", a, c)
+    ours, cpp = add_layer_norm_forward(x, r, shape, w, b, 1e-5), ops.add_layer_norm_fwd(x, r, shape, w, b, 1e-5)
+    for name, a, c in zip(("out", "residual_out", "mean", "rstd"), ours, cpp):
+        _assert_agree(f"add_layer {name}", a, c)
+    grads = add_layer_norm_backward(g, g_res, ours[1], shape, ours[2], ours[3], w, b)
+    grads_c = ops.add_layer_norm_bwd(g, g_res, cpp[1], shape, cpp[2], cpp[3], w, b)
+    for name, a, c in zip(("dresidual", "dinput", "dweight", "dbias"), grads, grads_c):
+        _assert_agree(f"add_layer {name}", a, c)
+
+
 # ---- GELU ---------------------------------------------------------------------------------------
 
 
@@ -448,13 +566,18 @@ def test_gelu_matches_reference(dtype, shape, approximate, with_bias):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0·inf in a branch not taken
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_extreme_inputs(approximate):
-    # far tails: no overflow, no NaN; gelu(x) -> x, gelu'(x) -> 1 for large x; both -> 0 for very negative x
+    # far tails: gelu(x) -> x, gelu'(x) -> 1 for large x; both -> 0 for very negative x; no NaN but torch's
     x = torch.tensor([-1e4, -80.0, -20.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 20.0, 80.0, 1e4, 3e38, -3e38])
     y = gelu_forward(x, None, approximate)
     dx, _ = gelu_backward(torch.ones_like(x), x, None, approximate)
-    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    assert torch.isfinite(y).all()
     assert torch.equal(y[-4:-1], x[-4:-1]) and (y[:3] == 0).all()
-    assert (dx[-5:-1] == 1).all() and (dx[:2] == 0).all()
+    assert (dx[-5:-2] == 1).all() and (dx[:2] == 0).all()
+    # at ±3e38 the gradient is torch's: 1 and 0 for erf; NaN for tanh, whose x² overflows float32 (issue 11)
+    huge = x[-2:].clone().requires_grad_()
+    torch.nn.functional.gelu(huge, approximate=approximate).sum().backward()
+    assert torch.equal(dx[-2:].isnan(), huge.grad.isnan()) and torch.equal(dx[-2:].nan_to_num(), huge.grad.nan_to_num())
+    assert dx[-2:].isnan().all() == (approximate == "tanh")
 
 
 @interpreted
@@ -860,33 +983,43 @@ _COMPILE_SCRIPT = textwrap.dedent(
         binary = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 80, 32))
         assert binary.asm["cubin"], kernel.__name__
 
-    for dt, precision, dropout in (("bf16", "ieee", True), ("fp16", "ieee", True), ("fp32", "tf32", True),
-                                   ("bf16", "ieee", False)):
+    cu = dict(CuQ="i32", CuK="i32")
+    # the padded kernels (VARLEN off, masks on) with and without dropout, in each dtype (fp32 with TF32),
+    # and their packed-sequence variant (VARLEN on, no mask, no dropout)
+    for dt, precision, dropout, varlen in (
+        ("bf16", "ieee", True, False), ("fp16", "ieee", True, False), ("fp32", "tf32", True, False),
+        ("bf16", "ieee", False, False), ("bf16", "ieee", False, True),
+    ):
         heads = dict(INTERP_BF16=False, PRECISION=precision, BLOCK_D=64, BLOCK_DV=32)
-        masks = dict(HAS_MASK=True, MASK_IS_BOOL=False, IS_CAUSAL=True, DROPOUT=dropout)
-        compile_(A._attn_fwd_kernel, dict(Q=dt, K=dt, V=dt, Mask=dt, Out=dt, Lse="fp32", Seed="i64"),
+        masks = dict(HAS_MASK=not varlen, MASK_IS_BOOL=False, IS_CAUSAL=True, DROPOUT=dropout, VARLEN=varlen)
+        renorm = not varlen
+        compile_(A._attn_fwd_kernel, dict(cu, Q=dt, K=dt, V=dt, Mask=dt, Out=dt, Lse="fp32", Seed="i64"),
                  dict(heads, **masks, BLOCK_M=64, BLOCK_N=32))
         compile_(A._attn_bwd_preprocess_kernel,
-                 dict(O=dt, DO=dt, Delta="fp32", Renorm="fp32", Q=dt, K=dt, Mask=dt, Lse="fp32"),
-                 dict(heads, RENORM=True, IS_CAUSAL=True, BLOCK_M=64, BLOCK_N=64))
-        bwd = dict(Q=dt, K=dt, V=dt, Mask=dt, DO=dt, Lse="fp32", Delta="fp32", Renorm="fp32", Seed="i64")
+                 dict(cu, O=dt, DO=dt, Delta="fp32", Renorm="fp32", Q=dt, K=dt, Mask=dt, Lse="fp32"),
+                 dict(heads, RENORM=renorm, IS_CAUSAL=True, VARLEN=varlen, BLOCK_M=64, BLOCK_N=64))
+        bwd = dict(cu, Q=dt, K=dt, V=dt, Mask=dt, DO=dt, Lse="fp32", Delta="fp32", Renorm="fp32", Seed="i64")
         compile_(A._attn_bwd_dkdv_kernel, dict(bwd, DK=dt, DV=dt),
-                 dict(heads, **masks, RENORM=True, BLOCK_M=32, BLOCK_N=64))
+                 dict(heads, **masks, RENORM=renorm, BLOCK_M=32, BLOCK_N=64))
         compile_(A._attn_bwd_dq_kernel, dict(bwd, DQ=dt),
-                 dict(heads, **masks, RENORM=True, BLOCK_M=64, BLOCK_N=32))
+                 dict(heads, **masks, RENORM=renorm, BLOCK_M=64, BLOCK_N=32))
     bf = "bf16"
+    # LayerNorm, and residual add + RMSNorm; the backward's wide-row pair (row kernel, then the column
+    # chunks) and its one-chunk kernel, with and without the affine parameters
     for single in (True, False):
-        ln = dict(HAS_WEIGHT=True, HAS_BIAS=True, INTERP_BF16=False, SINGLE_BLOCK=single, BLOCK_D=1024,
-                  ROWS=2)
-        compile_(N._layer_norm_fwd_kernel, dict(X=bf, W=bf, B=bf, Y=bf, Mean="fp32", Rstd="fp32"), ln)
-    grads = dict(DY=bf, X=bf, W=bf, Mean="fp32", Rstd="fp32", DX=bf, DWPartial="fp32", DBPartial="fp32")
-    grads.update(C1="fp32", C2="fp32")
-    for affine in (True, False):
+        for add, rms in ((False, False), (True, True)):
+            ln = dict(HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=add, IS_RMS=rms, INTERP_BF16=False,
+                      SINGLE_BLOCK=single, BLOCK_D=1024, ROWS=2)
+            compile_(N._layer_norm_fwd_kernel, dict(X=bf, R=bf, W=bf, B=bf, Y=bf, H=bf, Mean="fp32",
+                     Rstd="fp32"), ln)
+    grads = dict(DY=bf, X=bf, W=bf, Mean="fp32", Rstd="fp32", C1="fp32", C2="fp32", DRES=bf, DX=bf,
+                 DWPartial="fp32", DBPartial="fp32")
+    for affine, dres, rms in ((True, False, False), (False, False, False), (True, True, True)):
         for single in (True, False):
-            ln = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, INTERP_BF16=False, SINGLE_BLOCK=single, BLOCK_D=1024,
-                      ROWS=2)
+            ln = dict(HAS_WEIGHT=affine, HAS_BIAS=affine and not rms, HAS_DRES=dres, IS_RMS=rms,
+                      INTERP_BF16=False, SINGLE_BLOCK=single, BLOCK_D=1024, ROWS=2)
             compile_(N._layer_norm_bwd_kernel, grads, ln)
-        compile_(N._layer_norm_bwd_row_kernel, grads, dict(HAS_WEIGHT=affine, BLOCK_D=1024, ROWS=2))
+        compile_(N._layer_norm_bwd_row_kernel, grads, dict(HAS_WEIGHT=affine, IS_RMS=rms, BLOCK_D=1024, ROWS=2))
     for tanh in (False, True):
         gl = dict(HAS_BIAS=True, APPROX_TANH=tanh, INTERP_BF16=False, BLOCK_C=256, BLOCK_R=4)
         compile_(G._gelu_fwd_kernel, dict(X=bf, Bias=bf, Y=bf), gl)
@@ -904,7 +1037,10 @@ _TRACE_SCRIPT = textwrap.dedent(
     from torch.fx.experimental.proxy_tensor import make_fx
     from fusedformer.kernels.attention import attention_backward, attention_forward
     from fusedformer.kernels.gelu import gelu_backward, gelu_forward
-    from fusedformer.kernels.layer_norm import layer_norm_backward, layer_norm_forward
+    from fusedformer.kernels.layer_norm import (
+        add_layer_norm_backward, add_layer_norm_forward, add_rms_norm_backward, add_rms_norm_forward,
+        layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward,
+    )
 
     x, b = torch.randn(4, 33), torch.randn(33)
     q, m = torch.randn(1, 2, 17, 16), torch.randn(17, 17)
@@ -914,6 +1050,16 @@ _TRACE_SCRIPT = textwrap.dedent(
     def layer_norm(x, b):
         mean = rstd = x[:, 0]
         return layer_norm_forward(x, [33], b, b, 1e-5), layer_norm_backward(x, x, [33], mean, rstd, b, b)
+
+    def rms_norm(x, b):
+        rstd = x[:, 0]
+        return rms_norm_forward(x, [33], b, 1e-5), rms_norm_backward(x, x, [33], rstd, b)
+
+    def add_norms(x, b):
+        mean = rstd = x[:, 0]
+        return (add_layer_norm_forward(x, x, [33], b, b, 1e-5), add_rms_norm_forward(x, x, [33], b, 1e-5),
+                add_layer_norm_backward(x, x, x, [33], mean, rstd, b, b),
+                add_rms_norm_backward(x, None, x, [33], rstd, b))
 
     def attention(q, m):
         lse = q[..., 0]
@@ -925,8 +1071,8 @@ _TRACE_SCRIPT = textwrap.dedent(
         fwd = attention_forward(q, q, q, m, True, 0.25, 0.1, seed)
         return fwd, attention_backward(q, q, q, q, q, lse, m, True, 0.25, 0.1, seed)
 
-    for fn, args, launches in ((gelu, (x, b), 3), (layer_norm, (x, b), 4), (attention, (q, m), 4),
-                               (attention_dropout, (q, m), 4)):
+    for fn, args, launches in ((gelu, (x, b), 3), (layer_norm, (x, b), 4), (rms_norm, (x, b), 3),
+                               (add_norms, (x, b), 7), (attention, (q, m), 4), (attention_dropout, (q, m), 4)):
         graph = make_fx(fn, tracing_mode="fake")(*args).graph
         found = [n for n in graph.nodes if "triton_kernel_wrapper" in str(n.target)]
         assert len(found) == launches, (fn.__name__, len(found))

@@ -551,6 +551,25 @@ at::Tensor attention_dropout_mask_cpu(int64_t B, int64_t H, int64_t L, int64_t S
 
 }  // namespace
 
+void attention_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                          int causal, const at::Tensor& seq_lens, int64_t max_keys, double scale, at::Tensor& out,
+                          at::Tensor& lse) {
+  const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  run_decode(d, q, k, v, mask, causal, seq_lens.defined() ? seq_lens.const_data_ptr<int64_t>() : nullptr, max_keys,
+             scale, out, lse);
+}
+
+void attention_fwd_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal,
+                            double scale, at::Tensor& out, at::Tensor& lse) {
+  const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  at::Tensor no_mask, no_split;
+  if (decode_shaped(d, 0.0)) {
+    run_decode(d, q, k, v, no_mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse);
+  } else {
+    run_fwd(engine_for(q.scalar_type(), false), d, q, k, v, no_mask, is_causal, scale, 0.0, 0, out, lse, no_split);
+  }
+}
+
 EngineReport attention_engine_report(at::ScalarType dtype, bool measure) {
   const Scalar s = scalar_of(dtype);
   EngineReport r;
@@ -582,6 +601,15 @@ void set_attention_engine(at::ScalarType dtype, const std::string& kind) {
   std::lock_guard<std::mutex> lock(cs.mutex);
   cs.forced = kind;
   cs.done = false;
+}
+
+const MatmulEngine* attention_engine_for(at::ScalarType dtype, bool backward) {
+  return engine_for(dtype, backward);
+}
+
+AttentionBlocks attention_blocks(const MatmulEngine* engine) {
+  const Blocks b = blocks_for(engine);
+  return {b.fwd_m, b.fwd_n, b.bwd_m, b.bwd_n};
 }
 
 TORCH_LIBRARY_IMPL(fusedformer, CPU, m) {

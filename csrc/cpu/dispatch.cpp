@@ -1,6 +1,8 @@
 // Capability detection for the per-capability kernel builds (see dispatch.h, setup.py).
 #include "cpu/dispatch.h"
 
+#include "build_info.h"  // FF_BUILT_CAPABILITIES, written by setup.py
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -43,8 +45,16 @@ std::atomic<int>& active() {
 
 }  // namespace
 
+bool capability_built(Capability cap) { return (FF_BUILT_CAPABILITIES >> static_cast<int>(cap)) & 1; }
+
+// The best capability that this CPU supports and this build has: a build for a target other than x86-64
+// has only the baseline kernels.
 Capability best_supported_capability() {
-  static const Capability best = detect();
+  static const Capability best = [] {
+    int c = detect();
+    while (c > kDefault && !capability_built(static_cast<Capability>(c))) --c;
+    return static_cast<Capability>(c);
+  }();
   return best;
 }
 

@@ -14,9 +14,12 @@ enum Capability : int { kDefault = 0, kAVX2 = 1, kAVX512 = 2, kAVX512BF16 = 3, k
 // The capability the kernels run with: the best the CPU supports, unless lowered by the environment
 // variable FUSEDFORMER_CPU_CAPABILITY=default|avx2|avx512|avx512bf16 or by set_capability().
 Capability active_capability();
-// Returns false (and changes nothing) if the CPU lacks `cap`.
+// Returns false (and changes nothing) if the CPU lacks `cap` or the build has no kernels for it.
 bool set_capability(Capability cap);
+// The best capability both this CPU supports and this build has kernels for.
 Capability best_supported_capability();
+// Whether the kernels were built for `cap` (setup.py builds the AVX variants only for x86-64 targets).
+bool capability_built(Capability cap);
 const char* capability_name(Capability cap);
 
 // One function pointer per capability. Zero-initialised at compile time (constant initialisation),

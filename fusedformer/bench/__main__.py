@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from fusedformer.bench.cases import CASES, MODES, PROVIDERS
+from fusedformer.bench.cases import ALL_PROVIDERS, CASES, MODES
 from fusedformer.bench.timing import TimingConfig
 
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats: under 2 minutes on 2 cores")
     p.add_argument("--cases", type=_list(str, CASES), default=CASES, help=f"default: {','.join(CASES)}")
-    p.add_argument("--providers", type=_list(str, PROVIDERS), default=PROVIDERS, help=f"default: {','.join(PROVIDERS)}")
+    p.add_argument("--providers", type=_list(str, ALL_PROVIDERS), default=ALL_PROVIDERS,
+                   help=f"default: {','.join(ALL_PROVIDERS)}")  # fmt: skip
     p.add_argument("--modes", type=_list(str, MODES), default=MODES,
                    help=f"for attention, LayerNorm and GELU (default: {','.join(MODES)})")  # fmt: skip
     p.add_argument("--layer-modes", type=_list(str, MODES), default=("fwd+bwd",),
@@ -101,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of repeats per measurement, all providers together, within those bounds "
                    "(default: 2.5; --quick: 0.6)")  # fmt: skip
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    g.add_argument("--cpu-cache-mb", type=int, default=None,
+                   help="cap fusedformer's CPU output cache at this many MiB for the run (0: off; default: "
+                   "FUSEDFORMER_CPU_CACHE_MB, else 256); benchmarks/cache_on_off.sh compares on and off")  # fmt: skip
     g.add_argument("--memory-all-sizes", action="store_true",
                    help="probe memory at every size (the default, except with --quick: the largest only)")  # fmt: skip
     g = p.add_argument_group("output")
@@ -172,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     config = config_from_args(args, argv)
+    if args.cpu_cache_mb is not None:
+        if args.cpu_cache_mb < 0:
+            raise SystemExit("fusedformer-bench: --cpu-cache-mb must be >= 0")
+        os.environ["FUSEDFORMER_CPU_CACHE_MB"] = str(args.cpu_cache_mb)  # for the memory probes' subprocesses
+        from fusedformer import backends
+
+        if backends._C is not None:
+            backends._C.set_cache_limit(args.cpu_cache_mb << 20)
+            backends._C.empty_cache()
 
     from fusedformer.bench import memory, plots, report
     from fusedformer.bench.runner import run

@@ -18,8 +18,9 @@ use ``unit``.
 
 Providers (the names are the house's): ``fusedformer`` (the public ``ff.*`` functions and
 ``fusedformer.nn`` modules), ``torch`` (``F.scaled_dot_product_attention``, ``F.layer_norm``,
-``F.gelu(x + bias)``, ``torch.nn`` layers) and ``naive`` (``fusedformer.reference``: attention that
-materialises the (L, S) scores). ``fusedformer`` is only fused when ``ff.explain`` says a fused
+``F.gelu(x + bias)``, ``F.rms_norm``, ``x + r`` then the norm for add + norm, ``torch.nn`` layers) and ``naive`` (``fusedformer.reference``: attention that
+materialises the (L, S) scores). The varlen case has its own third provider, ``torch-loop``: a Python
+loop of torch's SDPA over the sequences (its ``torch`` is SDPA on the padded batch with its mask). ``fusedformer`` is only fused when ``ff.explain`` says a fused
 backend serves it; ``Case.backend`` says which backend that is, and the report marks the fallback.
 """
 
@@ -39,8 +40,10 @@ import fusedformer as ff
 from fusedformer import reference
 
 __all__ = [
+    "ALL_PROVIDERS",
     "CASES",
     "MODES",
+    "ROW_CASES",
     "PROVIDERS",
     "Case",
     "Spec",
@@ -51,8 +54,11 @@ __all__ = [
 ]
 
 PROVIDERS = ("fusedformer", "torch", "naive")
+ALL_PROVIDERS = (*PROVIDERS, "torch-loop")  # with the varlen case's own
 MODES = ("fwd", "bwd", "fwd+bwd")
-CASES = ("attention", "layer_norm", "gelu", "encoder", "decoder")
+CASES = ("attention", "decode", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "encoder", "decoder", "varlen")
+#: the cases of (rows, width) elementwise work, measured in bytes/s
+ROW_CASES = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -185,6 +191,17 @@ class Case:
 # ---- attention ------------------------------------------------------------------------------------
 
 
+def attention_scores(L: int, S: int, causal: bool) -> int:
+    """The scores (query, key) pairs of one head that attention computes: L·S, or with the causal mask
+    (top-left aligned as torch's: query i sees keys j <= i) the pairs it keeps, sum over i of min(i + 1, S).
+    For L = S that is L(L+1)/2; for L > S the rows past S see every key; for L < S the keys past L are
+    never seen."""
+    if not causal:
+        return L * S
+    k = min(L, S)  # rows 0..k-1 see i + 1 keys, the other L - k rows see all S
+    return k * (k + 1) // 2 + (L - k) * S
+
+
 class AttentionCase(Case):
     """``q (B, H, L, E)``, ``k, v (B, H, S, E)``; causal or not; no mask, no dropout."""
 
@@ -204,8 +221,9 @@ class AttentionCase(Case):
         return self.spec.replace(B=1, H=2, L=32, S=32)
 
     def work(self, mode: str) -> tuple[str, float]:
-        # FlashAttention's count: 4·B·H·L·S·E for the forward, halved when causal, ×2.5 for the backward
-        fwd = 4.0 * self.B * self.H * self.L * self.S * self.E / (2.0 if self.causal else 1.0)
+        # FlashAttention's count, 4·E FLOPs per score for the forward (QK^T and PV), ×2.5 for the backward,
+        # over the scores a causal kernel computes: attention_scores(L, S, causal), not half of L·S
+        fwd = 4.0 * self.B * self.H * self.E * attention_scores(self.L, self.S, self.causal)
         return "flop", fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
     def _scores_bytes(self) -> int:
@@ -263,6 +281,29 @@ class AttentionCase(Case):
         return [self.q, self.k, self.v]
 
 
+class DecodeCase(AttentionCase):
+    """A decode step: ``q (B, H, 1, E)`` against ``k, v (B, H, S, E)``, forward only (inference).
+
+    Memory-bound: throughput is the bytes that must move (K and V read once, q read, out written),
+    held to the copy ceiling.
+    """
+
+    name = "decode"
+
+    def __init__(self, spec: Spec):
+        spec = spec.replace(L=int(spec.params.get("L", 1)), causal=False)
+        super().__init__(spec)
+
+    def label(self) -> str:
+        return f"B={self.B} H={self.H} L={self.L} S={self.S}"
+
+    def tiny(self) -> Spec:
+        return self.spec.replace(B=1, H=2, S=64)
+
+    def work(self, mode: str) -> tuple[str, float]:
+        return "byte", float(self.B * self.H * (2 * self.S + 2 * self.L) * self.E * self.elt)
+
+
 def _torch_sdpa_backend(case: AttentionCase) -> str:
     """The kernel torch's SDPA dispatches to for these inputs (``torch._fused_sdp_choice``, private)."""
     try:
@@ -274,6 +315,111 @@ def _torch_sdpa_backend(case: AttentionCase) -> str:
         return f"sdpa:{SDPBackend(choice).name.lower()}"
     except Exception:  # a private API: if it moves, say less rather than fail
         return "sdpa"
+
+
+# ---- packed variable-length sequences --------------------------------------------------------------
+
+
+def varlen_lengths(n: int, low: int, high: int, seed: int = 0) -> list[int]:
+    """``n`` sequence lengths drawn uniformly from [low, high], reproducibly (the bench's default batch)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high + 1, (n,), generator=g).tolist()
+
+
+class VarlenCase(Case):
+    """Self-attention over packed sequences of ``lengths`` tokens, ``H`` heads of ``E``: ``ff.varlen_attention``
+    on ``(total, H, E)``, against torch's SDPA on the zero-padded batch ``(B, H, max L, E)`` with its key
+    padding (and causal) mask, and against a Python loop of torch's SDPA over the sequences. All three see
+    the same tokens; the padded provider's output is gathered back to ``(total, H, E)`` (its padding rows
+    then get a zero gradient)."""
+
+    name = "varlen"
+    providers = ("fusedformer", "torch", "torch-loop")
+
+    def __init__(self, spec: Spec):
+        super().__init__(spec)
+        p = self.p
+        self.lengths = [int(n) for n in p["lengths"]]
+        self.H, self.E, self.causal = int(p["H"]), int(p["E"]), bool(p["causal"])
+        self.B, self.Lmax, self.total = len(self.lengths), max(self.lengths), sum(self.lengths)
+
+    def label(self) -> str:
+        return (f"B={self.B} tokens={self.total} max={self.Lmax} H={self.H} E={self.E} "
+                f"{'causal' if self.causal else 'full'}")  # fmt: skip
+
+    def tiny(self) -> Spec:
+        return self.spec.replace(lengths=[8, 3], H=2)
+
+    def work(self, mode: str) -> tuple[str, float]:
+        # FlashAttention's count over the real tokens only: sum_b 4·H·L_b²·E, halved when causal
+        fwd = sum(4.0 * self.H * n * n * self.E for n in self.lengths) / (2.0 if self.causal else 1.0)
+        return "flop", fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+    def estimate_bytes(self, provider: str, mode: str) -> int:
+        io = 8 * self.total * self.H * self.E * self.elt
+        if provider == "torch":  # padded, and torch's masked SDPA on the CPU may build the scores
+            return io * self.Lmax * self.B // max(1, self.total) + 3 * self.B * self.H * self.Lmax**2 * _FP32
+        return io
+
+    def _explain(self) -> tuple[str, bool]:
+        q = torch.empty(self.total, self.H, self.E, device=self.device, dtype=self.dtype)
+        cu = torch.zeros(self.B + 1, dtype=torch.int32, device=self.device)
+        return _explained(ff.varlen_attention, q, q, q, cu, cu, self.Lmax, self.Lmax, is_causal=self.causal)
+
+    def backend(self, provider: str) -> str:
+        if provider == "fusedformer":
+            return _fmt_backend(*self._explain())
+        return "aten"
+
+    def is_fallback(self, provider: str) -> bool:
+        return provider == "fusedformer" and self._explain()[1]
+
+    def build(self) -> None:
+        H, E, B, L = self.H, self.E, self.B, self.Lmax
+        cu = [0]
+        for n in self.lengths:
+            cu.append(cu[-1] + n)
+        self.cu = torch.tensor(cu, dtype=torch.int32, device=self.device)  # (B + 1,)
+        self.q, self.k, self.v = (self._randn(self.total, H, E, requires_grad=True) for _ in range(3))
+        self.grad_out = self._randn(self.total, H, E)  # (total, H, E)
+        # the padded copies of the same tokens: (B, H, L, E), zeros past each length
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(B, H, L, E)
+            for b, n in enumerate(self.lengths):
+                out[b, :, :n] = x[cu[b]:cu[b] + n].transpose(0, 1)
+            return out
+
+        self.qp, self.kp, self.vp = (pad(t.detach()).requires_grad_(True) for t in (self.q, self.k, self.v))
+        keep = torch.arange(L, device=self.device)[None, :] < torch.tensor(self.lengths, device=self.device)[:, None]
+        mask = keep[:, None, None, :].expand(B, 1, L, L)  # (B, 1, L, S): the key padding
+        if self.causal:
+            mask = mask & reference.causal_mask(L, L, self.device)
+        # a padding query row must not be all-masked (torch gives NaN there): let it see key 0
+        self.mask = mask | (~keep[:, None, :, None] & (torch.arange(L, device=self.device) == 0))
+        self.keep = keep  # (B, L): the real tokens
+        # the per-sequence views of the loop: (1, H, L_b, E)
+        self.views = [tuple(t[cu[b]:cu[b] + n].transpose(0, 1).unsqueeze(0) for t in (self.q, self.k, self.v))
+                      for b, n in enumerate(self.lengths)]  # fmt: skip
+
+    def forward_fn(self, provider: str) -> Callable[[], torch.Tensor]:
+        if provider == "fusedformer":
+            q, k, v, cu, L, causal = self.q, self.k, self.v, self.cu, self.Lmax, self.causal
+            return lambda: ff.varlen_attention(q, k, v, cu, cu, L, L, is_causal=causal)
+        if provider == "torch":
+            qp, kp, vp, mask, keep = self.qp, self.kp, self.vp, self.mask, self.keep
+            # the real rows of the padded output, (B, L, H, E)[keep] = (total, H, E): a gather of the
+            # output only (the padding rows then get gradient 0)
+            return lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask).transpose(1, 2)[keep]
+        views, causal = self.views, self.causal
+
+        def loop() -> torch.Tensor:
+            outs = [F.scaled_dot_product_attention(q, k, v, is_causal=causal) for q, k, v in views]
+            return torch.cat([o[0].transpose(0, 1) for o in outs], 0)  # (total, H, E)
+
+        return loop
+
+    def leaves(self, provider: str) -> list[torch.Tensor]:
+        return [self.qp, self.kp, self.vp] if provider == "torch" else [self.q, self.k, self.v]
 
 
 # ---- LayerNorm and bias+GELU: (rows, width) ---------------------------------------------------------
@@ -348,6 +494,75 @@ class LayerNormCase(_RowsCase):
 
     def leaves(self, provider: str) -> list[torch.Tensor]:
         return [self.x, self.w, self.b]
+
+
+class RmsNormCase(_RowsCase):
+    """``F.rms_norm(x (rows, width), (width,), weight)``."""
+
+    name = "rms_norm"
+
+    def _explain_args(self) -> tuple:
+        x = torch.empty(self.rows, self.width, device=self.device, dtype=self.dtype)
+        w = torch.empty(self.width, device=self.device, dtype=self.dtype)
+        return ff.rms_norm, x, (self.width,), w
+
+    def forward_fn(self, provider: str) -> Callable[[], torch.Tensor]:
+        x, w, shape = self.x, self.w, (self.width,)
+        fn = {"fusedformer": ff.rms_norm, "torch": F.rms_norm, "naive": reference.rms_norm}[provider]
+        return lambda: fn(x, shape, w, 1e-6)
+
+    def leaves(self, provider: str) -> list[torch.Tensor]:
+        return [self.x, self.w]
+
+
+class _AddNormCase(_RowsCase):
+    """``h = x + r; norm(h)`` with x, r (rows, width): fused in fusedformer (``ff.add_*_norm``), ``x + r``
+    then ``F.layer_norm`` / ``F.rms_norm`` in torch. The output timed (and the gradient's way back) is the
+    normalised one; residual_out is returned by both and unused, as when the block's last norm feeds
+    the head."""
+
+    rms = False
+
+    def work(self, mode: str) -> tuple[str, float]:
+        # forward reads x and r, writes y and h; backward reads h and dy, writes dh (dr and dx are one
+        # tensor in the fused op; torch's autograd hands the same one to both)
+        n = self.rows * self.width * self.elt
+        return "byte", n * {"fwd": 4.0, "bwd": 3.0, "fwd+bwd": 7.0}[mode]
+
+    def build(self) -> None:
+        super().build()
+        self.r = self._randn(self.rows, self.width, requires_grad=True)  # (rows, width)
+
+    def _explain_args(self) -> tuple:
+        x = torch.empty(self.rows, self.width, device=self.device, dtype=self.dtype)
+        w = torch.empty(self.width, device=self.device, dtype=self.dtype)
+        if self.rms:
+            return ff.add_rms_norm, x, x, (self.width,), w
+        return ff.add_layer_norm, x, x, (self.width,), w, w
+
+    def forward_fn(self, provider: str) -> Callable[[], torch.Tensor]:
+        x, r, w, b, shape = self.x, self.r, self.w, self.b, (self.width,)
+        if self.rms:
+            if provider == "fusedformer":
+                return lambda: ff.add_rms_norm(x, r, shape, w, 1e-6)[0]
+            norm = F.rms_norm if provider == "torch" else reference.rms_norm
+            return lambda: norm(x + r, shape, w, 1e-6)
+        if provider == "fusedformer":
+            return lambda: ff.add_layer_norm(x, r, shape, w, b, 1e-5)[0]
+        norm = F.layer_norm if provider == "torch" else reference.layer_norm
+        return lambda: norm(x + r, shape, w, b, 1e-5)
+
+    def leaves(self, provider: str) -> list[torch.Tensor]:
+        return [self.x, self.r, self.w] + ([] if self.rms else [self.b])
+
+
+class AddLayerNormCase(_AddNormCase):
+    name = "add_layer_norm"
+
+
+class AddRmsNormCase(_AddNormCase):
+    name = "add_rms_norm"
+    rms = True
 
 
 class GeluCase(_RowsCase):
@@ -549,7 +764,8 @@ class DecoderCase(_LayerCase):
         return 2.0 * tokens * (8 * self.d * self.d + 2 * self.d * self.dff)
 
     def _attention_flop(self) -> float:
-        return 4.0 * self.B * self.L * self.L * self.d * (0.5 + 1.0)  # causal self + full cross
+        # causal self-attention + full cross-attention (memory of the same length)
+        return 4.0 * self.B * self.d * (attention_scores(self.L, self.L, True) + self.L * self.L)
 
     def estimate_bytes(self, provider: str, mode: str) -> int:
         scores = self.B * self.nhead * self.L * self.L * _FP32
@@ -576,10 +792,15 @@ class DecoderCase(_LayerCase):
 
 _CASE_TYPES: dict[str, type[Case]] = {
     "attention": AttentionCase,
+    "decode": DecodeCase,
     "layer_norm": LayerNormCase,
+    "rms_norm": RmsNormCase,
+    "add_layer_norm": AddLayerNormCase,
+    "add_rms_norm": AddRmsNormCase,
     "gelu": GeluCase,
     "encoder": EncoderCase,
     "decoder": DecoderCase,
+    "varlen": VarlenCase,
 }
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fusedformer.bench.cases import PROVIDERS, AttentionCase, Spec
+from fusedformer.bench.cases import PROVIDERS, ROW_CASES, AttentionCase, Spec
 
 __all__ = ["make_plots"]
 
@@ -202,7 +202,7 @@ def _attention_memory(
 
 
 def _rows_throughput(result: Any, out: Path, plt: Any) -> Path | None:
-    cases = [c for c in ("layer_norm", "gelu") if any(r["case"] == c and r.get("gbps") for r in result.rows)]
+    cases = [c for c in ROW_CASES if any(r["case"] == c and r.get("gbps") for r in result.rows)]
     if not cases:
         return None
     modes = list(dict.fromkeys(r["mode"] for r in result.rows if r["case"] in cases))

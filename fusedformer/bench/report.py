@@ -33,8 +33,8 @@ CSV columns beyond the table's (one name per line in ``CSV_COLUMNS``):
 - ``gflops`` / ``gbps``: the rate; ``ceiling``: which ceiling bounds it (``GEMM``: ``torch.mm`` in
   the row's own dtype; ``copy``: a large tensor copy); ``ceiling_rate``: that ceiling in the rate's
   unit; ``share_of_ceiling_pct``: 100 · rate / ceiling_rate.
-- ``ratio_vs_torch`` / ``ratio_vs_naive``: the other provider's median / this row's median, at the
-  same shape, dtype and mode.
+- ``ratio_vs_torch`` / ``ratio_vs_naive`` (/ ``ratio_vs_torch-loop``, varlen rows): the other provider's
+  median / this row's median, at the same shape, dtype and mode.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fusedformer.bench.cases import PROVIDERS
+from fusedformer.bench.cases import ALL_PROVIDERS, PROVIDERS, ROW_CASES
 from fusedformer.bench.machine import features_text
 
 __all__ = ["CSV_COLUMNS", "format_report", "write_csv", "write_markdown"]
@@ -54,13 +54,13 @@ __all__ = ["CSV_COLUMNS", "format_report", "write_csv", "write_markdown"]
 CSV_COLUMNS = [
     "machine", "cpu_features", "device", "threads", "date", "version", "commit", "torch_version", "load_avg",
     "case", "shape", "provider", "mode", "dtype",
-    "B", "H", "L", "S", "E", "causal",
+    "B", "H", "L", "S", "E", "causal", "lengths",
     "rows", "width", "approximate",
     "batch", "length", "d_model", "nhead", "dim_feedforward", "dropout", "activation",
     "backend", "matmul_engine", "fallback", "status", "repeats", "calls_per_sample",
     "median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "spread_pct",
     "gflops", "gbps", "ceiling", "ceiling_rate", "share_of_ceiling_pct",
-    "ratio_vs_torch", "ratio_vs_naive",
+    "ratio_vs_torch", "ratio_vs_naive", "ratio_vs_torch-loop",
     "peak_extra_mib", "memory_status",
 ]  # fmt: skip
 
@@ -186,10 +186,15 @@ def _groups(
 
 _TITLES = {
     "attention": "attention (scaled dot-product)",
+    "decode": "decode attention (one query against a long key range)",
     "layer_norm": "LayerNorm (with weight and bias)",
+    "rms_norm": "RMSNorm (with weight)",
+    "add_layer_norm": "residual add + LayerNorm (x + r, then LayerNorm with weight and bias)",
+    "add_rms_norm": "residual add + RMSNorm (x + r, then RMSNorm with weight)",
     "gelu": "bias + GELU",
     "encoder": "TransformerEncoderLayer (train mode, batch_first)",
     "decoder": "TransformerDecoderLayer (train mode, causal self-attention, batch_first)",
+    "varlen": "varlen attention (packed sequences; torch: SDPA on the padded batch; torch-loop: SDPA per sequence)",
 }
 
 
@@ -197,7 +202,7 @@ def _case_section(result: Any, case: str, dtype: str) -> str:
     rows = [r for r in result.rows if r["case"] == case and r["dtype"] == dtype]
     if not rows:
         return ""
-    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    providers = [p for p in ALL_PROVIDERS if any(r["provider"] == p for r in rows)]
     c = result.ceilings
     first = rows[0]
     gemm_unit = f"GFLOP/s (% of {dtype} GEMM {c.gemm_gflops(dtype):.0f})"
@@ -208,7 +213,11 @@ def _case_section(result: Any, case: str, dtype: str) -> str:
         if engine:
             detail += f", fusedformer's products on {engine}"
         rate_unit = gemm_unit
-    elif case in ("layer_norm", "gelu"):
+    elif case == "decode":
+        key_headers = ["shape"]
+        detail = f"E={first['E']} {dtype}, one query per sequence: bound by reading K and V"
+        rate_unit = f"GB/s (% of copy {c.copy_gbps:.0f})"
+    elif case in ROW_CASES:
         key_headers = ["rows x width"]
         detail = dtype + (f" approximate={first.get('approximate')}" if case == "gelu" else "")
         rate_unit = f"GB/s (% of copy {c.copy_gbps:.0f})"
@@ -217,7 +226,7 @@ def _case_section(result: Any, case: str, dtype: str) -> str:
         detail = f"{dtype} activation={first.get('activation')}"
         rate_unit = gemm_unit
     groups = _groups(result.rows, case, dtype)
-    others = [o for o in ("torch", "naive") if o in providers] if "fusedformer" in providers else []
+    others = [o for o in ("torch", "naive", "torch-loop") if o in providers] if "fusedformer" in providers else []
 
     headers = [*key_headers, "mode", *[f"{p} ms" for p in providers], *[f"ff/{o}" for o in others]]
     body = []

@@ -23,15 +23,17 @@ import torch
 import fusedformer as ff
 from fusedformer.bench import memory
 from fusedformer.bench.cases import (
+    ALL_PROVIDERS,
     CASES,
+    ROW_CASES,
     MODES,
-    PROVIDERS,
     Case,
     Spec,
     flop_or_byte_rate,
     make_case,
     train_unit,
     unit,
+    varlen_lengths,
 )
 from fusedformer.bench.ceilings import Ceilings, best_of, measure_ceilings
 from fusedformer.bench.machine import RunInfo, run_info
@@ -51,7 +53,7 @@ class Config:
     device: str = "cpu"
     dtype: str = "float32"  # LayerNorm, GELU and the layers; attention runs at attention_dtypes
     cases: tuple[str, ...] = CASES
-    providers: tuple[str, ...] = PROVIDERS
+    providers: tuple[str, ...] = ALL_PROVIDERS
     modes: tuple[str, ...] = MODES
     layer_modes: tuple[str, ...] = ("fwd+bwd",)
     # attention
@@ -63,6 +65,10 @@ class Config:
     heads: int = 8
     head_dim: int = 64
     causal: tuple[bool, ...] = (False, True)
+    # decode: one query per sequence against S keys, forward only, at attention_dtypes' first two
+    decode_lengths: tuple[int, ...] = (1024, 4096, 16384)
+    decode_batch: int = 4
+    decode_heads: int = 12
     # LayerNorm and GELU
     rows: tuple[int, ...] = (2048, 8192)  # 8192 x 1024 (LayerNorm) and 8192 x 4096 (GELU): the issue's targets
     widths: tuple[int, ...] = (512, 1024, 4096)
@@ -103,6 +109,7 @@ def default_config(quick: bool = False, **overrides: Any) -> Config:
             attention_dtypes=("float32", "bfloat16"),
             lengths=(256, 1024),
             lengths_16bit=(256, 1024),
+            decode_lengths=(4096,),
             rows=(4096,),
             widths=(1024, 4096),
             layer_batch=4,
@@ -133,7 +140,12 @@ def specs(config: Config) -> list[Spec]:
                 for causal in config.causal:
                     for L in config.lengths_16bit if adt in _16BIT else config.lengths:
                         out.append(Spec("attention", dict(B=B, H=H, L=L, S=L, E=E, causal=causal), dev, adt))
-        elif case in ("layer_norm", "gelu"):
+        elif case == "decode":
+            for adt in config.attention_dtypes[:2]:
+                for S in config.decode_lengths:
+                    params = dict(B=config.decode_batch, H=config.decode_heads, L=1, S=S, E=config.head_dim)
+                    out.append(Spec("decode", params, dev, adt))
+        elif case in ROW_CASES:
             for rows in config.rows:
                 for width in config.widths:
                     params: dict[str, Any] = dict(rows=rows, width=width)
@@ -151,6 +163,13 @@ def specs(config: Config) -> list[Spec]:
                 activation=config.activation,
             )
             out.append(Spec(case, params, dev, dt))
+        elif case == "varlen":
+            # issue 9's target: 8 sequences of 64..1024 tokens, H=8, E=64; --quick: up to 256; and never
+            # longer than the attention lengths asked for
+            hi = min(256 if config.quick else 1024, max(config.lengths))
+            lengths = varlen_lengths(8, max(1, hi // 16), hi)
+            for causal in config.causal:
+                out.append(Spec("varlen", dict(lengths=lengths, H=8, E=64, causal=causal), dev, dt))
         else:
             raise ValueError(f"unknown case {case!r}; expected some of {', '.join(CASES)}")
     return out
@@ -175,6 +194,8 @@ def _memory_specs(config: Config, all_specs: list[Spec]) -> set[str]:
 
 
 def _modes_of(config: Config, spec: Spec) -> tuple[str, ...]:
+    if spec.case == "decode":
+        return ("fwd",)  # inference
     return config.layer_modes if spec.case in ("encoder", "decoder") else config.modes
 
 
@@ -373,7 +394,7 @@ def _fill_shares(rows: list[dict[str, Any]], ceilings: Ceilings) -> None:
 
 def _fill_ratios(mode_rows: dict[str, dict[str, Any]]) -> None:
     """ratio_vs_X = X's median / this provider's median: above 1, this provider is faster than X."""
-    for other in ("torch", "naive"):
+    for other in ("torch", "naive", "torch-loop"):
         ref = mode_rows.get(other, {}).get("median_ms")
         for row in mode_rows.values():
             mine = row.get("median_ms")

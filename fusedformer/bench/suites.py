@@ -23,13 +23,16 @@ ROUNDS = 10 if LARGE else 5
 
 
 def run_benchmark(benchmark, spec: Spec, provider: str, mode: str) -> None:
-    """Time ``provider`` on ``spec`` in ``mode``; skip (with the reason) what cannot run here."""
+    """Time ``provider`` on ``spec`` in ``mode``; skip (with the reason) what cannot run here; fail where
+    fusedformer would run on the reference path (a fallback is never recorded as a measurement)."""
     case = make_case(spec)
     why = case.unavailable(provider) or skip_reason(case, provider, mode)
     if why:
         pytest.skip(why)
+    if case.is_fallback(provider):  # a benchmark of the reference path under fusedformer's name is a failure
+        pytest.fail(f"{spec.case} {case.label()}: fusedformer would run on a fallback ({case.backend(provider)})")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ff.FallbackWarning)  # recorded in extra_info instead
+        warnings.simplefilter("error", ff.FallbackWarning)  # and one that shows only when it runs fails too
         u = unit(case, provider, mode)
         kind, count = case.work(mode)
         benchmark.group = f"{spec.case} {spec.dtype} {case.label()} {mode}"

@@ -86,6 +86,12 @@ def evaluate(rows: list[dict]) -> list[dict]:
     ratio_row("fp32 LayerNorm forward+backward, (8192, 1024), vs F.layer_norm", 1.2,
               _find(rows, case="layer_norm", provider="fusedformer", mode="fwd+bwd", rows=8192, width=1024),
               "ratio_vs_torch", vs_torch)
+    ratio_row("fp32 RMSNorm forward+backward, (8192, 4096), vs F.rms_norm", 1.5,
+              _find(rows, case="rms_norm", provider="fusedformer", mode="fwd+bwd", rows=8192, width=4096),
+              "ratio_vs_torch", vs_torch)
+    ratio_row("fp32 residual add + LayerNorm forward+backward, (8192, 4096), vs x + r then F.layer_norm", 1.3,
+              _find(rows, case="add_layer_norm", provider="fusedformer", mode="fwd+bwd", rows=8192, width=4096),
+              "ratio_vs_torch", vs_torch)
     ratio_row("fp32 bias+GELU forward+backward, (8192, 4096), vs F.gelu(x + b)", 1.8,
               _find(rows, case="gelu", provider="fusedformer", mode="fwd+bwd", rows=8192, width=4096),
               "ratio_vs_torch", vs_torch)

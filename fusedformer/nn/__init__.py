@@ -10,7 +10,7 @@ Each class subclasses its ``torch.nn`` namesake, so ``isinstance`` checks in use
 
 from fusedformer.nn.activation import GELU
 from fusedformer.nn.attention import MultiheadAttention
-from fusedformer.nn.normalization import LayerNorm
+from fusedformer.nn.normalization import LayerNorm, RMSNorm
 from fusedformer.nn.transformer import (
     Transformer,
     TransformerDecoder,
@@ -23,6 +23,7 @@ __all__ = [
     "GELU",
     "LayerNorm",
     "MultiheadAttention",
+    "RMSNorm",
     "Transformer",
     "TransformerDecoder",
     "TransformerDecoderLayer",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusedformer.explanation import explain
 from fusedformer.ops.gelu import gelu
 
 __all__ = ["GELU"]
@@ -28,6 +29,4 @@ class GELU(nn.GELU):
 
     def explain(self, input: torch.Tensor):
         """Which backend serves this module's call on ``input`` (an ``ff.Explanation``), and why not the others."""
-        from fusedformer import explain
-
         return explain(gelu, input, self.approximate)

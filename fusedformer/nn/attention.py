@@ -22,6 +22,7 @@ from torch import nn
 from fusedformer import backends
 from fusedformer.reference import causal_mask
 from fusedformer.backends import BACKENDS, Explanation
+from fusedformer.explanation import explain as ff_explain
 from fusedformer.ops.attention import scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention"]
@@ -175,6 +176,12 @@ class MultiheadAttention(nn.MultiheadAttention):
             v = F.linear(value, self.v_proj_weight, b_v)
             return q, k, v
         w = self.in_proj_weight  # (3E, E)
+        if hasattr(w, "placements"):
+            # a DTensor (tensor parallel, see nn/parallel.py's HeadParallel): project q, k, v each through its
+            # own (E, E) view, so each stays sharded by heads; one packed GEMM would mix them in the shards
+            w3 = w.unflatten(0, (3, E))  # (3, E, E)
+            b3 = b.unflatten(0, (3, E)) if b is not None else (None, None, None)  # (3, E)
+            return F.linear(query, w3[0], b3[0]), F.linear(key, w3[1], b3[1]), F.linear(value, w3[2], b3[2])
         if self_attention:
             qkv = F.linear(query, w, b)  # (B, L, 3E)
             q, k, v = qkv.chunk(3, dim=-1)  # 3 x (B, L, E)
@@ -334,8 +341,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         Takes ``forward``'s arguments; runs the projections (no attention) to build the attention call.
         ``need_weights=True`` names the reason it runs on the reference path.
         """
-        from fusedformer import explain as ff_explain
-
         with torch.no_grad():
             q, k, v, mask, causal, _ = self._prepare(
                 query, key, value, key_padding_mask, attn_mask, is_causal

@@ -1,13 +1,21 @@
-"""LayerNorm, fused: ``torch.nn.LayerNorm``'s constructor, state_dict and semantics over ``ff.layer_norm``."""
+"""LayerNorm and RMSNorm, fused: the constructors, state_dicts and semantics of ``torch.nn.LayerNorm`` and
+``torch.nn.RMSNorm`` over ``ff.layer_norm`` and ``ff.rms_norm``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from fusedformer.explanation import explain
 from fusedformer.ops.layer_norm import layer_norm
+from fusedformer.ops.rms_norm import rms_norm
 
-__all__ = ["LayerNorm"]
+__all__ = ["LayerNorm", "RMSNorm"]
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A parameter in the activations' dtype (bf16 activations with fp32 weights, as under autocast)."""
+    return t.to(dtype) if t is not None and t.dtype != dtype else t
 
 
 class LayerNorm(nn.LayerNorm):
@@ -29,17 +37,35 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # (*, D1..Dk) -> (*, D1..Dk)
-        weight, bias = self.weight, self.bias
-        if weight is not None and weight.dtype != input.dtype:
-            weight = weight.to(input.dtype)
-        if bias is not None and bias.dtype != input.dtype:
-            bias = bias.to(input.dtype)
-        return layer_norm(input, self.normalized_shape, weight, bias, self.eps)
+        return layer_norm(
+            input, self.normalized_shape, _as(self.weight, input.dtype), _as(self.bias, input.dtype), self.eps
+        )
 
     def explain(self, input: torch.Tensor):
         """Which backend serves this module's call on ``input`` (an ``ff.Explanation``), and why not the others."""
-        from fusedformer import explain
-
-        weight = self.weight.to(input.dtype) if self.weight is not None else None
-        bias = self.bias.to(input.dtype) if self.bias is not None else None
+        weight, bias = _as(self.weight, input.dtype), _as(self.bias, input.dtype)
         return explain(layer_norm, input, self.normalized_shape, weight, bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """``torch.nn.RMSNorm`` whose forward and backward run through ``ff.rms_norm`` (one fused pass).
+
+    Args (as ``torch.nn.RMSNorm``):
+        normalized_shape: int or shape ``(D1..Dk)`` of the trailing dims normalised over.
+        eps: added to the mean of squares; None (the default) means ``torch.finfo(input.dtype).eps``.
+        elementwise_affine: learn ``weight`` (ones).
+        device, dtype: of the parameters.
+
+    Shape:
+        input ``(*, D1..Dk)`` -> output ``(*, D1..Dk)``, input's dtype.
+
+    Parameters and state_dict keys are ``torch.nn.RMSNorm``'s (``weight``). A weight of another dtype than
+    the activations is cast to theirs.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # (*, D1..Dk) -> (*, D1..Dk)
+        return rms_norm(input, self.normalized_shape, _as(self.weight, input.dtype), self.eps)
+
+    def explain(self, input: torch.Tensor):
+        """Which backend serves this module's call on ``input`` (an ``ff.Explanation``), and why not the others."""
+        return explain(rms_norm, input, self.normalized_shape, _as(self.weight, input.dtype), self.eps)

@@ -6,7 +6,12 @@ initialisation from a given seed and the state_dict keys are torch's), after whi
 parameters stay the very same tensors). ``forward`` is rewritten over the fused sub-modules:
 
 - self- and cross-attention: ``ff.nn.MultiheadAttention`` (``need_weights=False``, so the fused kernel);
-- LayerNorm: ``ff.nn.LayerNorm`` (``ff.layer_norm``);
+- LayerNorm: ``ff.nn.LayerNorm`` (``ff.layer_norm``); every norm that follows a residual add is one fused
+  ``ff.add_layer_norm`` (the branch's dropout, the add and the norm in one pass over the rows), for
+  both ``norm_first`` settings:
+  ``norm_first=False``: ``x = add_norm1(sa(x), x)[0]; x = add_norm2(ff(x), x)[0]``;
+  ``norm_first=True``:  ``x = x + sa(norm1(x))`` becomes ``y, x = add_norm2(sa(norm1(x)), x)`` and
+  ``x = x + dropout(ff(y))`` (the last add of a block stays an add: no norm follows it in the layer);
 - feed-forward with GELU: ``ff.gelu(F.linear(x, W1), bias=b1)``, the bias add fused into the GELU;
   ReLU and other callables: ``activation(F.linear(x, W1, b1))``.
 
@@ -24,7 +29,8 @@ from torch import nn
 
 from fusedformer.nn.activation import GELU
 from fusedformer.nn.attention import MultiheadAttention
-from fusedformer.nn.normalization import LayerNorm
+from fusedformer.nn.normalization import LayerNorm, RMSNorm
+from fusedformer.ops.add_norm import add_layer_norm, add_rms_norm
 from fusedformer.ops.gelu import gelu
 
 __all__ = [
@@ -80,6 +86,29 @@ def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:  # (*, d_m
     else:
         h = layer.activation(F.linear(x, layer.linear1.weight, layer.linear1.bias))  # (*, dim_feedforward)
     return layer.linear2(layer.dropout(h))  # (*, d_model)
+
+
+def _add_norm(
+    norm: nn.Module,
+    dropout: nn.Module,
+    branch: torch.Tensor,  # (*, d_model): a sub-block's output, before its dropout
+    residual: torch.Tensor,  # (*, d_model)
+) -> tuple[torch.Tensor, torch.Tensor]:  # norm(h), h = residual + dropout(branch)
+    """``h = residual + dropout(branch); (norm(h), h)``: one fused ``ff.add_layer_norm`` (``add_rms_norm``)
+    when ``norm`` is a LayerNorm (RMSNorm) of torch or fusedformer and ``dropout`` an ``nn.Dropout``; the
+    dropout's mask is then the fused kernel's (it differs from torch's draw, as attention dropout does).
+    Any other norm or dropout module (a user's replacement) is called as it is."""
+    if isinstance(dropout, nn.Dropout) and type(norm) in (nn.LayerNorm, LayerNorm, nn.RMSNorm, RMSNorm):
+        dtype = torch.promote_types(branch.dtype, residual.dtype)  # as residual + branch promotes
+        branch, residual = branch.to(dtype), residual.to(dtype)
+        p = dropout.p if dropout.training else 0.0
+        weight = norm.weight.to(dtype) if norm.weight is not None else None
+        if isinstance(norm, nn.LayerNorm):
+            bias = norm.bias.to(dtype) if norm.bias is not None else None
+            return add_layer_norm(branch, residual, norm.normalized_shape, weight, bias, norm.eps, p)
+        return add_rms_norm(branch, residual, norm.normalized_shape, weight, norm.eps, p)
+    h = residual + dropout(branch)
+    return norm(h), h
 
 
 def _is_causal_mask(mask: torch.Tensor | None, is_causal: bool | None, size: int | None) -> bool:
@@ -167,15 +196,19 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     ) -> torch.Tensor:  # src's shape
         x = src
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
-            x = x + self._ff_block(self.norm2(x))
+            # x + sa(norm1(x)) is added and normalised by norm2 in one pass; the last add stays an add
+            sa = self._sa_branch(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            y, x = _add_norm(self.norm2, self.dropout1, sa, x)
+            x = x + self._ff_block(y)
         else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
-            x = self.norm2(x + self._ff_block(x))
+            sa = self._sa_branch(x, src_mask, src_key_padding_mask, is_causal=is_causal)
+            x, _ = _add_norm(self.norm1, self.dropout1, sa, x)
+            x, _ = _add_norm(self.norm2, self.dropout2, _feed_forward(self, x), x)
         return x
 
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal: bool = False) -> torch.Tensor:
-        x = self.self_attn(
+    def _sa_branch(self, x, attn_mask, key_padding_mask, is_causal: bool = False) -> torch.Tensor:
+        """Self-attention's output before dropout1 (fused into the add + norm that follows)."""
+        return self.self_attn(
             x,
             x,
             x,
@@ -184,7 +217,9 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             need_weights=False,
             is_causal=is_causal,
         )[0]
-        return self.dropout1(x)
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal: bool = False) -> torch.Tensor:
+        return self.dropout1(self._sa_branch(x, attn_mask, key_padding_mask, is_causal=is_causal))
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(_feed_forward(self, x))
@@ -248,21 +283,23 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
     ) -> torch.Tensor:  # tgt's shape
         x = tgt
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
-            x = x + self._mha_block(
-                self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal
-            )
-            x = x + self._ff_block(self.norm3(x))
+            # each x + block(norm(x)) is added and normalised by the next norm in one pass
+            sa = self._sa_branch(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            y, x = _add_norm(self.norm2, self.dropout1, sa, x)
+            mha = self._mha_branch(y, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            y, x = _add_norm(self.norm3, self.dropout2, mha, x)
+            x = x + self._ff_block(y)
         else:
-            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
-            x = self.norm2(
-                x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
-            )
-            x = self.norm3(x + self._ff_block(x))
+            sa = self._sa_branch(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x, _ = _add_norm(self.norm1, self.dropout1, sa, x)
+            mha = self._mha_branch(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            x, _ = _add_norm(self.norm2, self.dropout2, mha, x)
+            x, _ = _add_norm(self.norm3, self.dropout3, _feed_forward(self, x), x)
         return x
 
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal: bool = False) -> torch.Tensor:
-        x = self.self_attn(
+    def _sa_branch(self, x, attn_mask, key_padding_mask, is_causal: bool = False) -> torch.Tensor:
+        """Self-attention's output before dropout1 (fused into the add + norm that follows)."""
+        return self.self_attn(
             x,
             x,
             x,
@@ -271,19 +308,24 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
             is_causal=is_causal,
             need_weights=False,
         )[0]
-        return self.dropout1(x)
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal: bool = False) -> torch.Tensor:
+        return self.dropout1(self._sa_branch(x, attn_mask, key_padding_mask, is_causal))
+
+    def _mha_branch(self, x, mem, attn_mask, key_padding_mask, is_causal: bool = False) -> torch.Tensor:
+        """Cross-attention's output before dropout2 (fused into the add + norm that follows)."""
+        return self.multihead_attn(
+            x,
+            mem,
+            mem,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            need_weights=False,
+        )[0]
 
     def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal: bool = False) -> torch.Tensor:
-        x = self.multihead_attn(
-            x,
-            mem,
-            mem,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
-            need_weights=False,
-        )[0]
-        return self.dropout2(x)
+        return self.dropout2(self._mha_branch(x, mem, attn_mask, key_padding_mask, is_causal))
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout3(_feed_forward(self, x))
@@ -489,6 +531,7 @@ class Transformer(nn.Transformer):
 #: each ``torch.nn`` class with a fused twin, and the twin
 FUSED_CLASSES: dict[type, type] = {
     nn.LayerNorm: LayerNorm,
+    nn.RMSNorm: RMSNorm,
     nn.GELU: GELU,
     nn.MultiheadAttention: MultiheadAttention,
     nn.TransformerEncoderLayer: TransformerEncoderLayer,

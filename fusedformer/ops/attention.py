@@ -7,10 +7,12 @@ The ops (``fusedformer::attention_fwd`` / ``attention_bwd``, schemas in csrc/fus
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 from fusedformer import backends, reference
+from fusedformer.ops import sharding
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -154,6 +156,84 @@ if backends.TRITON_KERNELS:
     _register_triton(backends.TRITON_KERNELS["attention"])
 
 
+# ---- DTensor sharding rules (tensor parallelism; see ops/sharding.py) ----------------------------
+
+
+def _mask_placement(attn_mask, dim: int):
+    """attn_mask's placement when query shards on ``dim`` (0 batch, 1 heads): sharded along if it has
+    that dim, replicated where it broadcasts (size 1, or fewer than 4 dims)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if attn_mask is None:
+        return None
+    pos = dim - (4 - attn_mask.ndim)
+    return Shard(pos) if pos >= 0 and attn_mask.shape[pos] != 1 else Replicate()
+
+
+def _head_shards(query, key, value) -> int:
+    """How many pieces query/key/value arrive cut into along the heads (dim 1), over all mesh dims."""
+    from torch.distributed.tensor import Shard
+
+    mesh, n = query.mesh, 1
+    for m in range(mesh.ndim):
+        if any(t.placements[m] == Shard(1) for t in (query, key, value)):
+            n *= mesh.size(m)
+    return n
+
+
+def _attention_dims(query, key, value) -> list[int]:
+    """The dims attention shards on: batch (0) always; heads (1) unless GQA groups would split.
+
+    With GQA (Hq = g * Hk), query head h reads key head h // g: a shard of Hq / n query heads finds its
+    key heads in the shard of Hk / n key heads only when n divides Hk. Raises if the inputs arrive
+    sharded on heads otherwise.
+    """
+    Hq, Hk = query.shape[1], key.shape[1]
+    if Hq == Hk:
+        return [0, 1]  # any split, even an uneven one, cuts query and key heads alike
+    n = _head_shards(query, key, value)
+    if n > 1 and Hk % n != 0:
+        raise sharding.ShardingError(
+            f"fusedformer attention: query ({Hq} heads) and key/value ({Hk} heads) arrive sharded on heads into "
+            f"{n} pieces; with grouped-query attention both must split evenly into the same groups, so the "
+            f"number of pieces must divide key's heads ({Hk}). Shard on batch (Shard(0)), or use a mesh whose "
+            f"size divides {Hk}"
+        )
+    if n > 1:
+        return [0, 1]
+    return [0, 1] if Hk % query.mesh.size() == 0 else [0]  # not head-sharded yet: offer heads where safe
+
+
+@sharding.rules("attention_fwd", "triton_attention_fwd")
+def _attention_fwd_rules(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=None):
+    from torch.distributed.tensor import Replicate, Shard
+
+    seed_p = Replicate() if seed is not None else None  # see _shard_dropout_seed
+    layouts = [sharding.replicated(2, 8, (query, key, value, attn_mask, None, None, None, seed))]
+    for d in _attention_dims(query, key, value):
+        S = Shard(d)
+        layouts.append(([S, S], [S, S, S, _mask_placement(attn_mask, d), None, None, None, seed_p]))
+    return layouts
+
+
+@sharding.rules("attention_bwd", "triton_attention_bwd")
+def _attention_bwd_rules(grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale,
+                         dropout_p=0.0, seed=None):
+    from torch.distributed.tensor import Replicate, Shard
+
+    seed_p = Replicate() if seed is not None else None  # see _shard_dropout_seed
+    args = (grad_out, query, key, value, out, logsumexp, attn_mask) + (None,) * 3 + (seed,)
+    layouts = [sharding.replicated(3, 11, args)]
+    for d in _attention_dims(query, key, value):
+        S = Shard(d)
+        layouts.append(([S, S, S], [S, S, S, S, S, S, _mask_placement(attn_mask, d), None, None, None, seed_p]))
+    if dropout_p > 0.0:
+        # the backward redraws the forward's dropout mask from the same seed and the same local
+        # (b, h, i, j): it must run on the forward's shards, those of out
+        layouts = [lay for lay in layouts if lay[1][4] in out.placements]
+    return layouts
+
+
 # ---- the public function ------------------------------------------------------------------------
 
 
@@ -236,6 +316,8 @@ def _request(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
 
 def _to_4d(t: torch.Tensor) -> torch.Tensor:
     """(..., H, L, E) -> (B, H, L, E), a view where the strides allow."""
+    if t.dim() == 4:
+        return t
     if t.dim() == 2:
         return t.unsqueeze(0).unsqueeze(0)
     if t.dim() == 3:
@@ -274,6 +356,56 @@ def _dropout_seed() -> torch.Tensor:  # () int64 on the CPU
     return torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
 
 
+def _dropout_seed_value() -> int:
+    """``_dropout_seed()`` read on the host, for the ops whose schema keeps ``int seed`` (varlen attention,
+    add + norm). The same draw from the same generator, so ``torch.manual_seed`` reproduces it.
+
+    NOTE: ``.item()`` is a graph break under torch.compile (unless ``capture_scalar_outputs``), so
+    ``fullgraph=True`` fails with those ops' dropout on; only dropout_p > 0 calls take this path.
+    """
+    return int(_dropout_seed().item())
+
+
+def _is_dtensor(t) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")  # loaded by anyone who made a DTensor
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def _shard_dropout_seed(seed: torch.Tensor, query, key, value):
+    """The dropout seed of this rank's shard of 4-D DTensors: ``seed`` (the () int64 tensor of
+    ``_dropout_seed``) mixed with the rank's coordinates on the mesh dims where query is sharded on batch
+    or heads, so that shards draw independent masks while replicas (equal coordinates there) draw the same
+    one. The kernel's mask is a function of (seed, local b, h, i, j); with one seed everywhere every shard
+    would repeat the same pattern.
+
+    Returns a () int64 DTensor, ``Replicate()`` on every mesh dim (the ops' sharding rules take the seed
+    replicated; its local value differs between shards on purpose, hence ``run_check=False``). Reads the
+    seed on the host (``.item()``): a graph break under torch.compile, on the DTensor path only.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    for name, t in (("key", key), ("value", value)):
+        if not _is_dtensor(t) or t.placements != query.placements:
+            raise sharding.ShardingError(
+                f"{_FN}: attention dropout on DTensors needs key and value laid out as query "
+                f"({query.placements}), got {name} {getattr(t, 'placements', type(t).__name__)}; redistribute them "
+                f"first (the shards' dropout seeds follow query's layout)"
+            )
+    for p in query.placements:
+        if p not in (Replicate(), Shard(0), Shard(1)):
+            raise sharding.ShardingError(
+                f"{_FN}: attention dropout on DTensors needs query sharded on batch or heads (or replicated) "
+                f"on every mesh dim, got {query.placements}"
+            )
+    mesh, index = query.device_mesh, 0
+    coordinate = mesh.get_coordinate()
+    for m, p in enumerate(query.placements):
+        if p != Replicate():
+            index = index * mesh.size(m) + coordinate[m]
+    mixed = (int(seed.item()) ^ (index * 0x9E3779B97F4A7C15)) % 2**62  # index 0 keeps the seed
+    return DTensor.from_local(torch.tensor(mixed, dtype=torch.int64), mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,  # (..., Hq, L, E)
     key: torch.Tensor,  # (..., Hk, S, E)
@@ -309,6 +441,16 @@ def scaled_dot_product_attention(
         scale: the scores' factor; ``1/sqrt(E)`` when None.
         enable_gqa: allow grouped-query attention (query head ``h`` uses key head ``h // (Hq // Hk)``).
 
+    Tensor parallel (DTensor inputs; ops ``attention_fwd`` / ``attention_bwd`` and their Triton twins): the
+    4-D ``(B, H, L, E)`` view runs sharded on batch (``Shard(0)``) or heads (``Shard(1)``), query, key,
+    value, out, logsumexp and the gradients alike; the mask shards along where it has that dim and is
+    replicated where it broadcasts. With GQA the heads shard only when the number of pieces divides Hk
+    (query and key/value head groups stay together), else a ``ShardingError``. Any other layout is
+    gathered (``Replicate()``) with a one-time ``ShardingWarning``. Dropout on shards: each shard's seed is
+    the drawn seed mixed with its coordinates on the mesh dims where query is sharded (replicas share
+    it), so shards draw independent masks (not the unsharded call's mask); the backward runs on the
+    forward's shards and redraws the same ones; key and value must then arrive laid out as query.
+
     Returns ``(..., Hq, L, Ev)`` in query's dtype. A query row whose keys are all masked out gives 0
     (and gradient 0), never NaN. No ``(L, S)`` score matrix is ever built: the kernels stream key tiles
     with an online softmax and save only the log-sum-exp for the backward.
@@ -322,8 +464,9 @@ def scaled_dot_product_attention(
     scale_value = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     mask4 = _mask_to_4d(attn_mask, query) if attn_mask is not None else None
     fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
+    q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
     seed = _dropout_seed() if dropout_p > 0.0 else None
-    out, _ = fwd(
-        _to_4d(query), _to_4d(key), _to_4d(value), mask4, bool(is_causal), scale_value, float(dropout_p), seed
-    )
-    return out.reshape(*query.shape[:-1], value.shape[-1])
+    if seed is not None and _is_dtensor(q4):
+        seed = _shard_dropout_seed(seed, q4, k4, v4)
+    out, _ = backends.call(fwd, q4, k4, v4, mask4, bool(is_causal), scale_value, float(dropout_p), seed)
+    return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])

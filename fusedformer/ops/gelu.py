@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fusedformer import backends, reference
+from fusedformer.ops import sharding
 
 __all__ = ["gelu", "gelu_fwd", "gelu_bwd"]
 
@@ -83,6 +84,35 @@ if backends.TRITON_KERNELS:
     _register_triton(backends.TRITON_KERNELS["gelu"])
 
 
+# ---- DTensor sharding rules (tensor parallelism; see ops/sharding.py) ----------------------------
+# Elementwise: shard on any dim. The bias (D,) is sliced along when the last dim is sharded (a
+# column-parallel linear's output), else replicated, its gradient then a partial sum (Partial()).
+
+
+@sharding.rules("gelu_fwd", "triton_gelu_fwd")
+def _gelu_fwd_rules(input, bias, approximate):
+    from torch.distributed.tensor import Replicate, Shard
+
+    layouts = [sharding.replicated(1, 3, (input, bias, None))]
+    for d in range(input.ndim):
+        b = None if bias is None else Shard(0) if d == input.ndim - 1 else Replicate()
+        layouts.append(([Shard(d)], [Shard(d), b, None]))
+    return layouts
+
+
+@sharding.rules("gelu_bwd", "triton_gelu_bwd")
+def _gelu_bwd_rules(grad_out, input, bias, approximate):
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    layouts = [sharding.replicated(2, 4, (grad_out, input, bias, None))]
+    for d in range(input.ndim):
+        last = d == input.ndim - 1
+        b = None if bias is None else Shard(0) if last else Replicate()
+        grad_b = Replicate() if bias is None else Shard(0) if last else Partial()  # empty where None
+        layouts.append(([Shard(d), grad_b], [Shard(d), Shard(d), b, None]))
+    return layouts
+
+
 def _request(input, approximate="none", bias=None):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{_FN}: expected input to be a Tensor, got {type(input).__name__}")
@@ -113,9 +143,13 @@ def gelu(
     """``F.gelu(input + bias, approximate)`` in one pass; the bias add is fused in (and its gradient).
 
     ``approximate="none"`` is the exact ``x·Φ(x)`` (erf); ``"tanh"`` is the tanh approximation.
+
+    Tensor parallel (DTensor inputs; ops ``gelu_fwd`` / ``gelu_bwd``): input sharded on any dim. Sharded on
+    the last (a column-parallel linear's output) the bias is ``Shard(0)`` and so is its gradient;
+    otherwise the bias is replicated and its gradient a ``Partial()`` sum.
     """
     request = _request(input, approximate, bias)
     backend = backends.select(request)
     if backend == "reference":
         return reference.gelu(input, approximate, bias)
-    return getattr(torch.ops.fusedformer, _OPS[backend][0]).default(input, bias, approximate)
+    return backends.call(getattr(torch.ops.fusedformer, _OPS[backend][0]).default, input, bias, approximate)

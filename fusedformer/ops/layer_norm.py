@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch
 
 from fusedformer import backends, reference
+from fusedformer.ops import sharding
 
-__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd"]
+__all__ = ["layer_norm", "layer_norm_fwd", "layer_norm_bwd", "check_norm_args", "stats_dtype"]
 
 _FN = "fusedformer.layer_norm"
 
@@ -37,7 +38,7 @@ def layer_norm_bwd(
     )
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -75,7 +76,7 @@ def _register_autograd(backend: str) -> None:
 
 def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
     lead = input.shape[: input.dim() - len(normalized_shape)]
-    stats = _stats_dtype(input.dtype)
+    stats = stats_dtype(input.dtype)
     mean, rstd = input.new_empty(lead, dtype=stats), input.new_empty(lead, dtype=stats)
     return input.new_empty(input.shape), mean, rstd
 
@@ -109,7 +110,36 @@ if backends.TRITON_KERNELS:
     _register_triton(backends.TRITON_KERNELS["layer_norm"])
 
 
-def _normalize_shape(normalized_shape) -> tuple[int, ...]:
+# ---- DTensor sharding rules (tensor parallelism; see ops/sharding.py) ----------------------------
+# Rows are independent: shard on any dim but the normalised ones; weight and bias replicated; their
+# gradients are partial sums over the rows of each shard (Partial(), reduced when DTensor needs them).
+
+
+@sharding.rules("layer_norm_fwd", "triton_layer_norm_fwd")
+def _layer_norm_fwd_rules(input, normalized_shape, weight, bias, eps):
+    from torch.distributed.tensor import Replicate, Shard
+
+    params = [Replicate() if t is not None else None for t in (weight, bias)]
+    layouts = [sharding.replicated(3, 5, (input, None, weight, bias, None))]
+    for d in range(input.ndim - len(normalized_shape)):
+        layouts.append(([Shard(d)] * 3, [Shard(d), None, *params, None]))
+    return layouts
+
+
+@sharding.rules("layer_norm_bwd", "triton_layer_norm_bwd")
+def _layer_norm_bwd_rules(grad_out, input, normalized_shape, mean, rstd, weight, bias):
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    params = [Replicate() if t is not None else None for t in (weight, bias)]
+    grads = [Partial() if t is not None else Replicate() for t in (weight, bias)]  # empty where None
+    layouts = [sharding.replicated(3, 7, (grad_out, input, None, mean, rstd, weight, bias))]
+    for d in range(input.ndim - len(normalized_shape)):
+        S = Shard(d)
+        layouts.append(([S, *grads], [S, S, None, S, S, *params]))
+    return layouts
+
+
+def _normalize_shape(normalized_shape, fn: str = _FN) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
     try:
@@ -118,34 +148,43 @@ def _normalize_shape(normalized_shape) -> tuple[int, ...]:
         shape = tuple(int(s) for s in normalized_shape)
     except (TypeError, ValueError):
         raise TypeError(
-            f"{_FN}: expected normalized_shape to be an int or a sequence of ints, got {normalized_shape!r}"
+            f"{fn}: expected normalized_shape to be an int or a sequence of ints, got {normalized_shape!r}"
         ) from None
     return shape
 
 
-def _request(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+def check_norm_args(fn: str, input, normalized_shape, params: dict, eps) -> tuple[int, ...]:
+    """Validates a norm call's input, normalized_shape, parameters ({name: tensor or None}: weight, bias,
+    residual, ...; each must have input's dtype and device) and eps; returns normalized_shape as a tuple.
+    The parameters named weight and bias are (D1..Dk); any other is shaped like input."""
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{_FN}: expected input to be a Tensor, got {type(input).__name__}")
+        raise TypeError(f"{fn}: expected input to be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
-        raise TypeError(f"{_FN}: expected input to be a floating-point tensor, got {input.dtype}")
-    shape = _normalize_shape(normalized_shape)
+        raise TypeError(f"{fn}: expected input to be a floating-point tensor, got {input.dtype}")
+    shape = _normalize_shape(normalized_shape, fn)
     if len(shape) == 0 or input.dim() < len(shape) or tuple(input.shape[-len(shape) :]) != shape:
         raise ValueError(
-            f"{_FN}: normalized_shape {list(shape)} does not match the last dims of input of shape {tuple(input.shape)}"
+            f"{fn}: normalized_shape {list(shape)} does not match the last dims of input of shape {tuple(input.shape)}"
         )
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in params.items():
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_FN}: expected {name} to be a Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{_FN}: expected {name} of shape {list(shape)}, got {tuple(t.shape)}")
+            raise TypeError(f"{fn}: expected {name} to be a Tensor or None, got {type(t).__name__}")
+        want = shape if name in ("weight", "bias") else tuple(input.shape)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{fn}: expected {name} of shape {list(want)}, got {tuple(t.shape)}")
         if t.dtype != input.dtype:
-            raise TypeError(f"{_FN}: expected {name} of dtype {input.dtype} like input, got {t.dtype}")
+            raise TypeError(f"{fn}: expected {name} of dtype {input.dtype} like input, got {t.dtype}")
         if t.device != input.device:
-            raise ValueError(f"{_FN}: expected {name} on {input.device} like input, got {t.device}")
-    if not eps >= 0:
-        raise ValueError(f"{_FN}: expected eps >= 0, got {eps}")
+            raise ValueError(f"{fn}: expected {name} on {input.device} like input, got {t.device}")
+    if eps is not None and not eps >= 0:
+        raise ValueError(f"{fn}: expected eps >= 0, got {eps}")
+    return shape
+
+
+def _request(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    check_norm_args(_FN, input, normalized_shape, {"weight": weight, "bias": bias}, eps)
     return backends.Request("layer_norm", input.device, input.dtype)
 
 
@@ -160,11 +199,16 @@ def layer_norm(
 
     Normalises over the last ``len(normalized_shape)`` dims with the biased variance, then applies the
     optional elementwise ``weight`` and ``bias``. Returns input's shape and dtype.
+
+    Tensor parallel (DTensor inputs; ops ``layer_norm_fwd`` / ``layer_norm_bwd``): input sharded on any dim
+    but the normalised ones (batch, or the sequence for sequence parallelism), weight and bias
+    replicated; out, mean, rstd and grad_input shard alike, grad_weight and grad_bias are ``Partial()``
+    sums. Input sharded on a normalised dim is gathered with a one-time ``ShardingWarning``.
     """
     request = _request(input, normalized_shape, weight, bias, eps)
     backend = backends.select(request)
     if backend == "reference":
         return reference.layer_norm(input, normalized_shape, weight, bias, eps)
     fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
-    out, _, _ = fwd(input, list(_normalize_shape(normalized_shape)), weight, bias, float(eps))
+    out, _, _ = backends.call(fwd, input, list(_normalize_shape(normalized_shape)), weight, bias, float(eps))
     return out

@@ -591,7 +591,7 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
            q_scale);
     std::fill(m, m + BMv, kNegInf<Acc>);
     std::fill(l, l + im, Acc(0));
-    const DropoutKeys keys = dropout_keys(a.seed, bh);
+    const DropoutKeys keys = dropout_keys(a.seed, a.dropout_bh_offset + bh);
     const int64_t mask_row = b * ms[0] + h * ms[1] + i0 * ms[2];
 
     for (int64_t j0 = 0; j0 < j_end; j0 += KB) {
@@ -1007,7 +1007,7 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
       const In* go = go_all + b * a.grad_out_strides[0] + h * a.grad_out_strides[1];
       const In* o = out_all + b * a.out_strides[0] + h * a.out_strides[1];
       const int64_t qs = a.q_strides[2], gos = a.grad_out_strides[2], os = a.out_strides[2];
-      const DropoutKeys keys = dropout_keys(a.seed, bh);
+      const DropoutKeys keys = dropout_keys(a.seed, a.dropout_bh_offset + bh);
       if (dropout) {
         for (int64_t t = 0; t < n_tiles; ++t) {
           const int64_t j0 = tile_j0(t), jn = std::min(BN, S - j0);

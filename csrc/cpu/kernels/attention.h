@@ -40,6 +40,9 @@ struct AttentionFwdArgs {
   // given (the logsumexp is that of the un-dropped probabilities).
   double dropout_p;
   int64_t seed;
+  // Added to b * Hq + h in the dropout key (0 for attention_fwd): a caller that runs a slice of a
+  // larger problem (varlen: one packed sequence's heads) keeps the slice's mask that of the whole.
+  int64_t dropout_bh_offset;
 };
 
 // Each call runs tasks [task_begin, task_end) of B * Hq * ceil(L / block_m) (one query tile each).
@@ -82,6 +85,7 @@ struct AttentionBwdArgs {
   bool is_causal;
   double dropout_p;            // as the forward's: the backward draws the same mask again
   int64_t seed;
+  int64_t dropout_bh_offset;   // as the forward's
 };
 
 // Runs chunk c (see AttentionBwdArgs::chunks). A chunk owns the rows of grad_k and grad_v of its key

@@ -13,6 +13,10 @@
 // lanes) once: per element the cost is one xor, one fmix32 (two 32-bit multiplies, three shift-xors),
 // one compare. The same templates take a uint32_t or a GCC vector of uint32 lanes.
 //
+// The residual add + norm ops (fusedformer::add_layer_norm_fwd, add_rms_norm_fwd) drop their input with
+// the same hash, the (rows, cols) input taking the place of one (L, S) score matrix per 2^32 rows:
+// keep(seed, r, c) = keep(keys of pair r >> 32, row r mod 2^32, column c) (add_norm_dropout_keep).
+//
 // Everything here has internal linkage (the unnamed namespace): the kernel sources are compiled once
 // per CPU capability and the glue once more, and a shared inline instantiation on vector types would
 // let the linker pick, say, the AVX-512 one for every build.
@@ -75,6 +79,12 @@ inline U dropout_bits(U a, U c) {
 inline bool dropout_keep(const DropoutKeys& k, uint32_t threshold, int64_t i, int64_t j) {
   return dropout_bits<uint32_t>(dropout_row_hash<uint32_t>(k, static_cast<uint32_t>(i)),
                                 dropout_col_hash<uint32_t>(k, static_cast<uint32_t>(j))) >= threshold;
+}
+
+// Whether element (r, c) of an add + norm's input is kept, for row r's keys dropout_keys(seed, r >> 32)
+// and row hash a = dropout_row_hash(keys, uint32(r)).
+inline bool add_norm_dropout_keep(const DropoutKeys& k, uint32_t a, uint32_t threshold, int64_t c) {
+  return dropout_bits<uint32_t>(a, dropout_col_hash<uint32_t>(k, static_cast<uint32_t>(c))) >= threshold;
 }
 
 }  // namespace

@@ -20,6 +20,14 @@ namespace fusedformer {
 namespace cpu {
 namespace FF_CPU_CAPABILITY {
 
+// The compiler's native half type, used only for scalar conversions: _Float16 where GCC/Clang
+// offer it in C++ (x86-64), __fp16 on Arm (GCC before 13 has no _Float16 in C++ there).
+#if defined(__aarch64__) || defined(__arm__)
+using native_half = __fp16;
+#else
+using native_half = _Float16;
+#endif
+
 struct bf16_t {
   uint16_t bits;
 };
@@ -63,12 +71,12 @@ template <>
 struct Elem<fp16_t> {
   using acc = float;
   static float load(fp16_t x) {
-    _Float16 h;
+    native_half h;
     std::memcpy(&h, &x.bits, 2);
     return static_cast<float>(h);
   }
   static fp16_t store(float f) {
-    const _Float16 h = static_cast<_Float16>(f);
+    const native_half h = static_cast<native_half>(f);
     fp16_t x;
     std::memcpy(&x.bits, &h, 2);
     return x;
@@ -112,9 +120,11 @@ inline void store_lanes(Op* dst, vec_t<Acc> x) {
     const vu16 h = __builtin_convertvector(u >> 16, vu16);
     std::memcpy(dst, &h, sizeof(h));
 #endif
-  } else if constexpr (std::is_same_v<Op, fp16_t> && FF_CPU_CAPABILITY_INDEX >= 2) {
+#if FF_CPU_CAPABILITY_INDEX >= 2  // x86-64 only (setup.py); the intrinsics' types exist nowhere else
+  } else if constexpr (std::is_same_v<Op, fp16_t>) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
                         _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
   } else {
     for (int i = 0; i < Vec<Acc>::kSize; ++i) dst[i] = Elem<Op>::store(x[i]);
   }
