@@ -387,7 +387,10 @@ def select(request: Request) -> str:
     if chosen is not None:  # a fused backend served this kind of call before, in this environment
         return chosen
     chosen = _select(request)
-    if chosen != "reference":  # a fallback warns or raises again, as the environment says
+    # a fallback warns or raises again, as the environment says. Not cached while torch.compile traces:
+    # the store would be a side effect Dynamo must replay after the graph, rebuilding the Request (a
+    # frozen dataclass) made inside it, which it cannot do (fullgraph=True then fails)
+    if chosen != "reference" and not torch.compiler.is_compiling():
         _SELECTED[(request, env)] = chosen
     return chosen
 
