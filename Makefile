@@ -1,6 +1,8 @@
 # The README's two commands, each doing its own set-up on a fresh machine:
 #   make bench   the benchmark suite on whatever device is present (CPU by default)
 #   make test    the test suite (what CI runs)
+#   make gpu-check   on one CUDA GPU, <= 5 min: the gpu-marked tests, then Triton vs torch timings into
+#                bench-results/gpu/; without a GPU it stops in seconds saying why. Not part of CI.
 # Set-up: a virtualenv in .venv/ unless one is active; torch==2.13.0 (the CPU wheel) if torch is
 # missing; requirements-dev.txt; the editable build of fusedformer._C (redone when csrc/ changes).
 
@@ -11,9 +13,10 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h')
 BENCH_ARGS ?=
+GPU_CHECK_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: setup bench test clean
+.PHONY: setup bench test gpu-check clean
 
 $(PY):
 	python3 -m venv $(ENV_DIR)
@@ -34,6 +37,14 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest tests benchmarks --benchmark-disable $(TEST_ARGS)
+
+# nvidia-smi first: no GPU, no set-up (seconds); the script then checks torch's view of the GPU.
+gpu-check:
+	@command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || { \
+		echo "make gpu-check: cannot run here: no NVIDIA GPU (nvidia-smi is missing or lists no device). It needs one CUDA GPU." >&2; \
+		exit 2; }
+	@$(MAKE) --no-print-directory setup
+	$(PY) -m fusedformer.bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info fusedformer/_C*.so fusedformer/_build_info.py $(ENV_DIR)/.fusedformer-ext

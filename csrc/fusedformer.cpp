@@ -15,17 +15,19 @@ TORCH_LIBRARY(fusedformer, m) {
   // attn_mask broadcastable to (B, Hq, L, S): bool (True = take part) or additive in query's dtype.
   // dropout_p in [0, 1): attention dropout on the probabilities (after the softmax, before P V), the mask
   // a pure function of (seed, b, h, i, j) (see attention_dropout_mask), kept ones scaled by 1 / (1 - p).
+  // seed: a one-element int64 CPU tensor (a tensor, not an int, so that it can be drawn inside a
+  // torch.compile'd graph), needed when dropout_p > 0 and not read otherwise.
   // Returns out (B, Hq, L, Ev) in query's dtype and logsumexp (B, Hq, L) in float32 (+inf where a
   // row has no key to attend to), that of the un-dropped probabilities.
   m.def(
       "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, "
-      "float scale, float dropout_p=0.0, int seed=0) -> (Tensor out, Tensor logsumexp)");
+      "float scale, float dropout_p=0.0, Tensor? seed=None) -> (Tensor out, Tensor logsumexp)");
   // Returns grad_query, grad_key, grad_value shaped as query, key, value. dropout_p and seed as given to
   // attention_fwd: the backward draws the same mask again.
   m.def(
       "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
-      "Tensor logsumexp, Tensor? attn_mask, bool is_causal, float scale, float dropout_p=0.0, int seed=0) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "Tensor logsumexp, Tensor? attn_mask, bool is_causal, float scale, float dropout_p=0.0, "
+      "Tensor? seed=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // Generation: query (B, Hq, L, E) against k_cache (B, Hk, S_max, E), v_cache (B, Hk, S_max, Ev). When
   // given, key (B, Hk, L, E) and value (B, Hk, L, Ev) are first written into the caches, in place, at
   // [cache_seqlens[b], cache_seqlens[b] + L); sequence b then attends to its first n_b entries (n_b =

@@ -20,10 +20,12 @@ __all__ = [
     "BackendUnavailableError",
     "call",
     "cpu_matmul_engines",
+    "cuda_capability",
     "Explanation",
     "ExtensionWarning",
     "FallbackWarning",
     "Request",
+    "register_triton_op",
     "report_fallback",
     "select",
 ]
@@ -164,6 +166,23 @@ TRITON_KERNELS, _TRITON_ERROR = _load_triton_kernels()
 TRITON_INTERPRETED = bool(TRITON_KERNELS) and TRITON_KERNELS["_common"].INTERPRET
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of CUDA ``device``, or None on ROCm (whose numbering means something else)."""
+    if torch.version.hip is not None:
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def _bf16_capability_reasons(device: torch.device) -> list[str]:
+    # bf16 tl.dot needs sm_80 (Ampere) tensor cores, and below sm_80 Triton has no native bf16 conversions
+    # either: attention fails to compile there, LayerNorm and GELU are held to the same bar (no GPU below
+    # sm_80 has run them). Such a call falls back, and ff.explain says why.
+    cap = cuda_capability(device)
+    if cap is not None and cap < (8, 0):
+        return [f"bfloat16 needs compute capability 8.0 (sm_80) or newer; {device} has sm_{cap[0]}{cap[1]}"]
+    return []
+
+
 class TritonBackend:
     name = "triton"
     SUPPORTED_DEVICES = ("cuda",)  # and "cpu" when interpreted
@@ -194,8 +213,10 @@ class TritonBackend:
             reasons.append(f"there is no Triton kernel for {request.op} yet")
         elif request.dtype in FLOAT_DTYPES and request.dtype not in self.SUPPORTED_DTYPES[request.op]:
             reasons.append(f"the Triton {request.op} kernels do not take {request.dtype}")
-        if request.op in ("attention", "varlen_attention") and request.dropout_p > 0.0:
-            reasons.append(f"attention dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
+        if device == "cuda" and request.dtype == torch.bfloat16:
+            reasons += _bf16_capability_reasons(request.device)
+        if request.op == "varlen_attention" and request.dropout_p > 0.0:
+            reasons.append(f"varlen attention dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
         if request.op.startswith("add_") and request.dropout_p > 0.0:
             reasons.append(f"{request.op}'s dropout (dropout_p={request.dropout_p}) has no fused Triton kernel yet")
         return reasons + _common_reasons(request)
@@ -300,6 +321,22 @@ def forbid_double_backward(op: str) -> None:
     torch.library.register_autograd(op, _backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def register_triton_op(qualname: str, launcher, schema: str, fake) -> None:
+    """Registers a Triton launcher of ``kernels/`` as the custom op ``qualname``.
+
+    Compiled for a GPU it is a ``torch.library.triton_op``: torch.compile sees the kernels inside
+    (``wrap_triton``) and derives the fake kernel by tracing the launcher. Under the interpreter
+    ``wrap_triton`` hands back the kernel itself, so that tracing would run it on fake tensors; there the
+    op is an opaque ``torch.library.custom_op`` with the op family's explicit fake kernel ``fake`` (the
+    one its cpp op uses), and torch.compile calls it like any other extern op.
+    """
+    if TRITON_INTERPRETED:
+        op = torch.library.custom_op(qualname, launcher, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+    else:
+        torch.library.triton_op(qualname, launcher, mutates_args=(), schema=schema)
+
+
 def report_fallback(what: str, reason: str) -> None:
     """Says once that ``what`` runs on the reference path because ``reason``, or raises where forbidden.
 
@@ -350,7 +387,10 @@ def select(request: Request) -> str:
     if chosen is not None:  # a fused backend served this kind of call before, in this environment
         return chosen
     chosen = _select(request)
-    if chosen != "reference":  # a fallback warns or raises again, as the environment says
+    # a fallback warns or raises again, as the environment says. Not cached while torch.compile traces:
+    # the store would be a side effect Dynamo must replay after the graph, rebuilding the Request (a
+    # frozen dataclass) made inside it, which it cannot do (fullgraph=True then fails)
+    if chosen != "reference" and not torch.compiler.is_compiling():
         _SELECTED[(request, env)] = chosen
     return chosen
 

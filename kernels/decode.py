@@ -13,7 +13,8 @@ Semantics as the forward kernel's (kernels/attention.py), plus per-sequence key 
 keys past them are never read: a KV cache's empty slots) and causality aligned top-left (``CAUSAL=1``,
 query i sees keys j <= i, as SDPA) or bottom-right (``CAUSAL=2``, j <= n_b - L + i, a KV cache). Rows
 with no key give 0 and logsumexp +inf. Accumulation in fp32; probabilities rounded to V's dtype for the
-second product, as in the forward kernel.
+second product, as in the forward kernel. bf16 under the interpreter and TF32 as in the forward kernel
+(``INTERP_BF16``, ``PRECISION``: kernels/_common.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedformer.kernels._common import INTERPRET, div_rn, round_to, upcast
+from fusedformer.kernels._common import INTERPRET, div_rn, dot, dot_precision, interp_bf16, round_to, widen
 
 __all__ = ["decode_shaped", "decode_forward"]
 
@@ -60,7 +61,7 @@ def _decode_partial_kernel(
     Hk, GROUP, L, S, E, Ev, CHUNK, N_SPLITS, N_ROW_BLOCKS,
     qk_scale,  # scale·log2(e)
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
@@ -84,8 +85,6 @@ def _decode_partial_kernel(
         mask=row_ok[:, None] & (offs_d[None, :] < E),
         other=0.0,
     )
-    if UPCAST:
-        q = q.to(tl.float32)
     # the keys each row may see: j < n, and j <= i (top-left) or j <= n - L + i (bottom-right)
     if CAUSAL == 1:
         last = i
@@ -110,16 +109,14 @@ def _decode_partial_kernel(
             mask=(offs_d[:, None] < E) & key_ok[None, :],
             other=0.0,
         )
-        if UPCAST:
-            kT = kT.to(tl.float32)
-        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        s = dot(q, kT, None, PRECISION, INTERP_BF16) * qk_scale
         keep = row_ok[:, None] & key_ok[None, :] & (offs_n[None, :] <= last[:, None])
         if HAS_MASK:
             mask_ptrs = Mask + b * stride_mb + h[:, None] * stride_mh + i[:, None] * stride_ml + offs_n[None, :] * stride_ms
             if MASK_IS_BOOL:
                 keep = keep & (tl.load(mask_ptrs, mask=keep, other=0) != 0)
             else:
-                m = tl.load(mask_ptrs, mask=keep, other=float("-inf")).to(tl.float32)
+                m = widen(tl.load(mask_ptrs, mask=keep, other=float("-inf")))
                 keep = keep & (m != float("-inf"))
                 s += tl.maximum(m, _MASK_FLOOR) * _LOG2E
         s = tl.where(keep, s, float("-inf"))
@@ -134,9 +131,7 @@ def _decode_partial_kernel(
             mask=key_ok[:, None] & (offs_dv[None, :] < Ev),
             other=0.0,
         )
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = tl.dot(round_to(p, V.dtype.element_ty, UPCAST), v, acc, input_precision="ieee")
+        acc = dot(round_to(p, V.dtype.element_ty, INTERP_BF16), v, acc, PRECISION, INTERP_BF16)
         m_i = m_new
     part = (bhk * N_ROW_BLOCKS + rb) * N_SPLITS + split
     offs_r = tl.arange(0, BLOCK_M)
@@ -153,7 +148,7 @@ def _decode_merge_kernel(
     stride_ob, stride_oh, stride_ol, stride_oe,
     stride_lb, stride_lh, stride_ll,
     Hk, GROUP, L, Ev, N_SPLITS, N_ROW_BLOCKS,
-    UPCAST: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0)  # packed row of (b, hk)
@@ -182,7 +177,7 @@ def _decode_merge_kernel(
     h = hk * GROUP + g
     tl.store(
         Out + b * stride_ob + h * stride_oh + i * stride_ol + offs_dv * stride_oe,
-        round_to(out, Out.dtype.element_ty, UPCAST),
+        round_to(out, Out.dtype.element_ty, INTERP_BF16),
         mask=offs_dv < Ev,
     )
     tl.store(Lse + b * stride_lb + h * stride_lh + i * stride_ll, lse)
@@ -241,18 +236,18 @@ def decode_forward(
     part_ml = torch.empty((pairs * n_splits * _BLOCK_M * 2,), dtype=torch.float32, device=query.device)
     mask, mask_strides, has_mask, mask_is_bool = _mask_args(attn_mask, query)
     lens = seq_lens if seq_lens is not None else query
-    up = upcast(query.dtype)
+    bf16 = interp_bf16(query.dtype)
     torch.library.wrap_triton(_decode_partial_kernel)[(n_splits, B * Hk, n_row_blocks)](
         query, key, value, mask, lens, part_o, part_ml,
         *query.stride(), *key.stride(), *value.stride(), *mask_strides,
         Hk, group, L, S, E, Ev, chunk, n_splits, n_row_blocks, float(scale) * math.log2(math.e),
         HAS_LENS=seq_lens is not None, HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool, CAUSAL=int(causal),
-        UPCAST=up, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        INTERP_BF16=bf16, PRECISION=dot_precision(query.dtype), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
     )  # fmt: skip
     torch.library.wrap_triton(_decode_merge_kernel)[(rows, B * Hk)](
         part_o, part_ml, out, lse, *out.stride(), *lse.stride(),
         Hk, group, L, Ev, n_splits, n_row_blocks,
-        UPCAST=up, BLOCK_M=_BLOCK_M, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_DV=BLOCK_DV,
+        INTERP_BF16=bf16, BLOCK_M=_BLOCK_M, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_DV=BLOCK_DV,
     )  # fmt: skip
     return out, lse
 

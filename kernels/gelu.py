@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedformer.kernels._common import INTERPRET, div_rn, num_partials, round_to, sum_rows, upcast
+from fusedformer.kernels._common import (
+    INTERPRET,
+    div_rn,
+    interp_bf16,
+    num_partials,
+    round_to,
+    sum_rows,
+    tune_configs,
+    widen,
+)
 
 __all__ = ["gelu_forward", "gelu_backward"]
 
@@ -31,7 +40,9 @@ _TANH_COEF = tl.constexpr(0.044715)
 def _configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_R": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (1, 2, 4, 8, 16, 32) for w in (2, 4, 8)]
+    full = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (1, 2, 4, 8, 16, 32) for w in (2, 4, 8)]
+    quick = [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in ((4, 4), (16, 8), (1, 4))]
+    return tune_configs(full, quick)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -92,7 +103,7 @@ def _gelu_fwd_kernel(
     stride_xd,
     HAS_BIAS: tl.constexpr,
     APPROX_TANH: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -102,11 +113,12 @@ def _gelu_fwd_kernel(
     mask = (offs_r[:, None] < N) & (offs_c[None, :] < D)
     # load, add the bias, gelu, store
     x = tl.load(X + offs_r[:, None] * stride_xn + offs_c[None, :] * stride_xd, mask=mask, other=0.0)
-    x = x.to(ACC)
+    x = widen(x, ACC)
     if HAS_BIAS:
-        x += tl.load(Bias + offs_c, mask=offs_c < D, other=0.0).to(ACC)[None, :]
+        x += widen(tl.load(Bias + offs_c, mask=offs_c < D, other=0.0), ACC)[None, :]
     y = _gelu(x, APPROX_TANH)
-    tl.store(Y + offs_r[:, None] * D + offs_c[None, :], round_to(y, Y.dtype.element_ty, UPCAST), mask=mask)
+    y = round_to(y, Y.dtype.element_ty, INTERP_BF16)
+    tl.store(Y + offs_r[:, None] * D + offs_c[None, :], y, mask=mask)
 
 
 @triton.autotune(configs=_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})
@@ -126,7 +138,7 @@ def _gelu_bwd_kernel(
     stride_xd,
     HAS_BIAS: tl.constexpr,
     APPROX_TANH: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -136,19 +148,19 @@ def _gelu_bwd_kernel(
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < D
     if HAS_BIAS:
-        b = tl.load(Bias + offs_c, mask=mask_c, other=0.0).to(ACC)
+        b = widen(tl.load(Bias + offs_c, mask=mask_c, other=0.0), ACC)
     db = tl.zeros((BLOCK_C,), dtype=ACC)
     for r0 in range(pid_g * BLOCK_R, N, G * BLOCK_R):
         offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         mask = (offs_r[:, None] < N) & mask_c[None, :]
         x = tl.load(X + offs_r[:, None] * stride_xn + offs_c[None, :] * stride_xd, mask=mask, other=0.0)
-        x = x.to(ACC)
+        x = widen(x, ACC)
         dy = tl.load(DY + offs_r[:, None] * stride_dyn + offs_c[None, :] * stride_dyd, mask=mask, other=0.0)
         if HAS_BIAS:
             x += b[None, :]
-        dx = dy.to(ACC) * _gelu_grad(x, APPROX_TANH)  # 0 where masked: dy = 0 there
+        dx = widen(dy, ACC) * _gelu_grad(x, APPROX_TANH)  # 0 where masked: dy = 0 there
         dx_ptrs = DX + offs_r[:, None] * D + offs_c[None, :]
-        tl.store(dx_ptrs, round_to(dx, DX.dtype.element_ty, UPCAST), mask=mask)
+        tl.store(dx_ptrs, round_to(dx, DX.dtype.element_ty, INTERP_BF16), mask=mask)
         if HAS_BIAS:
             db += tl.sum(dx, 0)
     if HAS_BIAS:
@@ -200,12 +212,14 @@ def gelu_forward(
     N = x.shape[0]
     BLOCK_C = _block_c(D)
 
+    # rows on axis x (2^31 - 1 programs); column blocks on axis y, capped at 65,535 by CUDA, which D would
+    # pass only beyond 65,535 x 1,024 = 67M columns: no folding needed (attention's B·H is another matter)
     def grid(META):
         return (triton.cdiv(N, META["BLOCK_R"]), triton.cdiv(D, BLOCK_C))
 
     torch.library.wrap_triton(_gelu_fwd_kernel)[grid](
         x, bias if bias is not None else x, y, N, D, x.stride(0), x.stride(1),
-        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", UPCAST=upcast(input.dtype),
+        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", INTERP_BF16=interp_bf16(input.dtype),
         BLOCK_C=BLOCK_C,
     )  # fmt: skip
     return y
@@ -240,7 +254,7 @@ def gelu_backward(
     torch.library.wrap_triton(_gelu_bwd_kernel)[grid](
         dy, x, bias if bias is not None else x, dx, partial, N, D, G,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", UPCAST=upcast(input.dtype),
+        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", INTERP_BF16=interp_bf16(input.dtype),
         BLOCK_C=BLOCK_C,
     )  # fmt: skip
     dbias = sum_rows(partial, bias.dtype) if bias is not None else input.new_empty((0,))

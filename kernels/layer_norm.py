@@ -9,7 +9,9 @@ are saved in that dtype.
 
 Backward: ``G`` programs each take every G-th tile of rows, write ``dx`` for them and keep their part
 of ``dweight = Σ dy·x̂`` and ``dbias = Σ dy`` in registers; a second small kernel sums the ``(G, D)``
-partials in a fixed order. No atomics: the result is deterministic.
+partials in a fixed order. Wide rows take two launches: the row means ``c1``, ``c2`` below, per row;
+then ``G × chunks`` programs, each owning one column chunk of every G-th row tile. No atomics, and in
+no launch is a global location both written and read: race-free by construction and deterministic.
 
     x̂ = (x - mean)·rstd,   y = x̂·w + b
     dx = rstd·(w·dy - mean_D(w·dy·x̂)·x̂ - mean_D(w·dy))
@@ -31,7 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedformer.kernels._common import INTERPRET, num_partials, round_to, rsqrt_rn, sum_rows, upcast
+from fusedformer.kernels._common import (
+    INTERPRET,
+    interp_bf16,
+    num_partials,
+    round_to,
+    rsqrt_rn,
+    sum_rows,
+    tune_configs,
+    widen,
+)
 
 __all__ = [
     "layer_norm_forward",
@@ -53,7 +64,10 @@ MAX_BLOCK_D = 256 if INTERPRET else 8192
 def _configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"ROWS": 8}, num_warps=4)]
-    return [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8, 16)]
+    full = [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8, 16)]
+    # quick/off: the prune keeps what suits D among these (or the first)
+    quick = [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 8), (4, 4), (16, 4), (2, 16))]
+    return tune_configs(full, quick)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -79,12 +93,12 @@ def _load_h(
     DTYPE: tl.constexpr,
     ACC: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
 ):
     """The rows to normalise, as ACC: x, or h = x + residual rounded to DTYPE (what the composite holds)."""
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
+    x = widen(tl.load(x_ptrs, mask=mask, other=0.0), ACC)
     if HAS_RESIDUAL:
-        x = round_to(x + tl.load(r_ptrs, mask=mask, other=0.0).to(ACC), DTYPE, UPCAST).to(ACC)
+        x = widen(round_to(x + widen(tl.load(r_ptrs, mask=mask, other=0.0), ACC), DTYPE, INTERP_BF16), ACC)
     return x
 
 
@@ -109,7 +123,7 @@ def _layer_norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     IS_RMS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # D <= BLOCK_D: the row stays in registers
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
@@ -124,9 +138,11 @@ def _layer_norm_fwd_kernel(
     if SINGLE_BLOCK:
         cols = tl.arange(0, BLOCK_D)
         mask = mask_r[:, None] & (cols[None, :] < D)
-        x = _load_h(x_ptrs + cols[None, :] * stride_xd, r_ptrs + cols[None, :], mask, DTYPE, ACC, HAS_RESIDUAL, UPCAST)
+        x = _load_h(
+            x_ptrs + cols[None, :] * stride_xd, r_ptrs + cols[None, :], mask, DTYPE, ACC, HAS_RESIDUAL, INTERP_BF16
+        )
         if HAS_RESIDUAL:
-            tl.store(H + rows[:, None] * D + cols[None, :], round_to(x, DTYPE, UPCAST), mask=mask)
+            tl.store(H + rows[:, None] * D + cols[None, :], round_to(x, DTYPE, INTERP_BF16), mask=mask)
         if IS_RMS:
             mean = tl.zeros((ROWS,), dtype=ACC)
             xc = x
@@ -138,10 +154,10 @@ def _layer_norm_fwd_kernel(
         rstd = rsqrt_rn((var + eps_hi) + eps_lo)
         y = xc * rstd[:, None]
         if HAS_WEIGHT:
-            y *= tl.load(W + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
+            y *= widen(tl.load(W + cols, mask=cols < D, other=0.0), ACC)[None, :]
         if HAS_BIAS:
-            y += tl.load(B + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
-        tl.store(y_ptrs + cols[None, :], round_to(y, Y.dtype.element_ty, UPCAST), mask=mask)
+            y += widen(tl.load(B + cols, mask=cols < D, other=0.0), ACC)[None, :]
+        tl.store(y_ptrs + cols[None, :], round_to(y, Y.dtype.element_ty, INTERP_BF16), mask=mask)
     else:
         # a wide row: one pass for the mean (LayerNorm; it also stores h), one for the variance (or
         # mean square), one for the output
@@ -152,9 +168,9 @@ def _layer_norm_fwd_kernel(
                 cols = c0 + tl.arange(0, BLOCK_D)
                 mask = mask_r[:, None] & (cols[None, :] < D)
                 x = _load_h(x_ptrs + cols[None, :] * stride_xd, r_ptrs + cols[None, :], mask, DTYPE, ACC,
-                            HAS_RESIDUAL, UPCAST)  # fmt: skip
+                            HAS_RESIDUAL, INTERP_BF16)  # fmt: skip
                 if HAS_RESIDUAL:
-                    tl.store(H + rows[:, None] * D + cols[None, :], round_to(x, DTYPE, UPCAST), mask=mask)
+                    tl.store(H + rows[:, None] * D + cols[None, :], round_to(x, DTYPE, INTERP_BF16), mask=mask)
                 acc += x
             mean = tl.sum(acc, 1) / D
         acc = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
@@ -162,9 +178,9 @@ def _layer_norm_fwd_kernel(
             cols = c0 + tl.arange(0, BLOCK_D)
             mask = mask_r[:, None] & (cols[None, :] < D)
             x = _load_h(x_ptrs + cols[None, :] * stride_xd, r_ptrs + cols[None, :], mask, DTYPE, ACC,
-                        HAS_RESIDUAL, UPCAST)  # fmt: skip
+                        HAS_RESIDUAL, INTERP_BF16)  # fmt: skip
             if IS_RMS and HAS_RESIDUAL:
-                tl.store(H + rows[:, None] * D + cols[None, :], round_to(x, DTYPE, UPCAST), mask=mask)
+                tl.store(H + rows[:, None] * D + cols[None, :], round_to(x, DTYPE, INTERP_BF16), mask=mask)
             xc = tl.where(mask, x - mean[:, None], 0.0)
             acc += xc * xc
         var = tl.sum(acc, 1) / D
@@ -173,16 +189,108 @@ def _layer_norm_fwd_kernel(
             cols = c0 + tl.arange(0, BLOCK_D)
             mask = mask_r[:, None] & (cols[None, :] < D)
             x = _load_h(x_ptrs + cols[None, :] * stride_xd, r_ptrs + cols[None, :], mask, DTYPE, ACC,
-                        HAS_RESIDUAL, UPCAST)  # fmt: skip
+                        HAS_RESIDUAL, INTERP_BF16)  # fmt: skip
             y = (x - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
-                y *= tl.load(W + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
+                y *= widen(tl.load(W + cols, mask=cols < D, other=0.0), ACC)[None, :]
             if HAS_BIAS:
-                y += tl.load(B + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
-            tl.store(y_ptrs + cols[None, :], round_to(y, Y.dtype.element_ty, UPCAST), mask=mask)
+                y += widen(tl.load(B + cols, mask=cols < D, other=0.0), ACC)[None, :]
+            tl.store(y_ptrs + cols[None, :], round_to(y, Y.dtype.element_ty, INTERP_BF16), mask=mask)
     if not IS_RMS:
         tl.store(Mean + rows, mean, mask=mask_r)
     tl.store(Rstd + rows, rstd, mask=mask_r)
+
+
+@triton.jit
+def _bwd_tile(
+    DY, X, Mean, Rstd,
+    w,  # (BLOCK_D,) the weight's columns in ACC; unused without HAS_WEIGHT
+    rows, cols, mask_r, mask_c,
+    stride_dyn, stride_dyd, stride_xn, stride_xd,
+    HAS_WEIGHT: tl.constexpr, IS_RMS: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One (rows, cols) tile of the backward's operands in ACC: (x̂, dy, w·dy, rstd), 0 outside the tile
+    (RMSNorm: mean 0, Mean not read)."""
+    mask = mask_r[:, None] & mask_c[None, :]
+    x = widen(tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0), ACC)
+    dy = widen(tl.load(DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd, mask=mask, other=0.0), ACC)
+    rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
+    if IS_RMS:
+        mean = tl.zeros_like(rstd)
+    else:
+        mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    wdy = dy
+    if HAS_WEIGHT:
+        wdy = dy * w[None, :]
+    return xhat, dy, wdy, rstd
+
+
+@triton.jit
+def _bwd_dx(
+    DX, DRES, rows, cols, mask_r, mask_c, D,
+    xhat, dy, wdy, rstd,
+    c1, c2,  # (ROWS,) the row means of w·dy·x̂ and of w·dy (RMSNorm: c2 = 0)
+    dw, db,  # (BLOCK_D,) this program's partial sums, returned updated
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES: tl.constexpr, INTERP_BF16: tl.constexpr,
+):  # fmt: skip
+    """Stores dx = rstd·(w·dy - c1·x̂ - c2) (+ dres with HAS_DRES) for the tile; adds its dweight and dbias
+    parts to dw, db."""
+    mask = mask_r[:, None] & mask_c[None, :]
+    dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    if HAS_DRES:
+        dx += widen(tl.load(DRES + rows[:, None] * D + cols[None, :], mask=mask, other=0.0), dx.dtype)
+    dx = round_to(dx, DX.dtype.element_ty, INTERP_BF16)
+    tl.store(DX + rows[:, None] * D + cols[None, :], dx, mask=mask)
+    if HAS_WEIGHT:
+        dw += tl.sum(dy * xhat, 0)
+    if HAS_BIAS:
+        db += tl.sum(dy, 0)
+    return dw, db
+
+
+@triton.autotune(configs=_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _layer_norm_bwd_row_kernel(
+    DY,  # (N, D)
+    X,  # (N, D)
+    W,  # (D,); unused without HAS_WEIGHT
+    Mean,  # (N,) float32 (float64 for float64 input)
+    Rstd,  # (N,) like Mean
+    C1,  # (N,) like Mean, contiguous: mean_D(w·dy·x̂)
+    C2,  # (N,) like Mean, contiguous: mean_D(w·dy) (0 with IS_RMS)
+    N,
+    D,
+    stride_dyn,
+    stride_dyd,
+    stride_xn,
+    stride_xd,
+    HAS_WEIGHT: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    # wide rows, pass 1: each program streams its ROWS rows chunk by chunk for their c1 and c2
+    ACC: tl.constexpr = Rstd.dtype.element_ty
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    mask_r = rows < N
+    acc1 = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
+    acc2 = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        mask_c = cols < D
+        w = 0.0
+        if HAS_WEIGHT:
+            w = widen(tl.load(W + cols, mask=mask_c, other=0.0), ACC)
+        xhat, _dy, wdy, _rstd = _bwd_tile(
+            DY, X, Mean, Rstd, w, rows, cols, mask_r, mask_c, stride_dyn, stride_dyd, stride_xn, stride_xd,
+            HAS_WEIGHT, IS_RMS, ACC,
+        )  # fmt: skip
+        acc1 += wdy * xhat
+        if not IS_RMS:
+            acc2 += wdy
+    tl.store(C1 + rows, tl.sum(acc1, 1) / D, mask=mask_r)
+    tl.store(C2 + rows, tl.sum(acc2, 1) / D, mask=mask_r)
 
 
 @triton.autotune(configs=_configs(), key=["D"], prune_configs_by={"early_config_prune": _prune})
@@ -193,6 +301,8 @@ def _layer_norm_bwd_kernel(
     W,  # (D,); unused without HAS_WEIGHT
     Mean,  # (N,) float32 (float64 for float64 input)
     Rstd,  # (N,) like Mean
+    C1,  # (N,) like Mean, from _layer_norm_bwd_row_kernel; unused with SINGLE_BLOCK
+    C2,  # (N,) like Mean, from _layer_norm_bwd_row_kernel; unused with SINGLE_BLOCK
     DRES,  # (N, D) contiguous: grad of residual_out, added to dx; unused without HAS_DRES
     DX,  # (N, D), contiguous
     DWPartial,  # (G, D) like Mean, contiguous; unused without HAS_WEIGHT
@@ -208,117 +318,54 @@ def _layer_norm_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_DRES: tl.constexpr,
     IS_RMS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,  # D <= BLOCK_D: c1 and c2 come from the tile, one column chunk
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    # program g takes the row tiles g, g + G, g + 2G, ... and sums its own rows of dweight and dbias
+    # program (c, g) owns column chunk c of the row tiles g, g + G, g + 2G, ... (wide rows: pass 2)
+    #
+    # Race-free by construction: in this launch every location of DX and of the partials has exactly
+    # one writer, and none is read. dx[r, cols] is written only by program (chunk of cols, tile of r
+    # mod G); DWPartial[g, cols] and DBPartial[g, cols] only by program (chunk of cols, g), once, from
+    # registers, and summed by sum_rows in the next launch. C1 and C2 were written by the previous launch,
+    # and a launch boundary orders them. DRES is only read, and only by the one writer of dx there.
+    # (The earlier single-kernel version kept the partials in global memory and read them back in the
+    # next row tile: correct only if the same thread wrote and read each element, which nothing in
+    # Triton promises across differently laid-out tiles, and the interpreter could never show a race.)
     ACC: tl.constexpr = Rstd.dtype.element_ty
-    pid = tl.program_id(0)
-    if SINGLE_BLOCK:
-        cols = tl.arange(0, BLOCK_D)
-        mask_c = cols < D
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask_c, other=0.0).to(ACC)
-        dw = tl.zeros((BLOCK_D,), dtype=ACC)
-        db = tl.zeros((BLOCK_D,), dtype=ACC)
-        for r0 in range(pid * ROWS, N, G * ROWS):
-            rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
-            mask_r = rows < N
-            mask = mask_r[:, None] & mask_c[None, :]
-            x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
-            dy = tl.load(DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd, mask=mask, other=0.0)
-            x, dy = x.to(ACC), dy.to(ACC)
-            if IS_RMS:
-                mean = tl.zeros((ROWS,), dtype=ACC)
-            else:
-                mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
-            rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            wdy = dy
-            if HAS_WEIGHT:
-                wdy = dy * w[None, :]
-            # dx = rstd·(w·dy - c1·x̂ - c2), c1 and c2 the row means of w·dy·x̂ and w·dy (RMS: c2 = 0)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    g = tl.program_id(1)
+    mask_c = cols < D
+    w = 0.0
+    if HAS_WEIGHT:
+        w = widen(tl.load(W + cols, mask=mask_c, other=0.0), ACC)
+    dw = tl.zeros((BLOCK_D,), dtype=ACC)
+    db = tl.zeros((BLOCK_D,), dtype=ACC)
+    for r0 in range(g * ROWS, N, G * ROWS):
+        rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
+        mask_r = rows < N
+        xhat, dy, wdy, rstd = _bwd_tile(
+            DY, X, Mean, Rstd, w, rows, cols, mask_r, mask_c, stride_dyn, stride_dyd, stride_xn, stride_xd,
+            HAS_WEIGHT, IS_RMS, ACC,
+        )  # fmt: skip
+        if SINGLE_BLOCK:  # the whole row is in the tile
             c1 = tl.sum(wdy * xhat, 1) / D
             if IS_RMS:
                 c2 = tl.zeros((ROWS,), dtype=ACC)
             else:
                 c2 = tl.sum(wdy, 1) / D
-            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-            if HAS_DRES:
-                dx += tl.load(DRES + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-            dx_ptrs = DX + rows[:, None] * D + cols[None, :]
-            tl.store(dx_ptrs, round_to(dx, DX.dtype.element_ty, UPCAST), mask=mask)
-            if HAS_WEIGHT:
-                dw += tl.sum(dy * xhat, 0)
-            if HAS_BIAS:
-                db += tl.sum(dy, 0)
-        if HAS_WEIGHT:
-            tl.store(DWPartial + pid * D + cols, dw, mask=mask_c)
-        if HAS_BIAS:
-            tl.store(DBPartial + pid * D + cols, db, mask=mask_c)
-    else:
-        # a wide row: per row tile, one pass for c1 and c2, one for dx; this program's rows of the
-        # partial sums live in global memory (read and written only by this program)
-        for c0 in range(0, D, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            if HAS_WEIGHT:
-                tl.store(DWPartial + pid * D + cols, tl.zeros((BLOCK_D,), dtype=ACC), mask=cols < D)
-            if HAS_BIAS:
-                tl.store(DBPartial + pid * D + cols, tl.zeros((BLOCK_D,), dtype=ACC), mask=cols < D)
-        for r0 in range(pid * ROWS, N, G * ROWS):
-            rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
-            mask_r = rows < N
-            if IS_RMS:
-                mean = tl.zeros((ROWS,), dtype=ACC)
-            else:
-                mean = tl.load(Mean + rows, mask=mask_r, other=0.0)
-            rstd = tl.load(Rstd + rows, mask=mask_r, other=0.0)
-            acc1 = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
-            acc2 = tl.zeros((ROWS, BLOCK_D), dtype=ACC)
-            for c0 in range(0, D, BLOCK_D):
-                cols = c0 + tl.arange(0, BLOCK_D)
-                mask = mask_r[:, None] & (cols[None, :] < D)
-                x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
-                dy_ptrs = DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd
-                dy = tl.load(dy_ptrs, mask=mask, other=0.0)
-                x, dy = x.to(ACC), dy.to(ACC)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                wdy = dy
-                if HAS_WEIGHT:
-                    wdy *= tl.load(W + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
-                acc1 += wdy * xhat
-                acc2 += wdy
-            c1 = tl.sum(acc1, 1) / D
-            if IS_RMS:
-                c2 = tl.zeros((ROWS,), dtype=ACC)
-            else:
-                c2 = tl.sum(acc2, 1) / D
-            for c0 in range(0, D, BLOCK_D):
-                cols = c0 + tl.arange(0, BLOCK_D)
-                mask_c = cols < D
-                mask = mask_r[:, None] & mask_c[None, :]
-                x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
-                dy_ptrs = DY + rows[:, None] * stride_dyn + cols[None, :] * stride_dyd
-                dy = tl.load(dy_ptrs, mask=mask, other=0.0)
-                x, dy = x.to(ACC), dy.to(ACC)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                wdy = dy
-                if HAS_WEIGHT:
-                    wdy = dy * tl.load(W + cols, mask=mask_c, other=0.0).to(ACC)[None, :]
-                dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-                if HAS_DRES:
-                    dx += tl.load(DRES + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-                dx_ptrs = DX + rows[:, None] * D + cols[None, :]
-                tl.store(dx_ptrs, round_to(dx, DX.dtype.element_ty, UPCAST), mask=mask)
-                if HAS_WEIGHT:
-                    dw_ptrs = DWPartial + pid * D + cols
-                    dw = tl.load(dw_ptrs, mask=mask_c, other=0.0) + tl.sum(dy * xhat, 0)
-                    tl.store(dw_ptrs, dw, mask=mask_c)
-                if HAS_BIAS:
-                    db_ptrs = DBPartial + pid * D + cols
-                    tl.store(db_ptrs, tl.load(db_ptrs, mask=mask_c, other=0.0) + tl.sum(dy, 0), mask=mask_c)
+        else:
+            c1 = tl.load(C1 + rows, mask=mask_r, other=0.0)
+            c2 = tl.load(C2 + rows, mask=mask_r, other=0.0)
+        dw, db = _bwd_dx(
+            DX, DRES, rows, cols, mask_r, mask_c, D, xhat, dy, wdy, rstd, c1, c2, dw, db,
+            HAS_WEIGHT, HAS_BIAS, HAS_DRES, INTERP_BF16,
+        )  # fmt: skip
+    if HAS_WEIGHT:
+        tl.store(DWPartial + g * D + cols, dw, mask=mask_c)
+    if HAS_BIAS:
+        tl.store(DBPartial + g * D + cols, db, mask=mask_c)
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -398,7 +445,7 @@ def _norm_forward(input, residual, normalized_shape, weight, bias, eps, rms: boo
         h if h is not None else y, mean if mean is not None else rstd, rstd,
         N, D, x.stride(0), x.stride(1), eps_hi, float(eps) - eps_hi,
         HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None, IS_RMS=rms,
-        UPCAST=upcast(input.dtype), SINGLE_BLOCK=single, BLOCK_D=BLOCK_D,
+        INTERP_BF16=interp_bf16(input.dtype), SINGLE_BLOCK=single, BLOCK_D=BLOCK_D,
     )  # fmt: skip
     return y, h, mean, rstd
 
@@ -429,11 +476,25 @@ def _norm_backward(grad_out, grad_residual_out, input, normalized_shape, mean, r
     G = num_partials(input.device, cap=N)
     dw_part = torch.empty((G, D), dtype=stats, device=input.device) if weight is not None else rstd
     db_part = torch.empty((G, D), dtype=stats, device=input.device) if bias is not None else rstd
-    torch.library.wrap_triton(_layer_norm_bwd_kernel)[(G,)](
-        dy, x, w if w is not None else x, mean, rstd, dres if dres is not None else dx, dx, dw_part, db_part,
+    w_arg = w if w is not None else x
+    c1 = c2 = rstd  # unused on one column chunk
+    if not single:  # wide rows: c1, c2 per row first (_layer_norm_bwd_row_kernel)
+        c1 = torch.empty((N,), dtype=stats, device=input.device)
+        c2 = torch.empty((N,), dtype=stats, device=input.device)
+
+        def grid_rows(META):
+            return (triton.cdiv(N, META["ROWS"]),)
+
+        torch.library.wrap_triton(_layer_norm_bwd_row_kernel)[grid_rows](
+            dy, x, w_arg, mean, rstd, c1, c2,
+            N, D, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+            HAS_WEIGHT=w is not None, IS_RMS=rms, BLOCK_D=BLOCK_D,
+        )  # fmt: skip
+    torch.library.wrap_triton(_layer_norm_bwd_kernel)[(triton.cdiv(D, BLOCK_D), G)](
+        dy, x, w_arg, mean, rstd, c1, c2, dres if dres is not None else dx, dx, dw_part, db_part,
         N, D, G, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         HAS_WEIGHT=w is not None, HAS_BIAS=bias is not None, HAS_DRES=dres is not None, IS_RMS=rms,
-        UPCAST=upcast(input.dtype), SINGLE_BLOCK=single, BLOCK_D=BLOCK_D,
+        INTERP_BF16=interp_bf16(input.dtype), SINGLE_BLOCK=single, BLOCK_D=BLOCK_D,
     )  # fmt: skip
     dw = sum_rows(dw_part, weight.dtype).reshape(weight.shape) if weight is not None else empty
     db = sum_rows(db_part, bias.dtype).reshape(bias.shape) if bias is not None else empty

@@ -95,6 +95,33 @@ def leaf_copies(*tensors, dtype=None):
     return [t.detach().clone().to(dtype or t.dtype).requires_grad_(True) for t in tensors]
 
 
+def check_compiled_dropout(fn, inputs) -> list[torch.Tensor]:
+    """``torch.compile(fn, fullgraph=True)``, ``fn(*inputs)`` a scalar with attention dropout inside: the
+    compiled gradients are reproducible under torch.manual_seed, differ under another seed, are finite and
+    nonzero, and equal eager's when Inductor draws random numbers as eager does (``fallback_random``).
+    Returns the compiled gradients under manual_seed(7)."""
+
+    def grads(f, manual_seed):
+        leaves = leaf_copies(*inputs)
+        torch.manual_seed(manual_seed)
+        f(*leaves).backward()
+        return [t.grad for t in leaves]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    first, again, other = grads(compiled, 7), grads(compiled, 7), grads(compiled, 8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again)), "manual_seed does not reproduce the run"
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in first), "no gradient flows"
+    assert not torch.allclose(first[-1], other[-1]), "another seed, the same dropout"
+    eager = grads(fn, 7)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        same_as_eager = grads(torch.compile(fn, fullgraph=True), 7)
+    for a, b in zip(eager, same_as_eager):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    return first
+
+
 @contextlib.contextmanager
 def cpu_capability(name: str):
     from fusedformer import _C

@@ -48,11 +48,35 @@ def test_explain_says_why_a_call_runs_on_the_reference_path(qkv):
     assert "requires grad" in str(e)
 
 
-def test_explain_says_dropout_is_fused_on_cpu_but_not_in_triton(qkv):
+def test_explain_says_dropout_is_fused_on_both_backends(qkv):
     e = ff.explain(ff.scaled_dot_product_attention, *qkv, dropout_p=0.1)
     assert e.backend == "cpp" and e.reasons["cpp"] == []
-    if backends._TRITON_ERROR is None:
-        assert any("dropout" in r for r in e.reasons["triton"])
+    if backends.TRITON_INTERPRETED:
+        assert e.reasons["triton"] == []
+    cuda = backends.Request("attention", torch.device("cuda"), torch.float16, 0.1)
+    assert not any("dropout" in r for r in backends.TritonBackend().not_supported_reasons(cuda))
+
+
+@pytest.mark.parametrize("op", ["attention", "layer_norm", "gelu"])
+def test_bf16_on_a_gpu_below_sm80_falls_back_and_explain_says_why(op, monkeypatch):
+    """bf16 Triton needs sm_80: on a T4 (sm_75) or V100 (sm_70) the Triton backend declines bf16 calls
+    with the reason, where it would otherwise fail to compile. The capability query is monkeypatched:
+    no GPU here."""
+    if backends._TRITON_ERROR is not None:
+        pytest.skip(backends._TRITON_ERROR)
+    cuda = torch.device("cuda", 0)
+    for cap in ((7, 5), (7, 0)):
+        monkeypatch.setattr(backends, "cuda_capability", lambda device, cap=cap: cap)
+        e = backends.explain_request(backends.Request(op, cuda, torch.bfloat16))
+        assert e.backend == "reference"
+        why = "; ".join(e.reasons["triton"])
+        assert "sm_80" in why and f"sm_{cap[0]}{cap[1]}" in why
+        assert "sm_80" in str(e)
+        assert backends.TritonBackend().not_supported_reasons(backends.Request(op, cuda, torch.float16)) == []
+    for cap in ((8, 0), (9, 0)):
+        monkeypatch.setattr(backends, "cuda_capability", lambda device, cap=cap: cap)
+        request = backends.Request(op, cuda, torch.bfloat16)
+        assert backends.TritonBackend().not_supported_reasons(request) == []
 
 
 def test_explain_checks_inputs_like_the_call():
@@ -95,9 +119,8 @@ def test_forced_backend_that_cannot_serve_raises(qkv, monkeypatch):
     monkeypatch.setenv("FUSEDFORMER_BACKEND", "triton")
     with pytest.raises(ff.BackendUnavailableError, match="float64"):
         ff.scaled_dot_product_attention(*(t.double() for t in qkv))
-    if backends._TRITON_ERROR is None:
-        with pytest.raises(ff.BackendUnavailableError, match="dropout"):
-            ff.scaled_dot_product_attention(*qkv, dropout_p=0.1)
+    if backends.TRITON_INTERPRETED:  # dropout is fused in Triton too: the forced backend serves it
+        ff.scaled_dot_product_attention(*qkv, dropout_p=0.1)
 
 
 def test_unknown_backend_name_is_an_error(monkeypatch):

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from fusedformer import reference  # noqa: E402
+from tests.conftest import check_compiled_dropout  # noqa: E402
 from fusedformer.kernels import _common  # noqa: E402
 from fusedformer.kernels.attention import attention_backward, attention_forward  # noqa: E402
 from fusedformer.kernels.gelu import gelu_backward, gelu_forward  # noqa: E402
@@ -386,8 +387,22 @@ def test_layer_norm_matches_reference(dtype, shape, normalized_shape, affine):
 
 
 @interpreted
-def test_layer_norm_chunked_path_is_reached():
-    assert 777 > MAX_BLOCK_D >= 256  # the (7, 777) case above streams its rows
+def test_layer_norm_chunked_path_is_reached(monkeypatch):
+    # D = 777 > MAX_BLOCK_D: the backward takes the wide-row path (c1 and c2 per row in a launch of their own)
+    from fusedformer.kernels import layer_norm as N
+
+    launched = []
+    wrap = torch.library.wrap_triton
+
+    def spy(kernel):
+        launched.append(kernel)
+        return wrap(kernel)
+
+    monkeypatch.setattr(torch.library, "wrap_triton", spy)
+    x = _randn(7, 777, dtype=torch.float32)
+    w, b = _randn(777, dtype=torch.float32), _randn(777, dtype=torch.float32)
+    _check_layer_norm(x, [777], w, b)
+    assert N._layer_norm_bwd_row_kernel in launched and N._layer_norm_bwd_kernel in launched
 
 
 @interpreted
@@ -581,17 +596,40 @@ def test_round_to_rounds_to_nearest_even_like_torch():
     import triton.language as tl
 
     @triton.jit
-    def _round_kernel(X, Y, N, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+    def _round_kernel(X, Y, N, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(X + offs, mask=offs < N)
-        tl.store(Y + offs, _common.round_to(x, Y.dtype.element_ty, UPCAST), mask=offs < N)
+        tl.store(Y + offs, _common.round_to(x, Y.dtype.element_ty, INTERP_BF16), mask=offs < N)
 
     ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8)])  # halfway: to even, away from odd
-    x = torch.cat([torch.randn(4000) * 10.0 ** torch.randint(-30, 30, (4000,)), ties])
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4e38, 1e-39, -7e-40, 2.0**-133])
+    x = torch.cat([torch.randn(4000) * 10.0 ** torch.randint(-30, 30, (4000,)), ties, special])
     y = torch.empty(x.shape, dtype=torch.bfloat16)
     grid = (triton.cdiv(x.numel(), 1024),)
-    _round_kernel[grid](x, y, x.numel(), UPCAST=_common.upcast(torch.bfloat16), BLOCK=1024)
-    assert torch.equal(y, x.to(torch.bfloat16))
+    _round_kernel[grid](x, y, x.numel(), INTERP_BF16=_common.interp_bf16(torch.bfloat16), BLOCK=1024)
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))  # bit for bit
+    nan = torch.full((4,), float("nan"))
+    y = torch.empty(4, dtype=torch.bfloat16)
+    _round_kernel[(1,)](nan, y, 4, INTERP_BF16=True, BLOCK=4)
+    assert y.isnan().all()
+
+
+@interpreted
+def test_widen_is_exact_for_every_bf16_value():
+    # widen is how the kernels read bf16 (under the interpreter and on the GPU alike): every one of the
+    # 65,536 bit patterns, subnormals, infinities and NaNs included, must come out as torch widens it
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _widen_kernel(X, Y, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, _common.widen(tl.load(X + offs)))
+
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    y = torch.empty(x.shape, dtype=torch.float32)
+    _widen_kernel[(x.numel() // 4096,)](x, y, BLOCK=4096)
+    assert torch.equal(y.view(torch.int32), x.float().view(torch.int32))
 
 
 # ---- agreement with the C++ CPU ops ---------------------------------------------------------------
@@ -683,6 +721,241 @@ def test_gelu_agrees_with_cpp(dtype, approximate, with_bias):
         _assert_agree(name, a, c)
 
 
+# ---- attention dropout: the C++ kernels' mask ------------------------------------------------------
+
+
+def _seed(value: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int64)
+
+
+@interpreted
+@pytest.mark.parametrize("seed", [0x5EED_1234_ABCD, -3, 2**62 + 5])
+def test_attention_dropout_drops_the_cpp_mask(seed):
+    # with V = I (Ev = S) the output is P ∘ D itself: 0 exactly where the C++ mask drops (P > 0 elsewhere)
+    B, H, L, S, p = 2, 3, 37, 29, 0.4
+    q, k = _randn(B, H, L, 16, dtype=torch.float32), _randn(B, H, S, 16, dtype=torch.float32)
+    v = torch.eye(S).expand(B, H, S, S)
+    out, lse = attention_forward(q, k, v, None, False, 0.3, p, _seed(seed))
+    keep = torch.ops.fusedformer.attention_dropout_mask(B, H, L, S, p, seed)
+    assert torch.equal(out != 0, keep)
+    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.3, -1)
+    torch.testing.assert_close(out.double(), probs * keep / (1 - p), rtol=1e-5, atol=1e-7)
+    assert torch.equal(lse, attention_forward(q, k, v, None, False, 0.3)[1])  # of the un-dropped P
+
+
+@interpreted
+def test_attention_dropout_statistics():
+    B, H, L, S, p = 1, 2, 64, 64, 0.3
+    q, k = _randn(B, H, L, 16, dtype=torch.float32, scale=0.1), _randn(B, H, S, 16, dtype=torch.float32)
+    v = torch.eye(S).expand(B, H, S, S)
+    out, _ = attention_forward(q, k, v, None, False, 1.0, p, _seed(11))
+    out2, _ = attention_forward(q, k, v, None, False, 1.0, p, _seed(12))
+    kept, kept2 = out != 0, out2 != 0
+    n = kept.numel()  # 8192 draws: 1 - p within 4 standard deviations (0.02)
+    assert abs(kept.double().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
+    # kept ones are scaled by 1 / (1 - p): each row sums to 1 in expectation (std about 0.05 per row here)
+    assert abs(out.double().sum(-1).mean().item() - 1.0) < 0.03
+    # another seed, another mask: two independent masks agree on (1 - p)^2 + p^2 = 58% of the elements
+    assert abs((kept == kept2).double().mean().item() - ((1 - p) ** 2 + p**2)) < 0.05
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)
+def test_attention_dropout_agrees_with_cpp(dtype):
+    _require_cpu_kernel("attention_fwd")
+    B, Hq, Hk, L, S = 2, 4, 2, 37, 45
+    q, k, v = _qkv(B, Hq, Hk, L, S, 24, 16, dtype)
+    mask = torch.rand(B, 1, L, S) > 0.2
+    grad = _randn(B, Hq, L, 16, dtype=dtype)
+    seed, ops = _seed(987654321), torch.ops.fusedformer
+    for m, causal in ((None, True), (mask, False), (torch.where(mask, 0.0, float("-inf")).to(dtype), True)):
+        out, lse = attention_forward(q, k, v, m, causal, 0.3, 0.25, seed)
+        out_c, lse_c = ops.attention_fwd(q, k, v, m, causal, 0.3, 0.25, seed)
+        grads = attention_backward(grad, q, k, v, out, lse, m, causal, 0.3, 0.25, seed)
+        grads_c = ops.attention_bwd(grad, q, k, v, out_c, lse_c, m, causal, 0.3, 0.25, seed)
+        names = ("out", "logsumexp", "dq", "dk", "dv")
+        for name, a, c in zip(names, (out, lse, *grads), (out_c, lse_c, *grads_c)):
+            _assert_agree(name, a, c)
+            if dtype == torch.float32:  # the same elements kept: equal to float32 rounding, not just close
+                finite = torch.isfinite(c)  # a dead row's logsumexp is +inf in both (_assert_agree checks)
+                scale = max(1.0, c[finite].abs().max().item())
+                assert (a - c)[finite].abs().max().item() <= 1e-5 * scale, name
+
+
+@interpreted
+def test_attention_dropout_is_served_by_triton_as_on_the_cpu(monkeypatch):
+    """The public function on the Triton backend: no fallback (strict), and under one torch.manual_seed
+    the same seed, so the same kept elements, outputs and gradients as the cpp backend."""
+    import fusedformer as ff
+    from fusedformer import backends
+
+    monkeypatch.setenv("FUSEDFORMER_STRICT", "1")
+    q, k, v = _qkv(2, 4, 2, 19, 23, 16, 16, torch.float32)
+    grad = _randn(2, 4, 19, 16, dtype=torch.float32)
+    request = backends.Request("attention", q.device, q.dtype, 0.2)
+    assert backends.TritonBackend().not_supported_reasons(request) == []
+
+    def run(backend):
+        monkeypatch.setenv("FUSEDFORMER_BACKEND", backend)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(3)
+        out = ff.scaled_dot_product_attention(*leaves, dropout_p=0.2, is_causal=True, enable_gqa=True)
+        out.backward(grad)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    on_triton, on_cpp = run("triton"), run("cpp")
+    for a, c in zip(on_triton, on_cpp):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+@interpreted
+def test_torch_compile_fullgraph_dropout_on_triton(monkeypatch):
+    import fusedformer as ff
+
+    monkeypatch.setenv("FUSEDFORMER_BACKEND", "triton")
+    q, k, v = _qkv(1, 2, 2, 20, 20, 16, 16, torch.float32)
+
+    def fn(q, k, v):
+        return ff.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).sin().sum()
+
+    check_compiled_dropout(fn, (q, k, v))
+
+
+# ---- launch limits, autotuning, precision ---------------------------------------------------------
+
+
+@interpreted
+def test_attention_grid_folds_batch_heads_past_65535(monkeypatch):
+    """B·H = 70,000 at L = S = 1: every launch is a 1-D grid of 70,000 programs (CUDA caps grid axes y
+    and z at 65,535). The launches are recorded, not run: the interpreter takes ~30 ms a program."""
+    from fusedformer.kernels import attention as A
+
+    launches = []
+
+    class Record:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, grid))
+
+    monkeypatch.setattr(torch.library, "wrap_triton", Record)
+    q = torch.randn(7000, 10, 1, 16)
+    out, lse = A.attention_forward(q, q, q, None, False, 0.25, 0.1, _seed(1))
+    A.attention_backward(q, q, q, q, out, lse, None, False, 0.25, 0.1, _seed(1))
+    assert [kernel for kernel, _ in launches] == [
+        A._attn_fwd_kernel, A._attn_bwd_preprocess_kernel, A._attn_bwd_dkdv_kernel, A._attn_bwd_dq_kernel
+    ]
+    for kernel, grid in launches:
+        for block in (16, 64, 128):
+            shape = grid({"BLOCK_M": block, "BLOCK_N": block}) if callable(grid) else grid
+            assert shape == (70_000,), (kernel, shape)
+    with pytest.raises(ValueError, match="split the batch"):
+        _common.flat_grid(2**20, 2**12, "test")
+
+
+def test_length_bucket():
+    assert [_common.length_bucket(n) for n in (0, 1, 16, 17, 32, 33, 1000, 1024, 1025)] == [
+        16, 16, 16, 32, 32, 64, 1024, 1024, 2048
+    ]
+
+
+@interpreted
+def test_attention_autotunes_once_per_length_bucket(monkeypatch):
+    """Two configs and a stub benchmark: lengths 17 and 30 share a bucket (one tuning), 33 starts another."""
+    import triton
+
+    from fusedformer.kernels import attention as A
+
+    kernel = A._attn_fwd_kernel
+    assert "L" not in kernel.keys and "S" not in kernel.keys and {"L_BUCKET", "S_BUCKET"} <= set(kernel.keys)
+    tuned = []
+
+    def bench(*args, config, **kwargs):
+        tuned.append(kernel.nargs["L"])
+        return [1.0 + config.kwargs["BLOCK_M"], 0.0, 0.0]
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 16}, num_warps=4, num_stages=1) for bm in (16, 32)]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_bench", bench)
+    for L in (17, 30, 33):
+        q = _randn(1, 1, L, 16, dtype=torch.float32)
+        attention_forward(q, q, q, None, False, 0.25)
+    assert tuned == [17, 17, 33, 33]  # both configs, once per bucket
+    assert len(kernel.cache) == 2
+
+
+def test_attention_prune_respects_shared_memory(monkeypatch):
+    from fusedformer.kernels import attention as A
+
+    q = torch.empty(1, 1, 1, 256, dtype=torch.float32)
+    args = {"Q": q}
+    # the compiled mode's config lists (the interpreter has one config per kernel)
+    lists = (("fwd", A._fwd_configs(False)), ("dkdv", A._dkdv_configs(False)), ("dq", A._dq_configs(False)))
+    for kind, configs in lists:
+        monkeypatch.setattr(A, "max_shared_memory", lambda device: None)
+        everything = A._pruner(kind)(configs, args, BLOCK_D=64, BLOCK_DV=64)
+        monkeypatch.setattr(A, "max_shared_memory", lambda device: 64 * 1024)
+        kept = A._pruner(kind)(configs, args, BLOCK_D=64, BLOCK_DV=64)
+        assert kept and all(A._smem_bytes(kind, c, 64, 64, 4) <= 64 * 1024 for c in kept), kind
+        assert len(kept) < len(everything), kind
+        # nothing fits: the smallest estimate is kept, so that the launch still has a config
+        monkeypatch.setattr(A, "max_shared_memory", lambda device: 1024)
+        (smallest,) = A._pruner(kind)(configs, args, BLOCK_D=64, BLOCK_DV=64)
+        assert A._smem_bytes(kind, smallest, 64, 64, 4) == min(
+            A._smem_bytes(kind, c, 64, 64, 4) for c in configs
+        )
+
+
+@pytest.fixture
+def allow_tf32():
+    """Sets torch.backends.cuda.matmul.allow_tf32 (a property of torch's, which monkeypatch cannot undo)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+
+    def set_(value: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = value
+
+    yield set_
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_dot_precision_follows_torch_tf32(allow_tf32):
+    allow_tf32(False)
+    assert _common.dot_precision(torch.float32) == "ieee"
+    allow_tf32(True)
+    assert _common.dot_precision(torch.float32) == "tf32"
+    assert _common.dot_precision(torch.bfloat16) == "ieee" and _common.dot_precision(torch.float16) == "ieee"
+
+
+@interpreted
+def test_attention_runs_with_tf32_allowed(allow_tf32, monkeypatch):
+    # the interpreter sums full float32 products whatever the precision (no TF32 rounding to see): this
+    # checks that the "tf32" flag reaches every launch's dots and the kernels still compute attention
+    from fusedformer.kernels import attention as A
+
+    precisions = []
+    wrap = torch.library.wrap_triton
+
+    class Spy:
+        def __init__(self, kernel):
+            self.launcher = wrap(kernel)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                precisions.append(kwargs["PRECISION"])
+                return self.launcher[grid](*args, **kwargs)
+
+            return launch
+
+    allow_tf32(True)
+    monkeypatch.setattr(torch.library, "wrap_triton", Spy)
+    q, k, v = _qkv(1, 2, 2, 17, 19, 16, 16, torch.float32)
+    _check_attention(q, k, v, mask=None, is_causal=True)
+    assert precisions == ["tf32"] * 4
+    assert A.dot_precision is _common.dot_precision
+
+
 # ---- the compiled (GPU) code path -----------------------------------------------------------------
 
 _COMPILE_SCRIPT = textwrap.dedent(
@@ -703,43 +976,56 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 sig[name] = "constexpr"
             elif name in pointers:
                 sig[name] = "*" + pointers[name]
+            elif name in ("eps_hi", "eps_lo", "scale", "qk_scale", "drop_scale"):
+                sig[name] = "fp32"
             else:
-                sig[name] = "fp32" if name in ("eps_hi", "eps_lo", "scale", "qk_scale") else "i32"
+                sig[name] = "i64" if name == "drop_threshold" else "i32"
         binary = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 80, 32))
         assert binary.asm["cubin"], kernel.__name__
 
-    bf = "bf16"
-    heads = dict(UPCAST=False, BLOCK_D=64, BLOCK_DV=32)
     cu = dict(CuQ="i32", CuK="i32")
-    # the padded kernels (VARLEN off, masks on) and their packed-sequence variant (VARLEN on, no mask)
-    for varlen in (False, True):
-        masks = dict(HAS_MASK=not varlen, MASK_IS_BOOL=False, IS_CAUSAL=True, VARLEN=varlen)
+    # the padded kernels (VARLEN off, masks on) with and without dropout, in each dtype (fp32 with TF32),
+    # and their packed-sequence variant (VARLEN on, no mask, no dropout)
+    for dt, precision, dropout, varlen in (
+        ("bf16", "ieee", True, False), ("fp16", "ieee", True, False), ("fp32", "tf32", True, False),
+        ("bf16", "ieee", False, False), ("bf16", "ieee", False, True),
+    ):
+        heads = dict(INTERP_BF16=False, PRECISION=precision, BLOCK_D=64, BLOCK_DV=32)
+        masks = dict(HAS_MASK=not varlen, MASK_IS_BOOL=False, IS_CAUSAL=True, DROPOUT=dropout, VARLEN=varlen)
         renorm = not varlen
-        compile_(A._attn_fwd_kernel, dict(cu, Q=bf, K=bf, V=bf, Mask=bf, Out=bf, Lse="fp32"),
+        compile_(A._attn_fwd_kernel, dict(cu, Q=dt, K=dt, V=dt, Mask=dt, Out=dt, Lse="fp32", Seed="i64"),
                  dict(heads, **masks, BLOCK_M=64, BLOCK_N=32))
         compile_(A._attn_bwd_preprocess_kernel,
-                 dict(cu, O=bf, DO=bf, Delta="fp32", Renorm="fp32", Q=bf, K=bf, Mask=bf, Lse="fp32"),
+                 dict(cu, O=dt, DO=dt, Delta="fp32", Renorm="fp32", Q=dt, K=dt, Mask=dt, Lse="fp32"),
                  dict(heads, RENORM=renorm, IS_CAUSAL=True, VARLEN=varlen, BLOCK_M=64, BLOCK_N=64))
-        bwd = dict(cu, Q=bf, K=bf, V=bf, Mask=bf, DO=bf, Lse="fp32", Delta="fp32", Renorm="fp32")
-        compile_(A._attn_bwd_dkdv_kernel, dict(bwd, DK=bf, DV=bf),
+        bwd = dict(cu, Q=dt, K=dt, V=dt, Mask=dt, DO=dt, Lse="fp32", Delta="fp32", Renorm="fp32", Seed="i64")
+        compile_(A._attn_bwd_dkdv_kernel, dict(bwd, DK=dt, DV=dt),
                  dict(heads, **masks, RENORM=renorm, BLOCK_M=32, BLOCK_N=64))
-        compile_(A._attn_bwd_dq_kernel, dict(bwd, DQ=bf),
+        compile_(A._attn_bwd_dq_kernel, dict(bwd, DQ=dt),
                  dict(heads, **masks, RENORM=renorm, BLOCK_M=64, BLOCK_N=32))
+    bf = "bf16"
+    # LayerNorm, and residual add + RMSNorm; the backward's wide-row pair (row kernel, then the column
+    # chunks) and its one-chunk kernel, with and without the affine parameters
     for single in (True, False):
-        for add, rms in ((False, False), (True, True)):  # LayerNorm; residual add + RMSNorm
-            ln = dict(HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=add, IS_RMS=rms, UPCAST=False,
+        for add, rms in ((False, False), (True, True)):
+            ln = dict(HAS_WEIGHT=True, HAS_BIAS=not rms, HAS_RESIDUAL=add, IS_RMS=rms, INTERP_BF16=False,
                       SINGLE_BLOCK=single, BLOCK_D=1024, ROWS=2)
             compile_(N._layer_norm_fwd_kernel, dict(X=bf, R=bf, W=bf, B=bf, Y=bf, H=bf, Mean="fp32",
                      Rstd="fp32"), ln)
-            ln = dict(ln, HAS_DRES=ln.pop("HAS_RESIDUAL"))
-            compile_(N._layer_norm_bwd_kernel, dict(DY=bf, X=bf, W=bf, Mean="fp32", Rstd="fp32", DRES=bf,
-                     DX=bf, DWPartial="fp32", DBPartial="fp32"), ln)
+    grads = dict(DY=bf, X=bf, W=bf, Mean="fp32", Rstd="fp32", C1="fp32", C2="fp32", DRES=bf, DX=bf,
+                 DWPartial="fp32", DBPartial="fp32")
+    for affine, dres, rms in ((True, False, False), (False, False, False), (True, True, True)):
+        for single in (True, False):
+            ln = dict(HAS_WEIGHT=affine, HAS_BIAS=affine and not rms, HAS_DRES=dres, IS_RMS=rms,
+                      INTERP_BF16=False, SINGLE_BLOCK=single, BLOCK_D=1024, ROWS=2)
+            compile_(N._layer_norm_bwd_kernel, grads, ln)
+        compile_(N._layer_norm_bwd_row_kernel, grads, dict(HAS_WEIGHT=affine, IS_RMS=rms, BLOCK_D=1024, ROWS=2))
     for tanh in (False, True):
-        gl = dict(HAS_BIAS=True, APPROX_TANH=tanh, UPCAST=False, BLOCK_C=256, BLOCK_R=4)
+        gl = dict(HAS_BIAS=True, APPROX_TANH=tanh, INTERP_BF16=False, BLOCK_C=256, BLOCK_R=4)
         compile_(G._gelu_fwd_kernel, dict(X=bf, Bias=bf, Y=bf), gl)
         compile_(G._gelu_bwd_kernel, dict(DY=bf, X=bf, Bias=bf, DX=bf, DBiasPartial="fp32"), gl)
     compile_(_common._sum_rows_kernel, dict(Partial="fp32", Out=bf),
-             dict(UPCAST=False, BLOCK_G=8, BLOCK_C=256))
+             dict(INTERP_BF16=False, BLOCK_G=8, BLOCK_C=256))
     print("compiled")
     """
 )
@@ -780,8 +1066,13 @@ _TRACE_SCRIPT = textwrap.dedent(
         fwd = attention_forward(q, q, q, m, True, 0.25)
         return fwd, attention_backward(q, q, q, q, q, lse, m, True, 0.25)
 
+    def attention_dropout(q, m):
+        lse, seed = q[..., 0], torch.tensor(5)
+        fwd = attention_forward(q, q, q, m, True, 0.25, 0.1, seed)
+        return fwd, attention_backward(q, q, q, q, q, lse, m, True, 0.25, 0.1, seed)
+
     for fn, args, launches in ((gelu, (x, b), 3), (layer_norm, (x, b), 4), (rms_norm, (x, b), 3),
-                               (add_norms, (x, b), 7), (attention, (q, m), 4)):
+                               (add_norms, (x, b), 7), (attention, (q, m), 4), (attention_dropout, (q, m), 4)):
         graph = make_fx(fn, tracing_mode="fake")(*args).graph
         found = [n for n in graph.nodes if "triton_kernel_wrapper" in str(n.target)]
         assert len(found) == launches, (fn.__name__, len(found))
@@ -802,8 +1093,9 @@ def test_launchers_trace_with_fake_tensors():
 
 
 def test_kernels_compile_for_gpu():
-    """The interpreter runs Python, not GPU code: compile the bf16 kernels (the path a GPU takes, with
-    UPCAST off and bf16 tensor-core dots) to sm_80 binaries with Triton's own compiler and ptxas."""
+    """The interpreter runs Python, not GPU code: compile the kernels as a GPU takes them (INTERP_BF16
+    off: bf16 tensor-core dots; dropout on; fp32 attention with TF32) to sm_80 binaries with Triton's own
+    compiler and ptxas."""
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run(

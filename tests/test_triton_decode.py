@@ -141,10 +141,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
     for causal in (0, 1, 2):
         compile_(D._decode_partial_kernel,
                  dict(Q=bf, K=bf, V=bf, Mask=bf, SeqLens="i64", PartO="fp32", PartML="fp32"),
-                 dict(HAS_LENS=True, HAS_MASK=True, MASK_IS_BOOL=False, CAUSAL=causal, UPCAST=False,
+                 dict(HAS_LENS=True, HAS_MASK=True, MASK_IS_BOOL=False, CAUSAL=causal, INTERP_BF16=False, PRECISION="ieee",
                       BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=64))
     compile_(D._decode_merge_kernel, dict(PartO="fp32", PartML="fp32", Out=bf, Lse="fp32"),
-             dict(UPCAST=False, BLOCK_M=16, BLOCK_S=8, BLOCK_DV=64))
+             dict(INTERP_BF16=False, BLOCK_M=16, BLOCK_S=8, BLOCK_DV=64))
     print("compiled")
     """
 )

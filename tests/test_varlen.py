@@ -128,7 +128,7 @@ def test_equals_padded_sdpa(dropout_p, is_causal):
     keep = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]  # (B, S)
     mask = keep[:, None, None, :]
     qp, kp, vp = (_pad(t, lengths, L).requires_grad_(True) for t in (q, k, v))
-    out_p, _ = attention_fwd(qp, kp, vp, mask, is_causal, scale, dropout_p, seed)
+    out_p, _ = attention_fwd(qp, kp, vp, mask, is_causal, scale, dropout_p, torch.tensor(seed))  # a tensor seed
     grad = _pad(randn(sum(lengths), Hq, E), lengths, L)  # 0 on the padding rows
     out_p.backward(grad)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]

@@ -181,6 +181,19 @@ void check_dropout(const char* op, double dropout_p) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": expected dropout_p in [0, 1), got ", dropout_p);
 }
 
+// The dropout seed arrives as a tensor (one int64 element on the CPU) so that the caller can draw it inside
+// a torch.compile'd region without a graph break (.item() there would be one); it is read here, in the
+// glue, before any kernel runs. Without dropout it is not read and may be None.
+int64_t read_seed(const char* op, const std::optional<at::Tensor>& seed, double dropout_p) {
+  if (dropout_p == 0.0) return 0;
+  TORCH_CHECK(seed.has_value() && seed->defined(), op,
+              ": dropout_p > 0 needs a seed (a one-element int64 tensor on the CPU), got None");
+  TORCH_CHECK(seed->scalar_type() == at::kLong, op, ": expected seed of dtype int64, got ", seed->scalar_type());
+  TORCH_CHECK(seed->numel() == 1, op, ": expected seed with one element, got shape ", seed->sizes());
+  TORCH_CHECK(seed->device().is_cpu(), op, ": expected seed on the CPU, got ", seed->device());
+  return *seed->const_data_ptr<int64_t>();
+}
+
 // Fills out (dtype) and lse (acc); or, given log_sum, only lse = m and log_sum = log l. Needs L, S > 0.
 void run_fwd(const MatmulEngine* engine, const Dims& d, const at::Tensor& q, const at::Tensor& k,
              const at::Tensor& v, const at::Tensor& mask, bool is_causal, double scale, double dropout_p,
@@ -437,11 +450,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
                                                      const at::Tensor& value,
                                                      const std::optional<at::Tensor>& attn_mask,
                                                      bool is_causal, double scale, double dropout_p,
-                                                     int64_t seed) {
+                                                     const std::optional<at::Tensor>& seed_tensor) {
   const char* op = "fusedformer::attention_fwd";
   const Dims d = check_qkv(op, query, key, value);
   TORCH_CHECK(std::isfinite(scale), op, ": expected a finite scale, got ", scale);
   check_dropout(op, dropout_p);
+  const int64_t seed = read_seed(op, seed_tensor, dropout_p);
   const at::ScalarType acc = acc_dtype(query.scalar_type());
   const at::Tensor mask = prepare_mask(op, attn_mask, query, d);
   const at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
@@ -466,11 +480,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& out, const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask,
-    bool is_causal, double scale, double dropout_p, int64_t seed) {
+    bool is_causal, double scale, double dropout_p, const std::optional<at::Tensor>& seed_tensor) {
   const char* op = "fusedformer::attention_bwd";
   const Dims d = check_qkv(op, query, key, value);
   TORCH_CHECK(std::isfinite(scale), op, ": expected a finite scale, got ", scale);
   check_dropout(op, dropout_p);
+  const int64_t seed = read_seed(op, seed_tensor, dropout_p);
   check_like(op, grad_out, "grad_out", query, {d.B, d.Hq, d.L, d.Ev});
   check_like(op, out, "out", query, {d.B, d.Hq, d.L, d.Ev});
   TORCH_CHECK(logsumexp.device().is_cpu(), op, ": expected logsumexp on the CPU, got ", logsumexp.device());

@@ -4,8 +4,8 @@ The in-projection and out-projection are ``F.linear``; the attention itself is o
 ``ff.scaled_dot_product_attention`` on ``(B, H, L, hd)`` heads. ``nn.MultiheadAttention``'s masks (bool
 True = *masked out*, float = added) become one SDPA mask (bool True = *takes part*): a key-padding mask
 becomes a ``(B, 1, 1, S)`` mask, never an ``(L, S)`` one per batch entry. Attention dropout (``dropout >
-0`` in training) is fused on the CPU (its mask is drawn by the kernels' own counter-based generator, not
-by torch's dropout; Triton falls back for it). ``need_weights=True`` (``nn.MultiheadAttention``'s default)
+0`` in training) is fused on the CPU and on Triton (its mask is drawn by the kernels' own counter-based
+generator, the same on both, not by torch's dropout). ``need_weights=True`` (``nn.MultiheadAttention``'s default)
 runs on the reference path (plain PyTorch), with a one-time ``FallbackWarning`` and a reason in
 ``explain``: the attention probabilities are returned, and the fused kernels never materialise them;
 with dropout, that path draws torch's own dropout mask.

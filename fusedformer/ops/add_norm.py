@@ -18,7 +18,7 @@ import torch
 
 from fusedformer import backends, reference
 from fusedformer.ops import sharding
-from fusedformer.ops.attention import _dropout_seed
+from fusedformer.ops.attention import _dropout_seed_value
 from fusedformer.ops.layer_norm import check_norm_args, stats_dtype
 from fusedformer.ops.rms_norm import default_eps
 
@@ -100,38 +100,49 @@ def _register_autograd(family: str, backend: str) -> None:
     backends.forbid_double_backward(f"fusedformer::{bwd_name}")
 
 
+def _lead(input, normalized_shape):
+    return input.shape[: input.dim() - len(normalized_shape)]
+
+
+def _add_layer_norm_fwd_fake(input, residual, normalized_shape, weight, bias, eps, dropout_p=0.0, seed=0):
+    stats = input.new_empty(_lead(input, normalized_shape), dtype=stats_dtype(input.dtype))
+    return input.new_empty(input.shape), input.new_empty(input.shape), stats, torch.empty_like(stats)
+
+
+def _add_layer_norm_bwd_fake(
+    grad_out, grad_residual_out, residual_out, normalized_shape, mean, rstd, weight, bias, dropout_p=0.0, seed=0
+):
+    x = residual_out
+    gw = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
+    gb = bias.new_empty(bias.shape) if bias is not None else x.new_empty((0,))
+    gi = x.new_empty(x.shape) if dropout_p > 0.0 else x.new_empty((0,))
+    return x.new_empty(x.shape), gi, gw, gb
+
+
+def _add_rms_norm_fwd_fake(input, residual, normalized_shape, weight, eps, dropout_p=0.0, seed=0):
+    rstd = input.new_empty(_lead(input, normalized_shape), dtype=stats_dtype(input.dtype))
+    return input.new_empty(input.shape), input.new_empty(input.shape), rstd
+
+
+def _add_rms_norm_bwd_fake(
+    grad_out, grad_residual_out, residual_out, normalized_shape, rstd, weight, dropout_p=0.0, seed=0
+):
+    x = residual_out
+    gw = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
+    gi = x.new_empty(x.shape) if dropout_p > 0.0 else x.new_empty((0,))
+    return x.new_empty(x.shape), gi, gw
+
+
+_FAKES = {
+    "add_layer_norm": (_add_layer_norm_fwd_fake, _add_layer_norm_bwd_fake),
+    "add_rms_norm": (_add_rms_norm_fwd_fake, _add_rms_norm_bwd_fake),
+}
+
+
 def _register_cpp() -> None:
-    def lead(input, normalized_shape):
-        return input.shape[: input.dim() - len(normalized_shape)]
-
-    @torch.library.register_fake("fusedformer::add_layer_norm_fwd")
-    def _add_layer_norm_fwd_fake(input, residual, normalized_shape, weight, bias, eps, dropout_p=0.0, seed=0):
-        stats = input.new_empty(lead(input, normalized_shape), dtype=stats_dtype(input.dtype))
-        return input.new_empty(input.shape), input.new_empty(input.shape), stats, torch.empty_like(stats)
-
-    @torch.library.register_fake("fusedformer::add_layer_norm_bwd")
-    def _add_layer_norm_bwd_fake(
-        grad_out, grad_residual_out, residual_out, normalized_shape, mean, rstd, weight, bias, dropout_p=0.0, seed=0
-    ):
-        x = residual_out
-        gw = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
-        gb = bias.new_empty(bias.shape) if bias is not None else x.new_empty((0,))
-        gi = x.new_empty(x.shape) if dropout_p > 0.0 else x.new_empty((0,))
-        return x.new_empty(x.shape), gi, gw, gb
-
-    @torch.library.register_fake("fusedformer::add_rms_norm_fwd")
-    def _add_rms_norm_fwd_fake(input, residual, normalized_shape, weight, eps, dropout_p=0.0, seed=0):
-        rstd = input.new_empty(lead(input, normalized_shape), dtype=stats_dtype(input.dtype))
-        return input.new_empty(input.shape), input.new_empty(input.shape), rstd
-
-    @torch.library.register_fake("fusedformer::add_rms_norm_bwd")
-    def _add_rms_norm_bwd_fake(
-        grad_out, grad_residual_out, residual_out, normalized_shape, rstd, weight, dropout_p=0.0, seed=0
-    ):
-        x = residual_out
-        gw = weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
-        gi = x.new_empty(x.shape) if dropout_p > 0.0 else x.new_empty((0,))
-        return x.new_empty(x.shape), gi, gw
+    for family, (fwd_fake, bwd_fake) in _FAKES.items():
+        torch.library.register_fake(f"fusedformer::{family}_fwd", fwd_fake)
+        torch.library.register_fake(f"fusedformer::{family}_bwd", bwd_fake)
 
     @torch.library.register_fake("fusedformer::add_norm_dropout_mask")
     def _add_norm_dropout_mask_fake(rows, cols, dropout_p, seed):
@@ -142,15 +153,16 @@ def _register_cpp() -> None:
 
 
 def _register_triton(kernels) -> None:
-    # see ops/attention.py: triton_op makes the kernels visible to torch.compile and traces the fake
+    # see backends.register_triton_op: a triton_op on a GPU, an opaque op with the fake when interpreted
     launchers = {
         "add_layer_norm": (kernels.add_layer_norm_forward, kernels.add_layer_norm_backward),
         "add_rms_norm": (kernels.add_rms_norm_forward, kernels.add_rms_norm_backward),
     }
     for family, (fwd_schema, bwd_schema) in _SCHEMAS.items():
         fwd, bwd = launchers[family]
-        torch.library.triton_op(f"fusedformer::triton_{family}_fwd", fwd, mutates_args=(), schema=fwd_schema)
-        torch.library.triton_op(f"fusedformer::triton_{family}_bwd", bwd, mutates_args=(), schema=bwd_schema)
+        fwd_fake, bwd_fake = _FAKES[family]
+        backends.register_triton_op(f"fusedformer::triton_{family}_fwd", fwd, fwd_schema, fwd_fake)
+        backends.register_triton_op(f"fusedformer::triton_{family}_bwd", bwd, bwd_schema, bwd_fake)
         _register_autograd(family, "triton")
 
 
@@ -181,7 +193,7 @@ def _request_rms(input, residual, normalized_shape, weight=None, eps=None, dropo
 
 
 def _extra(dropout_p: float) -> tuple:
-    return (float(dropout_p), _dropout_seed()) if dropout_p > 0.0 else ()
+    return (float(dropout_p), _dropout_seed_value()) if dropout_p > 0.0 else ()
 
 
 def add_layer_norm(

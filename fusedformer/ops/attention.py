@@ -37,7 +37,7 @@ def attention_fwd(
     is_causal: bool,
     scale: float,
     dropout_p: float = 0.0,  # dropout on the probabilities, the mask drawn from seed (attention_dropout_mask)
-    seed: int = 0,
+    seed: torch.Tensor | None = None,  # () or (1,) int64 on the CPU; needed when dropout_p > 0
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, Hq, L, Ev), logsumexp (B, Hq, L) float32
     return torch.ops.fusedformer.attention_fwd.default(
         query, key, value, attn_mask, is_causal, scale, dropout_p, seed
@@ -55,7 +55,7 @@ def attention_bwd(
     is_causal: bool,
     scale: float,
     dropout_p: float = 0.0,  # as given to attention_fwd
-    seed: int = 0,
+    seed: torch.Tensor | None = None,  # as given to attention_fwd
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # grads shaped as query, key, value
     return torch.ops.fusedformer.attention_bwd.default(
         grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale, dropout_p, seed
@@ -67,69 +67,70 @@ def attention_dropout_mask(
 ) -> torch.Tensor:  # (B, H, L, S) bool, True = kept
     """The dropout mask ``attention_fwd(..., dropout_p, seed)`` applies to query ``(B, H, L, E)`` and S keys.
 
-    Dense, for tests: the kernels draw it tile by tile from the same hash and never build it.
+    ``seed`` is the seed tensor's value (an int). Dense, for tests: the kernels (C++ and Triton) draw it
+    tile by tile from the same hash and never build it.
     """
     return torch.ops.fusedformer.attention_dropout_mask.default(B, H, L, S, dropout_p, seed)
 
 
+# Both backends' op pairs share these schemas (csrc/fusedformer.cpp spells out the cpp pair's): seed is a
+# tensor so that the public function can draw it inside a torch.compile'd graph.
 _FWD_SCHEMA = (
-    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale) "
-    "-> (Tensor out, Tensor logsumexp)"
+    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale, "
+    "float dropout_p=0.0, Tensor? seed=None) -> (Tensor out, Tensor logsumexp)"
 )
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor logsumexp, "
-    "Tensor? attn_mask, bool is_causal, float scale) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+    "Tensor? attn_mask, bool is_causal, float scale, float dropout_p=0.0, Tensor? seed=None) "
+    "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
 )
 # The op pair that serves each backend (csrc/fusedformer.cpp defines the cpp pair; the triton pair is
 # defined below from kernels/attention.py's launchers).
 _OPS = {"cpp": ("attention_fwd", "attention_bwd"), "triton": ("triton_attention_fwd", "triton_attention_bwd")}
-# The arguments after scale that a backend's forward takes, and passes on unchanged to its backward:
-# only the cpp pair has attention dropout (the Triton backend declines dropout_p > 0, see backends.py).
-_EXTRA_ARGS = {"cpp": ("dropout_p", "seed"), "triton": ()}
 
 
 def _register_autograd(backend: str) -> None:
     fwd_name, bwd_name = _OPS[backend]
-    n_extra = len(_EXTRA_ARGS[backend])
 
     def _setup_context(ctx, inputs, output):
-        query, key, value, attn_mask, is_causal, scale = inputs[:6]
+        query, key, value, attn_mask, is_causal, scale, dropout_p, seed = inputs  # defaults filled in
         out, lse = output
         ctx.mark_non_differentiable(lse)  # saved for the backward; the public function never returns it
-        ctx.save_for_backward(query, key, value, out, lse, attn_mask)
+        ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
         ctx.is_causal = is_causal
         ctx.scale = scale
-        ctx.extra = tuple(inputs[6:6 + n_extra])  # cpp: (dropout_p, seed); defaults filled in by torch.library
+        ctx.dropout_p = dropout_p
 
     def _backward(ctx, grad_out, grad_lse):
-        query, key, value, out, lse, attn_mask = ctx.saved_tensors
+        query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         bwd = getattr(torch.ops.fusedformer, bwd_name).default
-        dq, dk, dv = bwd(grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale, *ctx.extra)
-        return (dq, dk, dv, None, None, None) + (None,) * n_extra
+        dq, dk, dv = bwd(
+            grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed
+        )
+        return dq, dk, dv, None, None, None, None, None
 
     torch.library.register_autograd(f"fusedformer::{fwd_name}", _backward, setup_context=_setup_context)
     backends.forbid_double_backward(f"fusedformer::{bwd_name}")
 
 
-def _register_cpp() -> None:
-    @torch.library.register_fake("fusedformer::attention_fwd")
-    def _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=0):
-        B, Hq, L, _ = query.shape
-        Ev = value.shape[-1]
-        out = query.new_empty((B, Hq, L, Ev))
-        lse = query.new_empty((B, Hq, L), dtype=torch.float32)
-        return out, lse
+def _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=None):
+    B, Hq, L, _ = query.shape
+    Ev = value.shape[-1]
+    out = query.new_empty((B, Hq, L, Ev))
+    lse = query.new_empty((B, Hq, L), dtype=torch.float32)
+    return out, lse
 
-    @torch.library.register_fake("fusedformer::attention_bwd")
-    def _attention_bwd_fake(grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale,
-                            dropout_p=0.0, seed=0):
-        return (
-            query.new_empty(query.shape),
-            key.new_empty(key.shape),
-            value.new_empty(value.shape),
-        )
+
+def _attention_bwd_fake(grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale,
+                        dropout_p=0.0, seed=None):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _register_cpp() -> None:
+    torch.library.register_fake("fusedformer::attention_fwd", _attention_fwd_fake)
+    torch.library.register_fake("fusedformer::attention_bwd", _attention_bwd_fake)
 
     @torch.library.register_fake("fusedformer::attention_dropout_mask")
     def _attention_dropout_mask_fake(B, H, L, S, dropout_p, seed):
@@ -139,10 +140,13 @@ def _register_cpp() -> None:
 
 
 def _register_triton(kernels) -> None:
-    # triton_op: torch.compile sees the kernels inside (wrap_triton) and the fake kernel comes from
-    # tracing the launcher; the launcher serves CUDA tensors, and CPU tensors under the interpreter.
-    torch.library.triton_op("fusedformer::triton_attention_fwd", kernels.attention_forward, mutates_args=(), schema=_FWD_SCHEMA)
-    torch.library.triton_op("fusedformer::triton_attention_bwd", kernels.attention_backward, mutates_args=(), schema=_BWD_SCHEMA)
+    # the launchers serve CUDA tensors, and CPU tensors under the interpreter (see register_triton_op)
+    backends.register_triton_op(
+        "fusedformer::triton_attention_fwd", kernels.attention_forward, _FWD_SCHEMA, _attention_fwd_fake
+    )
+    backends.register_triton_op(
+        "fusedformer::triton_attention_bwd", kernels.attention_backward, _BWD_SCHEMA, _attention_bwd_fake
+    )
     _register_autograd("triton")
 
 
@@ -201,26 +205,28 @@ def _attention_dims(query, key, value) -> list[int]:
 
 
 @sharding.rules("attention_fwd", "triton_attention_fwd")
-def _attention_fwd_rules(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=0):
-    from torch.distributed.tensor import Shard
+def _attention_fwd_rules(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=None):
+    from torch.distributed.tensor import Replicate, Shard
 
-    layouts = [sharding.replicated(2, 8, (query, key, value, attn_mask, None, None, None, None))]
+    seed_p = Replicate() if seed is not None else None  # see _shard_dropout_seed
+    layouts = [sharding.replicated(2, 8, (query, key, value, attn_mask, None, None, None, seed))]
     for d in _attention_dims(query, key, value):
         S = Shard(d)
-        layouts.append(([S, S], [S, S, S, _mask_placement(attn_mask, d), None, None, None, None]))
+        layouts.append(([S, S], [S, S, S, _mask_placement(attn_mask, d), None, None, None, seed_p]))
     return layouts
 
 
 @sharding.rules("attention_bwd", "triton_attention_bwd")
 def _attention_bwd_rules(grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale,
-                         dropout_p=0.0, seed=0):
-    from torch.distributed.tensor import Shard
+                         dropout_p=0.0, seed=None):
+    from torch.distributed.tensor import Replicate, Shard
 
-    args = (grad_out, query, key, value, out, logsumexp, attn_mask) + (None,) * 4
+    seed_p = Replicate() if seed is not None else None  # see _shard_dropout_seed
+    args = (grad_out, query, key, value, out, logsumexp, attn_mask) + (None,) * 3 + (seed,)
     layouts = [sharding.replicated(3, 11, args)]
     for d in _attention_dims(query, key, value):
         S = Shard(d)
-        layouts.append(([S, S, S], [S, S, S, S, S, S, _mask_placement(attn_mask, d), None, None, None, None]))
+        layouts.append(([S, S, S], [S, S, S, S, S, S, _mask_placement(attn_mask, d), None, None, None, seed_p]))
     if dropout_p > 0.0:
         # the backward redraws the forward's dropout mask from the same seed and the same local
         # (b, h, i, j): it must run on the forward's shards, those of out
@@ -338,11 +344,26 @@ def _mask_to_4d(attn_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return m.expand(*batch, *m.shape[-3:]).reshape(math.prod(batch), *m.shape[-3:])
 
 
-def _dropout_seed() -> int:
-    """A fresh dropout seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
-    # NOTE: .item() is a graph break under torch.compile (unless capture_scalar_outputs); only
-    # dropout_p > 0 calls take this path.
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu").item())
+def _dropout_seed() -> torch.Tensor:  # () int64 on the CPU
+    """A fresh dropout seed from torch's default CPU generator (so torch.manual_seed reproduces it).
+
+    A tensor, never read on the host here: under torch.compile the draw is a node of the graph (no graph
+    break, fullgraph=True works; Inductor draws it with its own generator, seeded from torch's, unless
+    ``torch._inductor.config.fallback_random``). Eager draws the very value the earlier ``.item()`` drew,
+    so a torch.manual_seed gives the same masks as before. The CPU generator on every device: a CPU run
+    and a GPU run under one manual_seed draw the same seed, and so drop the same elements.
+    """
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
+
+
+def _dropout_seed_value() -> int:
+    """``_dropout_seed()`` read on the host, for the ops whose schema keeps ``int seed`` (varlen attention,
+    add + norm). The same draw from the same generator, so ``torch.manual_seed`` reproduces it.
+
+    NOTE: ``.item()`` is a graph break under torch.compile (unless ``capture_scalar_outputs``), so
+    ``fullgraph=True`` fails with those ops' dropout on; only dropout_p > 0 calls take this path.
+    """
+    return int(_dropout_seed().item())
 
 
 def _is_dtensor(t) -> bool:
@@ -350,12 +371,18 @@ def _is_dtensor(t) -> bool:
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
-def _shard_dropout_seed(seed: int, query, key, value) -> int:
-    """The dropout seed of this rank's shard of 4-D DTensors: ``seed`` mixed with the rank's coordinates on
-    the mesh dims where query is sharded on batch or heads, so that shards draw independent masks while
-    replicas (equal coordinates there) draw the same one. The kernel's mask is a function of (seed, local
-    b, h, i, j); with one seed everywhere every shard would repeat the same pattern."""
-    from torch.distributed.tensor import Replicate, Shard
+def _shard_dropout_seed(seed: torch.Tensor, query, key, value):
+    """The dropout seed of this rank's shard of 4-D DTensors: ``seed`` (the () int64 tensor of
+    ``_dropout_seed``) mixed with the rank's coordinates on the mesh dims where query is sharded on batch
+    or heads, so that shards draw independent masks while replicas (equal coordinates there) draw the same
+    one. The kernel's mask is a function of (seed, local b, h, i, j); with one seed everywhere every shard
+    would repeat the same pattern.
+
+    Returns a () int64 DTensor, ``Replicate()`` on every mesh dim (the ops' sharding rules take the seed
+    replicated; its local value differs between shards on purpose, hence ``run_check=False``). Reads the
+    seed on the host (``.item()``): a graph break under torch.compile, on the DTensor path only.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     for name, t in (("key", key), ("value", value)):
         if not _is_dtensor(t) or t.placements != query.placements:
@@ -375,7 +402,8 @@ def _shard_dropout_seed(seed: int, query, key, value) -> int:
     for m, p in enumerate(query.placements):
         if p != Replicate():
             index = index * mesh.size(m) + coordinate[m]
-    return (seed ^ (index * 0x9E3779B97F4A7C15)) % 2**62  # index 0 keeps the seed
+    mixed = (int(seed.item()) ^ (index * 0x9E3779B97F4A7C15)) % 2**62  # index 0 keeps the seed
+    return DTensor.from_local(torch.tensor(mixed, dtype=torch.int64), mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def scaled_dot_product_attention(
@@ -397,12 +425,12 @@ def scaled_dot_product_attention(
         attn_mask: broadcastable to ``(..., Hq, L, S)``: bool (True = the key takes part) or a float
             mask in query's dtype, added to the scores. Read tile by tile, never expanded.
         dropout_p: attention dropout on the probabilities (after the softmax, before ``@ value``), kept
-            ones scaled by ``1 / (1 - dropout_p)``, as torch. The cpp backend fuses it: the mask is a
+            ones scaled by ``1 / (1 - dropout_p)``, as torch. Fused on both backends: the mask is a
             counter-based hash of (seed, b, h, i, j), the seed drawn from torch's default CPU generator (so
             ``torch.manual_seed`` makes runs reproducible; the draw differs from torch's own dropout),
-            and the backward draws the same mask again; nothing of size (L, S) is stored. Under
-            torch.compile the seed's draw is a graph break (dropout_p > 0 only). The Triton backend has
-            no dropout: it falls back to the reference path with a warning.
+            and the backward draws the same mask again; nothing of size (L, S) is stored. The C++ and
+            Triton kernels draw the same mask for a seed (a CPU run and a GPU run drop the same
+            elements). The seed is drawn as a tensor, so ``torch.compile(fullgraph=True)`` works.
         is_causal: query ``i`` sees keys ``j <= i``, aligned top-left as in torch; for L=3, S=5::
 
                 1 0 0 0 0
@@ -437,11 +465,8 @@ def scaled_dot_product_attention(
     mask4 = _mask_to_4d(attn_mask, query) if attn_mask is not None else None
     fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
     q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
-    extra = ()
-    if backend == "cpp" and dropout_p > 0.0:
-        seed = _dropout_seed()
-        if _is_dtensor(q4):
-            seed = _shard_dropout_seed(seed, q4, k4, v4)
-        extra = (float(dropout_p), seed)
-    out, _ = backends.call(fwd, q4, k4, v4, mask4, bool(is_causal), scale_value, *extra)
+    seed = _dropout_seed() if dropout_p > 0.0 else None
+    if seed is not None and _is_dtensor(q4):
+        seed = _shard_dropout_seed(seed, q4, k4, v4)
+    out, _ = backends.call(fwd, q4, k4, v4, mask4, bool(is_causal), scale_value, float(dropout_p), seed)
     return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])

@@ -52,23 +52,29 @@ def _register_autograd(backend: str) -> None:
     backends.forbid_double_backward(f"fusedformer::{bwd_name}")
 
 
+def _gelu_fwd_fake(input, bias, approximate):
+    return input.new_empty(input.shape)
+
+
+def _gelu_bwd_fake(grad_out, input, bias, approximate):
+    gb = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
+    return input.new_empty(input.shape), gb
+
+
 def _register_cpp() -> None:
-    @torch.library.register_fake("fusedformer::gelu_fwd")
-    def _gelu_fwd_fake(input, bias, approximate):
-        return input.new_empty(input.shape)
-
-    @torch.library.register_fake("fusedformer::gelu_bwd")
-    def _gelu_bwd_fake(grad_out, input, bias, approximate):
-        gb = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
-        return input.new_empty(input.shape), gb
-
+    torch.library.register_fake("fusedformer::gelu_fwd", _gelu_fwd_fake)
+    torch.library.register_fake("fusedformer::gelu_bwd", _gelu_bwd_fake)
     _register_autograd("cpp")
 
 
 def _register_triton(kernels) -> None:
-    # see ops/attention.py: triton_op makes the kernels visible to torch.compile and traces the fake
-    torch.library.triton_op("fusedformer::triton_gelu_fwd", kernels.gelu_forward, mutates_args=(), schema=_FWD_SCHEMA)
-    torch.library.triton_op("fusedformer::triton_gelu_bwd", kernels.gelu_backward, mutates_args=(), schema=_BWD_SCHEMA)
+    # see backends.register_triton_op: a triton_op on a GPU, an opaque op with this fake when interpreted
+    backends.register_triton_op(
+        "fusedformer::triton_gelu_fwd", kernels.gelu_forward, _FWD_SCHEMA, _gelu_fwd_fake
+    )
+    backends.register_triton_op(
+        "fusedformer::triton_gelu_bwd", kernels.gelu_backward, _BWD_SCHEMA, _gelu_bwd_fake
+    )
     _register_autograd("triton")
 
 

@@ -74,26 +74,33 @@ def _register_autograd(backend: str) -> None:
     backends.forbid_double_backward(f"fusedformer::{bwd_name}")
 
 
+def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
+    lead = input.shape[: input.dim() - len(normalized_shape)]
+    stats = stats_dtype(input.dtype)
+    mean, rstd = input.new_empty(lead, dtype=stats), input.new_empty(lead, dtype=stats)
+    return input.new_empty(input.shape), mean, rstd
+
+
+def _layer_norm_bwd_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
+    gw = weight.new_empty(weight.shape) if weight is not None else input.new_empty((0,))
+    gb = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
+    return input.new_empty(input.shape), gw, gb
+
+
 def _register_cpp() -> None:
-    @torch.library.register_fake("fusedformer::layer_norm_fwd")
-    def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
-        lead = input.shape[: input.dim() - len(normalized_shape)]
-        stats = stats_dtype(input.dtype)
-        return input.new_empty(input.shape), input.new_empty(lead, dtype=stats), input.new_empty(lead, dtype=stats)
-
-    @torch.library.register_fake("fusedformer::layer_norm_bwd")
-    def _layer_norm_bwd_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
-        gw = weight.new_empty(weight.shape) if weight is not None else input.new_empty((0,))
-        gb = bias.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
-        return input.new_empty(input.shape), gw, gb
-
+    torch.library.register_fake("fusedformer::layer_norm_fwd", _layer_norm_fwd_fake)
+    torch.library.register_fake("fusedformer::layer_norm_bwd", _layer_norm_bwd_fake)
     _register_autograd("cpp")
 
 
 def _register_triton(kernels) -> None:
-    # see ops/attention.py: triton_op makes the kernels visible to torch.compile and traces the fake
-    torch.library.triton_op("fusedformer::triton_layer_norm_fwd", kernels.layer_norm_forward, mutates_args=(), schema=_FWD_SCHEMA)
-    torch.library.triton_op("fusedformer::triton_layer_norm_bwd", kernels.layer_norm_backward, mutates_args=(), schema=_BWD_SCHEMA)
+    # see backends.register_triton_op: a triton_op on a GPU, an opaque op with this fake when interpreted
+    backends.register_triton_op(
+        "fusedformer::triton_layer_norm_fwd", kernels.layer_norm_forward, _FWD_SCHEMA, _layer_norm_fwd_fake
+    )
+    backends.register_triton_op(
+        "fusedformer::triton_layer_norm_bwd", kernels.layer_norm_backward, _BWD_SCHEMA, _layer_norm_bwd_fake
+    )
     _register_autograd("triton")
 
 

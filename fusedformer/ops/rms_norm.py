@@ -68,24 +68,30 @@ def _register_autograd(backend: str) -> None:
     backends.forbid_double_backward(f"fusedformer::{bwd_name}")
 
 
+def _rms_norm_fwd_fake(input, normalized_shape, weight, eps):
+    lead = input.shape[: input.dim() - len(normalized_shape)]
+    return input.new_empty(input.shape), input.new_empty(lead, dtype=stats_dtype(input.dtype))
+
+
+def _rms_norm_bwd_fake(grad_out, input, normalized_shape, rstd, weight):
+    gw = weight.new_empty(weight.shape) if weight is not None else input.new_empty((0,))
+    return input.new_empty(input.shape), gw
+
+
 def _register_cpp() -> None:
-    @torch.library.register_fake("fusedformer::rms_norm_fwd")
-    def _rms_norm_fwd_fake(input, normalized_shape, weight, eps):
-        lead = input.shape[: input.dim() - len(normalized_shape)]
-        return input.new_empty(input.shape), input.new_empty(lead, dtype=stats_dtype(input.dtype))
-
-    @torch.library.register_fake("fusedformer::rms_norm_bwd")
-    def _rms_norm_bwd_fake(grad_out, input, normalized_shape, rstd, weight):
-        gw = weight.new_empty(weight.shape) if weight is not None else input.new_empty((0,))
-        return input.new_empty(input.shape), gw
-
+    torch.library.register_fake("fusedformer::rms_norm_fwd", _rms_norm_fwd_fake)
+    torch.library.register_fake("fusedformer::rms_norm_bwd", _rms_norm_bwd_fake)
     _register_autograd("cpp")
 
 
 def _register_triton(kernels) -> None:
-    # see ops/attention.py: triton_op makes the kernels visible to torch.compile and traces the fake
-    torch.library.triton_op("fusedformer::triton_rms_norm_fwd", kernels.rms_norm_forward, mutates_args=(), schema=_FWD_SCHEMA)
-    torch.library.triton_op("fusedformer::triton_rms_norm_bwd", kernels.rms_norm_backward, mutates_args=(), schema=_BWD_SCHEMA)
+    # see backends.register_triton_op: a triton_op on a GPU, an opaque op with this fake when interpreted
+    backends.register_triton_op(
+        "fusedformer::triton_rms_norm_fwd", kernels.rms_norm_forward, _FWD_SCHEMA, _rms_norm_fwd_fake
+    )
+    backends.register_triton_op(
+        "fusedformer::triton_rms_norm_bwd", kernels.rms_norm_backward, _BWD_SCHEMA, _rms_norm_bwd_fake
+    )
     _register_autograd("triton")
 
 

@@ -15,7 +15,7 @@ import torch
 
 from fusedformer import backends, reference
 from fusedformer.ops import sharding
-from fusedformer.ops.attention import MAX_HEAD_DIM, _dropout_seed
+from fusedformer.ops.attention import MAX_HEAD_DIM, _dropout_seed_value
 
 __all__ = ["varlen_attention", "varlen_attention_fwd", "varlen_attention_bwd"]
 
@@ -78,7 +78,7 @@ _OPS = {
     "cpp": ("varlen_attention_fwd", "varlen_attention_bwd"),
     "triton": ("triton_varlen_attention_fwd", "triton_varlen_attention_bwd"),
 }
-# as in ops/attention.py: only the cpp pair has dropout (the Triton backend declines dropout_p > 0)
+# only the cpp pair has dropout (the Triton backend declines varlen dropout_p > 0, see backends.py)
 _EXTRA_ARGS = {"cpp": ("dropout_p", "seed"), "triton": ()}
 _N_ARGS = 9  # query .. scale
 
@@ -106,31 +106,32 @@ def _register_autograd(backend: str) -> None:
     backends.forbid_double_backward(f"fusedformer::{bwd_name}")
 
 
+def _varlen_fwd_fake(query, key, value, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p=0.0, seed=0):
+    total_q, Hq, _ = query.shape
+    out = query.new_empty((total_q, Hq, value.shape[-1]))
+    lse = query.new_empty((Hq, total_q), dtype=torch.float32)
+    return out, lse
+
+
+def _varlen_bwd_fake(grad_out, query, key, value, out, lse, cu_q, cu_k, max_q, max_k, is_causal, scale,
+                     dropout_p=0.0, seed=0):  # fmt: skip
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
 def _register_cpp() -> None:
-    @torch.library.register_fake("fusedformer::varlen_attention_fwd")
-    def _fwd_fake(query, key, value, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p=0.0, seed=0):
-        total_q, Hq, _ = query.shape
-        out = query.new_empty((total_q, Hq, value.shape[-1]))
-        lse = query.new_empty((Hq, total_q), dtype=torch.float32)
-        return out, lse
-
-    @torch.library.register_fake("fusedformer::varlen_attention_bwd")
-    def _bwd_fake(grad_out, query, key, value, out, lse, cu_q, cu_k, max_q, max_k, is_causal, scale,
-                  dropout_p=0.0, seed=0):  # fmt: skip
-        return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
-
+    torch.library.register_fake("fusedformer::varlen_attention_fwd", _varlen_fwd_fake)
+    torch.library.register_fake("fusedformer::varlen_attention_bwd", _varlen_bwd_fake)
     _register_autograd("cpp")
 
 
 def _register_triton(kernels) -> None:
-    torch.library.triton_op(
-        "fusedformer::triton_varlen_attention_fwd", kernels.varlen_attention_forward, mutates_args=(),
-        schema=_FWD_SCHEMA,
-    )  # fmt: skip
-    torch.library.triton_op(
-        "fusedformer::triton_varlen_attention_bwd", kernels.varlen_attention_backward, mutates_args=(),
-        schema=_BWD_SCHEMA,
-    )  # fmt: skip
+    # see backends.register_triton_op: a triton_op on a GPU, an opaque op with this fake when interpreted
+    backends.register_triton_op(
+        "fusedformer::triton_varlen_attention_fwd", kernels.varlen_attention_forward, _FWD_SCHEMA, _varlen_fwd_fake
+    )
+    backends.register_triton_op(
+        "fusedformer::triton_varlen_attention_bwd", kernels.varlen_attention_backward, _BWD_SCHEMA, _varlen_bwd_fake
+    )
     _register_autograd("triton")
 
 
@@ -287,7 +288,7 @@ def varlen_attention(
     fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
     extra = ()
     if backend == "cpp" and dropout_p > 0.0:
-        extra = (float(dropout_p), _dropout_seed())
+        extra = (float(dropout_p), _dropout_seed_value())
     out, _ = fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(is_causal),
                  scale_value, *extra)  # fmt: skip
     return out
