@@ -30,6 +30,12 @@ from fusedformer.patching import PatchReport, PatchVerificationError, patch, unp
 # alias; `fusedformer.patch` as an attribute is the function.
 _sys.modules.setdefault(__name__ + ".patch", patching)
 
+# torch.compile's disk caches key our ops by name only: give them this build's fingerprint, so that a
+# graph compiled under another build of fusedformer is never reused (fusedformer/compile_cache.py).
+from fusedformer.compile_cache import tag_compile_caches as _tag_compile_caches  # noqa: E402
+
+_tag_compile_caches()
+
 __version__ = "0.1.0"
 
 __all__ = [
