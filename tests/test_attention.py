@@ -548,6 +548,28 @@ def test_decode_shapes(B, Hq, Hk, L, S, E, Ev, is_causal, dtype):
     check_attention(*qkv(B, Hq, Hk, L, S, E, Ev, dtype), is_causal=is_causal, enable_gqa=Hq != Hk)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("E", [64, 37])
+def test_decode_scores_are_the_backwards_bit_for_bit(dtype, E):
+    """The decode kernel sums S in the main kernels' order (the micro-kernel's chunks), so the backward's
+    recomputed scores equal the forward's: a query that sees one key gets P = exp(s - lse) = 1 exactly,
+    hence grad_value at that key is grad_out exactly and out is the key's value. Summing S another way
+    in the forward (even more accurately) breaks this and moved float32 gradients past the 3x rule."""
+    B, H, L, S = 2, 3, 1, 300
+    q, k, v = qkv(B, H, H, L, S, E, 48, dtype)
+    only = torch.tensor([17, 256])  # the one key each sequence's query may see
+    keep = torch.zeros(B, 1, L, S, dtype=torch.bool)
+    keep[torch.arange(B), 0, 0, only] = True
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = ff.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    for b in range(B):
+        assert torch.equal(out[b, :, 0], v[b, :, only[b]].detach())
+        assert torch.equal(v.grad[b, :, only[b]], grad_out[b, :, 0])
+    assert (v.grad.sum(dim=(1, 3)) != 0).sum() == B  # no other key got a gradient
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_masks_and_dead_rows(dtype):
     B, H, L, S = 3, 4, 2, 500

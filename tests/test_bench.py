@@ -60,11 +60,11 @@ def test_cli_writes_csv_with_every_case_mode_provider(tiny_run):
         assert next(csv.reader(f)) == report.CSV_COLUMNS
     rows = _rows(out)
     # attention: 2 dtypes (--quick: float32, bfloat16) x 1 length x 2 masks x 3 modes x 3 providers;
-    # decode: 2 dtypes x 1 length x fwd x 3 providers; varlen: 2 masks x 3 modes x 3 providers (fusedformer,
+    # decode: 2 dtypes x 1 length x fwd x 4 providers (with "read", K and V read once); varlen: 2 masks x 3 modes x 3 providers (fusedformer,
     # torch on the padded batch, torch-loop);
     # LayerNorm, RMSNorm, the add + norms, GELU: 1 shape x 3 x 3; encoder, decoder: fwd+bwd x 2 providers
     counts = {c: sum(r["case"] == c for r in rows) for c in cases.CASES}
-    assert counts == {"attention": 36, "decode": 6, "layer_norm": 9, "rms_norm": 9, "add_layer_norm": 9,
+    assert counts == {"attention": 36, "decode": 8, "layer_norm": 9, "rms_norm": 9, "add_layer_norm": 9,
                       "add_rms_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2, "varlen": 18}  # fmt: skip
     dtypes = {(r["case"], r["dtype"]) for r in rows}
     assert {d for c, d in dtypes if c in ("attention", "decode")} == {"float32", "bfloat16"}
@@ -460,6 +460,28 @@ def test_targets_read_each_dtypes_own_rows():
     assert share16["target"] == ">= 0.5" and share16["measured"] == pytest.approx(0.4) and not share16["met"]
     causal_share = t["fp32 attention forward GFLOP/s vs fp32 GEMM GFLOP/s, L=4096 (causal)"]
     assert causal_share["target"] == ">= 0.65" and causal_share["measured"] == 0.0
+
+
+def test_decode_is_held_to_reading_its_keys_and_values(tiny_run):
+    """The decode rows' own ceiling: the "read" provider reads the same K and V once; fusedformer's
+    ratio_vs_read is that time over its own (its share of the read ceiling)."""
+    rows = [r for r in _rows(tiny_run[1]) if r["case"] == "decode" and r["status"] == "ok"]
+    for dtype in ("float32", "bfloat16"):
+        by_p = {r["provider"]: r for r in rows if r["dtype"] == dtype}
+        assert by_p["read"]["backend"] == "aten:sum"
+        expected = float(by_p["read"]["median_ms"]) / float(by_p["fusedformer"]["median_ms"])
+        assert float(by_p["fusedformer"]["ratio_vs_read"]) == pytest.approx(expected, rel=1e-3)
+    assert "ff/read" in (tiny_run[1] / "report.txt").read_text()
+
+
+def test_decode_targets_read_the_issues_row():
+    row = {"case": "decode", "provider": "fusedformer", "mode": "fwd", "dtype": "float32", "B": "4", "H": "12",
+           "L": "1", "S": "4096", "E": "64", "fallback": "False", "ratio_vs_torch": "1.1", "ratio_vs_read": "0.8"}
+    t = _targets([dict(row, S="1024", ratio_vs_torch="9", ratio_vs_read="9"), row])  # another S never answers
+    assert t["fp32 decode attention (B=4, H=12, S=4096, E=64) vs torch SDPA"]["measured"] == 1.1
+    assert t["fp32 decode attention (B=4, H=12, S=4096, E=64) vs torch SDPA"]["met"]
+    read = t["fp32 decode attention (B=4, H=12, S=4096, E=64) vs reading K and V once"]
+    assert read["measured"] == 0.8 and read["target"] == ">= 0.85" and not read["met"]
 
 
 def test_targets_without_their_row_are_not_measured():

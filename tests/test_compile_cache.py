@@ -62,9 +62,13 @@ def test_torch_keys_its_compile_cache_on_the_tag(tmp_path, monkeypatch):
     """What the protection rests on: torch mixes cache_key_tag into Inductor's cache key. If a torch
     release stopped doing so, a graph cached under another fusedformer build would be reused again."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", False)
     q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
+    # config.patch, not monkeypatch: monkeypatch's undo hides a config module's entries from later tests
+    with torch._inductor.config.patch(fx_graph_cache=True, force_disable_caches=False):
+        _hits_then_misses_under_another_tag(q, k, v)
+
+
+def _hits_then_misses_under_another_tag(q, k, v):
     try:
         assert _compile_once(q, k, v) == {"fxgraph_cache_hit": 0, "fxgraph_cache_miss": 1}
         assert _compile_once(q, k, v) == {"fxgraph_cache_hit": 1, "fxgraph_cache_miss": 0}

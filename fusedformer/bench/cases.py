@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 PROVIDERS = ("fusedformer", "torch", "naive")
-ALL_PROVIDERS = (*PROVIDERS, "torch-loop")  # with the varlen case's own
+ALL_PROVIDERS = (*PROVIDERS, "torch-loop", "read")  # with the varlen case's and the decode case's own
 MODES = ("fwd", "bwd", "fwd+bwd")
 CASES = ("attention", "decode", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "encoder", "decoder", "varlen")
 #: the cases of (rows, width) elementwise work, measured in bytes/s
@@ -285,10 +285,23 @@ class DecodeCase(AttentionCase):
     """A decode step: ``q (B, H, 1, E)`` against ``k, v (B, H, S, E)``, forward only (inference).
 
     Memory-bound: throughput is the bytes that must move (K and V read once, q read, out written),
-    held to the copy ceiling.
+    held to the copy ceiling. The ``read`` provider is this case's own roofline: torch's reductions
+    reading the same K and V once (``k.sum(); v.sum()``), in the same cache state as the others (K and V
+    of S=4096 fit this Xeon's L3; the copy ceiling's 256 MiB do not), so ``ff/read`` is the share of
+    the read-bandwidth ceiling that the decode kernel reaches.
     """
 
     name = "decode"
+    providers = (*PROVIDERS, "read")
+
+    def backend(self, provider: str) -> str:
+        return "aten:sum" if provider == "read" else super().backend(provider)
+
+    def forward_fn(self, provider: str) -> Callable[[], torch.Tensor]:
+        if provider != "read":
+            return super().forward_fn(provider)
+        k, v = self.k, self.v
+        return lambda: k.sum() + v.sum()
 
     def __init__(self, spec: Spec):
         spec = spec.replace(L=int(spec.params.get("L", 1)), causal=False)

@@ -33,7 +33,8 @@ CSV columns beyond the table's (one name per line in ``CSV_COLUMNS``):
 - ``gflops`` / ``gbps``: the rate; ``ceiling``: which ceiling bounds it (``GEMM``: ``torch.mm`` in
   the row's own dtype; ``copy``: a large tensor copy); ``ceiling_rate``: that ceiling in the rate's
   unit; ``share_of_ceiling_pct``: 100 · rate / ceiling_rate.
-- ``ratio_vs_torch`` / ``ratio_vs_naive`` (/ ``ratio_vs_torch-loop``, varlen rows): the other provider's
+- ``ratio_vs_torch`` / ``ratio_vs_naive`` (/ ``ratio_vs_torch-loop``, varlen rows; / ``ratio_vs_read``,
+  decode rows: the time to read K and V once, so fusedformer's is its share of that ceiling): the other provider's
   median / this row's median, at the same shape, dtype and mode.
 """
 
@@ -60,7 +61,7 @@ CSV_COLUMNS = [
     "backend", "matmul_engine", "fallback", "status", "repeats", "calls_per_sample",
     "median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "spread_pct",
     "gflops", "gbps", "ceiling", "ceiling_rate", "share_of_ceiling_pct",
-    "ratio_vs_torch", "ratio_vs_naive", "ratio_vs_torch-loop",
+    "ratio_vs_torch", "ratio_vs_naive", "ratio_vs_torch-loop", "ratio_vs_read",
     "peak_extra_mib", "memory_status",
 ]  # fmt: skip
 
@@ -226,7 +227,7 @@ def _case_section(result: Any, case: str, dtype: str) -> str:
         detail = f"{dtype} activation={first.get('activation')}"
         rate_unit = gemm_unit
     groups = _groups(result.rows, case, dtype)
-    others = [o for o in ("torch", "naive", "torch-loop") if o in providers] if "fusedformer" in providers else []
+    others = [o for o in ("torch", "naive", "torch-loop", "read") if o in providers] if "fusedformer" in providers else []
 
     headers = [*key_headers, "mode", *[f"{p} ms" for p in providers], *[f"ff/{o}" for o in others]]
     body = []

@@ -394,7 +394,7 @@ def _fill_shares(rows: list[dict[str, Any]], ceilings: Ceilings) -> None:
 
 def _fill_ratios(mode_rows: dict[str, dict[str, Any]]) -> None:
     """ratio_vs_X = X's median / this provider's median: above 1, this provider is faster than X."""
-    for other in ("torch", "naive", "torch-loop"):
+    for other in ("torch", "naive", "torch-loop", "read"):
         ref = mode_rows.get(other, {}).get("median_ms")
         for row in mode_rows.values():
             mine = row.get("median_ms")

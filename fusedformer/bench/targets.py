@@ -83,6 +83,12 @@ def evaluate(rows: list[dict]) -> list[dict]:
         detail = (f"{ff['peak_extra_mib']} MiB vs {naive['peak_extra_mib']} MiB" if value is not None
                   else "not measured (memory probe off, or naive skipped)")
         add(f"peak extra memory of fp32 attention {mode}, L=8192, vs naive", 0.01, "<=", value, detail)
+    # issue 9: decode attention, B=4, H=12, one query, S=4096, E=64, fp32: vs torch, and vs the read ceiling
+    # (the decode case's own "read" provider: torch reading the same K and V once, ff/read = its share)
+    dec = _find(rows, case="decode", provider="fusedformer", mode="fwd", B=4, H=12, L=1, S=4096, E=64)
+    ratio_row("fp32 decode attention (B=4, H=12, S=4096, E=64) vs torch SDPA", 1.0, dec, "ratio_vs_torch", vs_torch)
+    ratio_row("fp32 decode attention (B=4, H=12, S=4096, E=64) vs reading K and V once", 0.85, dec, "ratio_vs_read",
+              "read time / fusedformer time: the share of the read-bandwidth ceiling")
     ratio_row("fp32 LayerNorm forward+backward, (8192, 1024), vs F.layer_norm", 1.2,
               _find(rows, case="layer_norm", provider="fusedformer", mode="fwd+bwd", rows=8192, width=1024),
               "ratio_vs_torch", vs_torch)

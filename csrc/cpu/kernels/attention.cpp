@@ -304,7 +304,7 @@ inline int64_t panel_width(const MatmulEngine&, int64_t N) { return std::min(kPa
 // A 16 x 16 block of floats transposed in registers: four butterfly stages; at distance d, rows a and
 // a + d (a with bit d clear) trade the d-wide off-diagonal blocks of their 2d x 2d block. Each row of a
 // stage is one two-source permutation (vpermt2ps with AVX-512).
-inline void transpose16(vf r[16]) {
+__attribute__((always_inline)) inline void transpose16(vf r[16]) {
 #define FF_T_STAGE(d, LO, HI)                                                                        \
   for (int a = 0; a < 16; ++a) {                                                                     \
     if (a & d) continue;                                                                             \
@@ -682,15 +682,188 @@ inline int64_t decode_key_end(int causal, int64_t n_b, int64_t L, int64_t i) {
   return n_b;
 }
 
+// The decode kernel's products read K and V where they lie, in their own dtype (bf16 and fp16 widened
+// in registers, exactly), once each: few query rows against many keys are bound by those reads, and a
+// packed panel of 64 keys or a GEMM engine's tiles would add traffic and per-call work for one to
+// sixteen rows.
+
+// Software prefetch kDecodeAhead keys ahead, where it measured faster (Intel Xeon, 2 threads, B=4, H=12,
+// E=64): float32 K, whose W x W blocks are read across W rows at a time, which the hardware's stream
+// prefetchers follow poorly; bf16 and fp16 V (1.03x -> 1.13x torch at S=4096). Not float32 V, read row by
+// row in order (neutral to slower there).
+constexpr int64_t kDecodeAhead = 64;
+
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t rows, int64_t ld, int64_t n) {
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(p + r * ld);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+  }
+}
+
+// 16 vectors in, one out whose lane t is the sum of a[t]'s lanes: a transposing tree of adds, 4 levels
+// of two-source shuffles (15 adds for 16 sums).
+inline vf vtranspose_sum(vf (&a)[16]) {
+  vf u[8], w[4], x[2];
+  for (int i = 0; i < 8; ++i) {
+    u[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    w[i] = __builtin_shufflevector(u[2 * i], u[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(u[2 * i], u[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(w[2 * i], w[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(x[0], x[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// s[r * lds + j] = sum_e qs[r * ldq + e] k[j * ldk + e], r < rm, j < jn (lanes up to round_up(jn, W)
+// written, 0 past jn); qs holds ldq >= round_up(E, W) columns, zero past E. W keys at a time, two ways:
+// - float32 and float64 K: their W x E block transposed (in registers for float, element by element
+//   for double) into kt (E x W, in L1), then the micro-kernel's chunked sums (kSumChunk) over it: the
+//   very sums of the forward's and the backward's S, so the backward recomputes these scores bit for
+//   bit (a row with one key gets P = exp(s - lse) = 1 exactly there).
+// - bf16 and fp16 K: each key's products summed lane-wise (E / 16 terms a lane), then the 16 keys'
+//   lanes by vtranspose_sum, a pairwise tree that rounds no worse than the chunked sums, with no
+//   transposes: half the bytes per key leave less time to hide them in. The backward's S comes from
+//   the GEMM engine there, in another order whatever the forward does, and the 16-bit rounding of the
+//   inputs is far larger than either order's.
+template <typename In, typename Acc>
+void decode_scores(int64_t rm, int64_t jn, int64_t E, const Acc* qs, int64_t ldq, const In* k, int64_t ldk,
+                   Acc* s, int64_t lds, Acc* kt) {
+  constexpr int64_t W = Vec<Acc>::kSize;
+  for (int64_t j0 = 0; j0 < jn; j0 += W) {
+    const int64_t nk = std::min(W, jn - j0);
+    const In* kb = k + j0 * ldk;
+    if constexpr (!std::is_same_v<In, Acc>) {
+      const int64_t Ef = E / W * W;
+      for (int64_t r = 0; r < rm; ++r) {
+        const Acc* qr = qs + r * ldq;
+        vf acc[16];
+        for (int64_t t = 0; t < 16; ++t) {
+          acc[t] = vf{};
+          if (t >= nk) continue;
+          const In* kr = kb + t * ldk;
+          int64_t e = 0;
+          for (; e < Ef; e += 16) acc[t] += vload(qr + e) * load_lanes<In, float>(kr + e);
+          if (e < E) acc[t] += vload(qr + e) * load_lanes_partial<In, float>(kr + e, E - e);
+        }
+        vstore(s + r * lds + j0, vtranspose_sum(acc));
+      }
+      continue;
+    } else if constexpr (std::is_same_v<Acc, float>) {
+      prefetch_rows(kb + kDecodeAhead * ldk, nk, ldk, E);
+      vf r[16];
+      const int64_t E16 = nk == 16 ? E / 16 * 16 : 0;  // whole blocks: no lane or row checks
+      for (int64_t e0 = 0; e0 < E16; e0 += 16) {
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) r[t] = vload(kb + t * ldk + e0);
+        transpose16(r);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) vstore(kt + (e0 + i) * 16, r[i]);
+      }
+      for (int64_t e0 = E16; e0 < E; e0 += 16) {
+        const int64_t ne = std::min<int64_t>(16, E - e0);
+        for (int64_t t = 0; t < 16; ++t) {
+          r[t] = t >= nk ? vf{} : ne == 16 ? vload(kb + t * ldk + e0) : vload_partial(kb + t * ldk + e0, ne);
+        }
+        transpose16(r);
+        for (int64_t i = 0; i < ne; ++i) vstore(kt + (e0 + i) * 16, r[i]);
+      }
+    } else {
+      for (int64_t e = 0; e < E; ++e) {
+        for (int64_t t = 0; t < W; ++t) kt[e * W + t] = t < nk ? kb[t * ldk + e] : Acc(0);
+      }
+    }
+    native_gemm<Acc>(rm, 1, E, qs, ldq, kt, W, s + j0, lds, false, kSumChunk);
+  }
+}
+
+// nr rows (template NR) of o[., e0 : e0 + NV W] += p[., :jn] V[:jn, e0 : e0 + NV W], in registers;
+// Tail: the last vector holds ev - (NV - 1) W < W columns (partial loads, zero past them).
+template <typename In, typename Acc, int NR, int NV, bool Tail, bool Prefetch>
+inline void decode_pv_tile(int64_t jn, const Acc* p, int64_t ldp, const In* v, int64_t ldv, int64_t ev, Acc* o,
+                           int64_t ldo) {
+  constexpr int64_t W = Vec<Acc>::kSize;
+  vec_t<Acc> acc[NR][NV];
+  for (int r = 0; r < NR; ++r) {
+    for (int c = 0; c < NV; ++c) acc[r][c] = vec_t<Acc>{};
+  }
+  for (int64_t j = 0; j < jn; ++j) {
+    const In* vr = v + j * ldv;
+    if (Prefetch) prefetch_rows(vr + kDecodeAhead * ldv, 1, ldv, ev);
+    vec_t<Acc> vv[NV];
+    for (int c = 0; c < NV; ++c) {
+      vv[c] = Tail && c == NV - 1 ? load_lanes_partial<In, Acc>(vr + c * W, ev - c * W) : load_lanes<In, Acc>(vr + c * W);
+    }
+    for (int r = 0; r < NR; ++r) {
+      const vec_t<Acc> pr = vbroadcast(p[r * ldp + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] += pr * vv[c];
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int c = 0; c < NV; ++c) vstore(o + r * ldo + c * W, vload(o + r * ldo + c * W) + acc[r][c]);
+  }
+}
+
+template <typename In, typename Acc, int NR, bool Prefetch>
+void decode_pv_rows(int64_t jn, int64_t Ev, const Acc* p, int64_t ldp, const In* v, int64_t ldv, Acc* o,
+                    int64_t ldo) {
+  constexpr int64_t W = Vec<Acc>::kSize;
+  int64_t e = 0;
+  for (; e + 4 * W <= Ev; e += 4 * W) decode_pv_tile<In, Acc, NR, 4, false, Prefetch>(jn, p, ldp, v + e, ldv, 4 * W, o + e, ldo);
+  const int64_t left = Ev - e, full = left / W;
+  if (left == 0) return;
+  if (left % W == 0) {
+    if (full == 1) decode_pv_tile<In, Acc, NR, 1, false, Prefetch>(jn, p, ldp, v + e, ldv, left, o + e, ldo);
+    if (full == 2) decode_pv_tile<In, Acc, NR, 2, false, Prefetch>(jn, p, ldp, v + e, ldv, left, o + e, ldo);
+    if (full == 3) decode_pv_tile<In, Acc, NR, 3, false, Prefetch>(jn, p, ldp, v + e, ldv, left, o + e, ldo);
+  } else {
+    if (full == 0) decode_pv_tile<In, Acc, NR, 1, true, Prefetch>(jn, p, ldp, v + e, ldv, left, o + e, ldo);
+    if (full == 1) decode_pv_tile<In, Acc, NR, 2, true, Prefetch>(jn, p, ldp, v + e, ldv, left, o + e, ldo);
+    if (full == 2) decode_pv_tile<In, Acc, NR, 3, true, Prefetch>(jn, p, ldp, v + e, ldv, left, o + e, ldo);
+    if (full == 3) decode_pv_tile<In, Acc, NR, 4, true, Prefetch>(jn, p, ldp, v + e, ldv, left, o + e, ldo);
+  }
+}
+
+// Rows [0, n < 4) of decode_pv.
+template <typename In, typename Acc, bool Prefetch>
+void decode_pv_few(int64_t n, int64_t jn, int64_t Ev, const Acc* p, int64_t ldp, const In* v, int64_t ldv, Acc* o,
+                   int64_t ldo) {
+  switch (n) {
+    case 3: return decode_pv_rows<In, Acc, 3, Prefetch>(jn, Ev, p, ldp, v, ldv, o, ldo);
+    case 2: return decode_pv_rows<In, Acc, 2, Prefetch>(jn, Ev, p, ldp, v, ldv, o, ldo);
+    case 1: return decode_pv_rows<In, Acc, 1, Prefetch>(jn, Ev, p, ldp, v, ldv, o, ldo);
+    default: return;
+  }
+}
+
+// o[r * ldo + e] += sum_j p[r * ldp + j] v[j * ldv + e], r < rm, e < Ev (o's rows hold round_up(Ev, W)):
+// up to 4 rows x 4 vectors of accumulators in registers, V's rows read once per 4 query rows. The first
+// pass over V prefetches ahead (16-bit V, see kDecodeAhead); later row blocks find the rows in L1.
+template <typename In, typename Acc>
+void decode_pv(int64_t rm, int64_t jn, int64_t Ev, const Acc* p, int64_t ldp, const In* v, int64_t ldv, Acc* o,
+               int64_t ldo) {
+  constexpr bool kPrefetch = !std::is_same_v<In, Acc>;
+  int64_t r = 0;
+  for (; r + 4 <= rm; r += 4) {
+    if (r == 0) decode_pv_rows<In, Acc, 4, kPrefetch>(jn, Ev, p, ldp, v, ldv, o, ldo);
+    else decode_pv_rows<In, Acc, 4, false>(jn, Ev, p + r * ldp, ldp, v, ldv, o + r * ldo, ldo);
+  }
+  if (r == 0) decode_pv_few<In, Acc, kPrefetch>(rm, jn, Ev, p, ldp, v, ldv, o, ldo);
+  else decode_pv_few<In, Acc, false>(rm - r, jn, Ev, p + r * ldp, ldp, v, ldv, o + r * ldo, ldo);
+}
+
 template <typename In>
 void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int64_t task_end) {
   using Acc = acc_t<In>;
   constexpr int64_t W = Vec<Acc>::kSize;
-  constexpr int64_t KB = kPanel;  // keys per step: a K^T panel of 64 columns, in L1
-  // the micro-kernel on Acc tiles, with the forward's chunked S (see kSumChunk), so that the backward
-  // recomputes these scores bit for bit
-  const MatmulEngine eng{std::is_same_v<Acc, double> ? Scalar::kFloat64 : Scalar::kFloat32, "native", 1,
-                         nullptr, nullptr, nullptr};
+  constexpr int64_t KB = kPanel;  // keys per step of the online softmax
   const int64_t E = a.E, Ev = a.Ev, L = a.L, G = a.Hq / a.Hk, M = G * L, BM = a.block_m;
   const int64_t n_rblocks = ceil_div(M, BM);
   const int64_t ldo = round_up(Ev, 16);
@@ -701,15 +874,14 @@ void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int
   const In* q_all = static_cast<const In*>(a.q);
   const In* k_all = static_cast<const In*>(a.k);
   const In* v_all = static_cast<const In*>(a.v);
-  // V serves as B in place where the micro-kernel reads exactly its rows' columns
-  const bool v_in_place = std::is_same_v<In, Acc> && Ev % W == 0 && a.v_strides[2] >= Ev;
+  const int64_t Ep = round_up(E, W);
 
   const int64_t BMv = round_up(BM, W);
-  Buffer<Acc> q_buf(BM * E), kt_buf(E * KB), v_buf(KB * ldo), s_buf(BM * KB), o_buf(BM * ldo);
+  Buffer<Acc> q_buf(BM * Ep), kt_buf(Ep * W), s_buf(BM * KB), o_buf(BM * ldo);
+  Acc* kt = kt_buf.get();
   Buffer<Acc> m_buf(BMv), l_buf(BMv), row_max_buf(BMv), alpha_buf(BMv), shift_buf(BMv);
   Buffer<int64_t> end_buf(BM), mask_row_buf(BM);
   Acc* qb = q_buf.get();
-  Acc* kt = kt_buf.get();
   Acc* s = s_buf.get();
   Acc* o = o_buf.get();
   Acc* m = m_buf.get();
@@ -734,7 +906,7 @@ void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int
       end[r] = decode_key_end(a.causal, n_b, L, i);
       key_end = std::max(key_end, end[r]);
       mask_row[r] = b * ms[0] + h * ms[1] + i * ms[2];
-      load_q(qb + r * E, q_all + b * a.q_strides[0] + h * a.q_strides[1] + i * a.q_strides[2], 0, 1, E, E, q_scale);
+      load_q(qb + r * Ep, q_all + b * a.q_strides[0] + h * a.q_strides[1] + i * a.q_strides[2], 0, 1, E, Ep, q_scale);
     }
     const int64_t j_begin = c * a.chunk, j_end = std::min(key_end, j_begin + a.chunk);
     std::fill(m, m + BMv, kNegInf<Acc>);
@@ -744,8 +916,7 @@ void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int
     const In* v = v_all + b * a.v_strides[0] + hk * a.v_strides[1];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += KB) {
       const int64_t jn = std::min(KB, j_end - j0), jv = round_up(jn, W);
-      pack_b(eng, E, jn, k + j0 * a.k_strides[2], 1, a.k_strides[2], E, KB, kt, static_cast<Acc*>(nullptr));
-      mm<Acc, Acc>(eng, rm, jn, E, qb, E, kt, KB, 0, s, KB, false, kSumChunk);
+      decode_scores<In, Acc>(rm, jn, E, qb, Ep, k + j0 * a.k_strides[2], a.k_strides[2], s, KB, kt);
       for (int64_t r = 0; r < rm; ++r) {
         row_max[r] = score_row<Acc>(s + r * KB, jv, std::min(jn, end[r] - j0), s_scale, a.mask_keep, mask_add,
                                     mask_row[r] + j0 * ms[3], ms[3]);
@@ -773,17 +944,7 @@ void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int
           for (int64_t e = 0; e < ldo; e += W) vstore(o + r * ldo + e, vload(o + r * ldo + e) * av);
         }
       }
-      const Acc* vb;
-      int64_t ldv;
-      if (v_in_place) {
-        vb = reinterpret_cast<const Acc*>(v + j0 * a.v_strides[2]);
-        ldv = a.v_strides[2];
-      } else {
-        pack_b(eng, jn, Ev, v + j0 * a.v_strides[2], a.v_strides[2], 1, jn, ldo, v_buf.get(), static_cast<Acc*>(nullptr));
-        vb = v_buf.get();
-        ldv = ldo;
-      }
-      mm<Acc, Acc>(eng, rm, Ev, jn, s, KB, vb, ldv, 0, o, ldo, true, 0);
+      decode_pv<In, Acc>(rm, jn, Ev, s, KB, v + j0 * a.v_strides[2], a.v_strides[2], o, ldo);
     }
     const int64_t part = (pair * n_rblocks + rb) * a.n_chunks + c;
     Acc* po = static_cast<Acc*>(a.part_o) + part * BM * Ev;

@@ -137,9 +137,13 @@ inline vec_t<Acc> load_lanes(const In* src) {
   if constexpr (std::is_same_v<In, Acc>) {
     return vload(src);
   } else if constexpr (std::is_same_v<In, bf16_t>) {
+#if FF_CPU_CAPABILITY_INDEX >= 2  // one vpmovzxwd from memory and a shift (GCC splits the generic form)
+    return (vec_t<Acc>)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16);
+#else
     vu16 h;
     std::memcpy(&h, src, sizeof(h));
     return (vec_t<Acc>)(__builtin_convertvector(h, vu32) << 16);
+#endif
   } else {
 #if FF_CPU_CAPABILITY_INDEX >= 2
     return (vec_t<Acc>)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
