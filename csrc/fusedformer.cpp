@@ -153,6 +153,7 @@ pybind11::dict attention_engine(const std::string& dtype, bool measure) {
   }
   d["candidates"] = r.candidates;
   d["timings_ms"] = timings;
+  d["native_up_to"] = r.native_up_to;
   return d;
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -42,9 +43,10 @@ class FallbackWarning(UserWarning):
     """A call runs on the reference path because no fused kernel can serve it."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """What the backends need to know about one call (built from validated inputs)."""
+class Request(NamedTuple):
+    """What the backends need to know about one call (built from validated inputs). A NamedTuple:
+    immutable, hashable (the selection cache's key) and built in a fraction of a frozen dataclass's time,
+    which every call pays."""
 
     op: str  # "attention", "varlen_attention", "attention_with_kv_cache", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm" or "gelu"
     device: torch.device
@@ -290,7 +292,9 @@ def _detail(request: Request, backend: str) -> str:
     info = _C.attention_engine(str(request.dtype).removeprefix("torch."), measure=False)
     if not info["fwd"]:
         return f"tile products on the fastest of {', '.join(info['candidates'])}, measured at first use"
-    return f"tile products on {info['fwd']} ({info['how']})"
+    small = info.get("native_up_to", 0)
+    tail = f"; calls of at most {small} scores per head (L x S) on native, the measured crossover" if small else ""
+    return f"tile products on {info['fwd']} ({info['how']}){tail}"
 
 
 def explain_request(request: Request) -> Explanation:
@@ -365,15 +369,36 @@ def call(op, *args):
     Python wrapper (~10 us) even under ``torch.no_grad()``, which small inference calls feel. Under
     torch.compile the op is called as is (the guard is not traceable, and the graph pays no such cost).
     """
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    ):
+    # under torch.compile as is; under inference_mode the Autograd keys are off already: nothing to skip
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
 
 _SELECTED: dict[tuple, str] = {}
+_FUSED_OPS: dict[str, object] = {}
+
+
+def fused_op(name: str):
+    """``torch.ops.fusedformer.<name>.default``, resolved once (the attribute walk costs ~1 us a call)."""
+    op = _FUSED_OPS.get(name)
+    if op is None:
+        op = _FUSED_OPS[name] = getattr(torch.ops.fusedformer, name).default
+    return op
+
+# CPython's dict of bytes behind os.environ on POSIX, which os.environ[...] = and del keep current:
+# reading it takes ~0.05 us where os.environ.get takes ~0.7 (its key encoding), twice on every call
+_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def _env_state() -> tuple:
+    """The environment variables that steer selection (FUSEDFORMER_BACKEND, FUSEDFORMER_STRICT)."""
+    if isinstance(_ENVIRON_BYTES, dict):
+        return (_ENVIRON_BYTES.get(b"FUSEDFORMER_BACKEND"), _ENVIRON_BYTES.get(b"FUSEDFORMER_STRICT"))
+    return (os.environ.get("FUSEDFORMER_BACKEND"), os.environ.get("FUSEDFORMER_STRICT"))
 
 
 def select(request: Request) -> str:
@@ -382,7 +407,7 @@ def select(request: Request) -> str:
     On every call: asks only the backends it needs (the forced one, or the priority list up to the
     first that fits); every backend's reasons are gathered only for a fallback's message.
     """
-    env = (os.environ.get("FUSEDFORMER_BACKEND"), os.environ.get("FUSEDFORMER_STRICT"))
+    env = _env_state()
     chosen = _SELECTED.get((request, env))
     if chosen is not None:  # a fused backend served this kind of call before, in this environment
         return chosen

@@ -330,6 +330,11 @@ struct Calibration {
   std::string how;                    // "measured", or what forced the choice
   std::vector<EngineKind> kinds;      // the candidates, as timed
   std::vector<double> fwd_ms, bwd_ms; // best of a few calls each; empty when not measured
+  // Problems of at most this many scores per head (L x S) run on the native micro-kernel whatever the
+  // choice above: a packed engine's per-call set-up (oneDNN's kernel lookups, packing K and V) costs
+  // more than it saves on small tiles. Measured at calibration (the crossover of native against the
+  // chosen engine at L = S = 16, 32, 64, 128); 0 when the engine was forced or native won anyway.
+  int64_t native_up_to = 0;
 };
 
 constexpr int kNumScalars = 4;
@@ -413,6 +418,27 @@ Calibration measure(Scalar dtype, at::ScalarType st) {
   }
   c.fwd = c.bwd = c.kinds[best];
   c.how = "measured";
+  const MatmulEngine* chosen = matmul_engine(dtype, c.fwd);
+  const MatmulEngine* native = matmul_engine(dtype, EngineKind::kNative);
+  if (c.fwd != EngineKind::kNative && native != nullptr) {
+    // the small-problem crossover: the largest n (of those timed, from the smallest up) at which native
+    // runs one forward and backward of L = S = n faster than the chosen engine; fwd and bwd both, so that
+    // a call and its backward take the same engine (see above)
+    for (int64_t n : {16, 32, 64, 128}) {
+      const Dims dn{1, H, H, n, n, 64, 64};
+      at::Tensor qn = q.narrow(2, 0, n), kn = k.narrow(2, 0, n), vn = v.narrow(2, 0, n);
+      at::Tensor gon = go.narrow(2, 0, n), outn = out.narrow(2, 0, n).contiguous(), lsen = lse.narrow(2, 0, n).contiguous();
+      at::Tensor gkn = gk.narrow(2, 0, n).contiguous(), gvn = gv.narrow(2, 0, n).contiguous();
+      qn = qn.contiguous(), kn = kn.contiguous(), vn = vn.contiguous(), gon = gon.contiguous();
+      auto time_of = [&](const MatmulEngine* e) {
+        return best_ms([&] { run_fwd(e, dn, qn, kn, vn, mask, false, scale, 0.0, 0, outn, lsen, none); }, 5) +
+               best_ms([&] { run_bwd(e, dn, gon, qn, kn, vn, outn, lsen, none, mask, false, scale, 0.0, 0, gkn, gvn); },
+                       5);
+      };
+      if (time_of(native) >= time_of(chosen)) break;
+      c.native_up_to = n * n;
+    }
+  }
   return c;
 }
 
@@ -439,11 +465,16 @@ const Calibration& calibration(Scalar dtype, at::ScalarType st) {
 
 // The engines for a call: the calibrated ones, unless the machine changed its mind since (a packed
 // engine needs oneDNN, which torch.backends.mkldnn.enabled = False turns off).
-const MatmulEngine* engine_for(at::ScalarType st, bool backward) {
+// scores_per_head: L x S of the call (a forward and its backward pass the same), for the small-problem
+// crossover (Calibration::native_up_to); 0 where it does not apply.
+const MatmulEngine* engine_for(at::ScalarType st, bool backward, int64_t scores_per_head = 0) {
   const Scalar dtype = scalar_of(st);
   const Calibration& c = calibration(dtype, st);
   const MatmulEngine* e = matmul_engine(dtype, backward ? c.bwd : c.fwd);
-  return e != nullptr ? e : matmul_engine(dtype, EngineKind::kNative);
+  if (e == nullptr || (scores_per_head > 0 && scores_per_head <= c.native_up_to)) {
+    return matmul_engine(dtype, EngineKind::kNative);
+  }
+  return e;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
@@ -470,7 +501,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
     if (decode_shaped(d, dropout_p)) {
       run_decode(d, q, k, v, mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse);
     } else {
-      run_fwd(engine_for(query.scalar_type(), false), d, q, k, v, mask, is_causal, scale, dropout_p, seed, out,
+      run_fwd(engine_for(query.scalar_type(), false, d.L * d.S), d, q, k, v, mask, is_causal, scale, dropout_p, seed, out,
               lse, no_split);
     }
   }
@@ -522,9 +553,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     log_sum = at::empty({d.B, d.Hq, d.L}, query.options().dtype(acc));
     at::Tensor unused;
     // the recomputed logsumexp is that of the un-dropped probabilities: no dropout in that pass
-    run_fwd(engine_for(dtype, false), d, q, k, v, mask, is_causal, scale, 0.0, 0, unused, lse, log_sum);
+    run_fwd(engine_for(dtype, false, d.L * d.S), d, q, k, v, mask, is_causal, scale, 0.0, 0, unused, lse, log_sum);
   }
-  grad_q = run_bwd(engine_for(dtype, true), d, go, q, k, v, o, lse, log_sum, mask, is_causal, scale, dropout_p,
+  grad_q = run_bwd(engine_for(dtype, true, d.L * d.S), d, go, q, k, v, o, lse, log_sum, mask, is_causal, scale, dropout_p,
                    seed, grad_k, grad_v);
   return {grad_q.to(dtype), grad_k, grad_v};
 }
@@ -566,7 +597,8 @@ void attention_fwd_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::
   if (decode_shaped(d, 0.0)) {
     run_decode(d, q, k, v, no_mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse);
   } else {
-    run_fwd(engine_for(q.scalar_type(), false), d, q, k, v, no_mask, is_causal, scale, 0.0, 0, out, lse, no_split);
+    run_fwd(engine_for(q.scalar_type(), false, d.L * d.S), d, q, k, v, no_mask, is_causal, scale, 0.0, 0, out, lse,
+            no_split);
   }
 }
 
@@ -589,6 +621,7 @@ EngineReport attention_engine_report(at::ScalarType dtype, bool measure) {
   for (EngineKind kind : c.kinds) r.candidates.push_back(matmul_engine(s, kind)->name);
   r.fwd_ms = c.fwd_ms;
   r.bwd_ms = c.bwd_ms;
+  r.native_up_to = c.native_up_to;
   return r;
 }
 

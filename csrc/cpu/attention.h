@@ -18,6 +18,7 @@ struct EngineReport {
   std::string how;       // "measured", "set by FUSEDFORMER_CPU_MATMUL", "set by set_attention_engine"
   std::vector<std::string> candidates;
   std::vector<double> fwd_ms, bwd_ms;  // per candidate; empty when not measured
+  int64_t native_up_to = 0;  // calls with L x S <= this run on the native micro-kernel (measured crossover)
 };
 
 // The decode kernel (kernels/attention.h, AttentionDecodeArgs) on 4-d tensors with contiguous rows:

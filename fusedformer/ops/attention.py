@@ -237,6 +237,14 @@ def _attention_bwd_rules(grad_out, query, key, value, out, logsumexp, attn_mask,
 # ---- the public function ------------------------------------------------------------------------
 
 
+def _broadcasts_to(shape, target) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target``: torch.broadcast_shapes's rule, in ~0.5 us where
+    that function takes ~20 (a third of a small attention call's time)."""
+    if len(shape) > len(target):
+        return False
+    return all(n == 1 or n == t for n, t in zip(reversed(shape), reversed(target)))
+
+
 def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
     """Raises, naming the argument, on anything the attention contract does not allow."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -295,13 +303,10 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         if attn_mask.device != query.device:
             raise ValueError(f"{_FN}: expected attn_mask on {query.device} like query, got {attn_mask.device}")
         target = (*query.shape[:-1], S)
-        try:
-            if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
-                raise RuntimeError
-        except RuntimeError:
+        if not _broadcasts_to(attn_mask.shape, target):
             raise ValueError(
                 f"{_FN}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {target}"
-            ) from None
+            )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{_FN}: expected dropout_p in [0, 1), got {dropout_p}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
@@ -463,7 +468,7 @@ def scaled_dot_product_attention(
         )
     scale_value = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     mask4 = _mask_to_4d(attn_mask, query) if attn_mask is not None else None
-    fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
+    fwd = backends.fused_op(_OPS[backend][0])
     q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
     seed = _dropout_seed() if dropout_p > 0.0 else None
     if seed is not None and _is_dtensor(q4):

@@ -152,4 +152,4 @@ def gelu(
     backend = backends.select(request)
     if backend == "reference":
         return reference.gelu(input, approximate, bias)
-    return backends.call(getattr(torch.ops.fusedformer, _OPS[backend][0]).default, input, bias, approximate)
+    return backends.call(backends.fused_op(_OPS[backend][0]), input, bias, approximate)

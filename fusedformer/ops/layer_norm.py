@@ -142,6 +142,8 @@ def _layer_norm_bwd_rules(grad_out, input, normalized_shape, mean, rstd, weight,
 def _normalize_shape(normalized_shape, fn: str = _FN) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
+    if type(normalized_shape) is tuple and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
+        return normalized_shape  # nn.LayerNorm's own: no conversion on the hot path
     try:
         if isinstance(normalized_shape, str):
             raise TypeError
@@ -162,7 +164,7 @@ def check_norm_args(fn: str, input, normalized_shape, params: dict, eps) -> tupl
     if not input.is_floating_point():
         raise TypeError(f"{fn}: expected input to be a floating-point tensor, got {input.dtype}")
     shape = _normalize_shape(normalized_shape, fn)
-    if len(shape) == 0 or input.dim() < len(shape) or tuple(input.shape[-len(shape) :]) != shape:
+    if len(shape) == 0 or input.dim() < len(shape) or input.shape[-len(shape) :] != shape:
         raise ValueError(
             f"{fn}: normalized_shape {list(shape)} does not match the last dims of input of shape {tuple(input.shape)}"
         )
@@ -171,8 +173,8 @@ def check_norm_args(fn: str, input, normalized_shape, params: dict, eps) -> tupl
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: expected {name} to be a Tensor or None, got {type(t).__name__}")
-        want = shape if name in ("weight", "bias") else tuple(input.shape)
-        if tuple(t.shape) != want:
+        want = shape if name in ("weight", "bias") else input.shape
+        if t.shape != want:
             raise ValueError(f"{fn}: expected {name} of shape {list(want)}, got {tuple(t.shape)}")
         if t.dtype != input.dtype:
             raise TypeError(f"{fn}: expected {name} of dtype {input.dtype} like input, got {t.dtype}")
@@ -205,10 +207,9 @@ def layer_norm(
     replicated; out, mean, rstd and grad_input shard alike, grad_weight and grad_bias are ``Partial()``
     sums. Input sharded on a normalised dim is gathered with a one-time ``ShardingWarning``.
     """
-    request = _request(input, normalized_shape, weight, bias, eps)
-    backend = backends.select(request)
+    shape = check_norm_args(_FN, input, normalized_shape, {"weight": weight, "bias": bias}, eps)  # as _request
+    backend = backends.select(backends.Request("layer_norm", input.device, input.dtype))
     if backend == "reference":
         return reference.layer_norm(input, normalized_shape, weight, bias, eps)
-    fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
-    out, _, _ = backends.call(fwd, input, list(_normalize_shape(normalized_shape)), weight, bias, float(eps))
+    out, _, _ = backends.call(backends.fused_op(_OPS[backend][0]), input, list(shape), weight, bias, float(eps))
     return out

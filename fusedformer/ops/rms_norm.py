@@ -128,7 +128,7 @@ def rms_norm(
     if backend == "reference":
         return reference.rms_norm(input, normalized_shape, weight, eps)
     shape = check_norm_args(_FN, input, normalized_shape, {}, eps)
-    fwd = getattr(torch.ops.fusedformer, _OPS[backend][0]).default
+    fwd = backends.fused_op(_OPS[backend][0])
     out, _ = fwd(input, list(shape), weight, eps)
     return out
 
