@@ -737,6 +737,34 @@ template <typename In, typename Acc>
 void decode_scores(int64_t rm, int64_t jn, int64_t E, const Acc* qs, int64_t ldq, const In* k, int64_t ldk,
                    Acc* s, int64_t lds, Acc* kt) {
   constexpr int64_t W = Vec<Acc>::kSize;
+  if constexpr (std::is_same_v<In, Acc> && std::is_same_v<Acc, float>) {
+    // all jn <= kPanel keys transposed into kt (E x kPanel), then one micro-kernel pass: its blocks of
+    // 2 vectors give each chunk two independent chains
+    for (int64_t j0 = 0; j0 < jn; j0 += 16) {
+      const int64_t nk = std::min<int64_t>(16, jn - j0);
+      const float* kb = k + j0 * ldk;
+      prefetch_rows(kb + kDecodeAhead * ldk, nk, ldk, E);
+      vf r[16];
+      const int64_t E16 = nk == 16 ? E / 16 * 16 : 0;  // whole blocks: no lane or row checks
+      for (int64_t e0 = 0; e0 < E16; e0 += 16) {
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) r[t] = vload(kb + t * ldk + e0);
+        transpose16(r);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) vstore(kt + (e0 + i) * kPanel + j0, r[i]);
+      }
+      for (int64_t e0 = E16; e0 < E; e0 += 16) {
+        const int64_t ne = std::min<int64_t>(16, E - e0);
+        for (int64_t t = 0; t < 16; ++t) {
+          r[t] = t >= nk ? vf{} : ne == 16 ? vload(kb + t * ldk + e0) : vload_partial(kb + t * ldk + e0, ne);
+        }
+        transpose16(r);
+        for (int64_t i = 0; i < ne; ++i) vstore(kt + (e0 + i) * kPanel + j0, r[i]);
+      }
+    }
+    native_gemm<Acc>(rm, ceil_div(jn, W), E, qs, ldq, kt, kPanel, s, lds, false, kSumChunk);
+    return;
+  }
   for (int64_t j0 = 0; j0 < jn; j0 += W) {
     const int64_t nk = std::min(W, jn - j0);
     const In* kb = k + j0 * ldk;
@@ -755,32 +783,12 @@ void decode_scores(int64_t rm, int64_t jn, int64_t E, const Acc* qs, int64_t ldq
         }
         vstore(s + r * lds + j0, vtranspose_sum(acc));
       }
-      continue;
-    } else if constexpr (std::is_same_v<Acc, float>) {
-      prefetch_rows(kb + kDecodeAhead * ldk, nk, ldk, E);
-      vf r[16];
-      const int64_t E16 = nk == 16 ? E / 16 * 16 : 0;  // whole blocks: no lane or row checks
-      for (int64_t e0 = 0; e0 < E16; e0 += 16) {
-#pragma GCC unroll 16
-        for (int t = 0; t < 16; ++t) r[t] = vload(kb + t * ldk + e0);
-        transpose16(r);
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) vstore(kt + (e0 + i) * 16, r[i]);
-      }
-      for (int64_t e0 = E16; e0 < E; e0 += 16) {
-        const int64_t ne = std::min<int64_t>(16, E - e0);
-        for (int64_t t = 0; t < 16; ++t) {
-          r[t] = t >= nk ? vf{} : ne == 16 ? vload(kb + t * ldk + e0) : vload_partial(kb + t * ldk + e0, ne);
-        }
-        transpose16(r);
-        for (int64_t i = 0; i < ne; ++i) vstore(kt + (e0 + i) * 16, r[i]);
-      }
-    } else {
+    } else {  // double: element by element
       for (int64_t e = 0; e < E; ++e) {
         for (int64_t t = 0; t < W; ++t) kt[e * W + t] = t < nk ? kb[t * ldk + e] : Acc(0);
       }
+      native_gemm<Acc>(rm, 1, E, qs, ldq, kt, W, s + j0, lds, false, kSumChunk);
     }
-    native_gemm<Acc>(rm, 1, E, qs, ldq, kt, W, s + j0, lds, false, kSumChunk);
   }
 }
 
@@ -877,7 +885,7 @@ void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int
   const int64_t Ep = round_up(E, W);
 
   const int64_t BMv = round_up(BM, W);
-  Buffer<Acc> q_buf(BM * Ep), kt_buf(Ep * W), s_buf(BM * KB), o_buf(BM * ldo);
+  Buffer<Acc> q_buf(BM * Ep), kt_buf(Ep * KB), s_buf(BM * KB), o_buf(BM * ldo);
   Acc* kt = kt_buf.get();
   Buffer<Acc> m_buf(BMv), l_buf(BMv), row_max_buf(BMv), alpha_buf(BMv), shift_buf(BMv);
   Buffer<int64_t> end_buf(BM), mask_row_buf(BM);
