@@ -116,60 +116,6 @@ inline float vhsum(vf v) {
 inline double vhmax(vd v) { return vmax_reduce<double>(v); }
 inline double vhsum(vd v) { return vsum<double>(v); }
 
-// exp(x) of the softmax, x <= 0 or about (scores minus a row max or a logsumexp), as 2^t with
-// t = x log2(e): exp(-inf) = 0 exactly, exp(0) = 1 exactly, NaN propagates. t = n + f with n the
-// nearest integer, 2^f by a polynomial on [-1/2, 1/2] with p(0) = 1 (fitted for the least relative
-// error: 9.7e-8 at degree 6, which the float32 kernels use, 2.9e-6 at degree 4, for probabilities that
-// are rounded to bf16 or fp16 next, 2^-9 or 2^-12), 2^n by the exponent: results below 2^-126 are 0.
-template <int Degree>
-inline vf vexp2_softmax(vf t) {
-  static_assert(Degree == 4 || Degree == 6, "fitted for degrees 4 and 6");
-#if FF_CPU_CAPABILITY_INDEX >= 2
-  const __m512 x = (__m512)t;
-  const vf n = (vf)_mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#else
-  const vf lo = vbroadcast(-127.0f);
-  t = t < lo ? lo : t;                        // NaN stays NaN; -inf -> 2^-127, built as 0 below
-  const vf magic = vbroadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (t + magic) - magic;
-#endif
-  const vf f = t - n;
-  vf p;
-  if constexpr (Degree == 6) {
-    p = vbroadcast(1.5353359521e-4f);
-    p = p * f + 1.3398876647e-3f;
-    p = p * f + 9.6184373854e-3f;
-    p = p * f + 5.5503324648e-2f;
-    p = p * f + 2.4022647913e-1f;
-    p = p * f + 6.9314720286e-1f;
-  } else {
-    p = vbroadcast(9.582848005e-3f);
-    p = p * f + 5.5906443199e-2f;
-    p = p * f + 2.4024098834e-1f;
-    p = p * f + 6.9312419064e-1f;
-  }
-  p = p * f + 1.0f;
-#if FF_CPU_CAPABILITY_INDEX >= 2
-  // p 2^n, and 0 where t <= -126 (-inf included: there f and p are NaN); NaN t is kept
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLE_UQ);
-  return (vf)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)n);
-#else
-  const vi32 bits = (__builtin_convertvector(n, vi32) + 127) << 23;
-  return p * (vf)bits;
-#endif
-}
-
-// The softmax's exp for x <= 0: float lanes through vexp2_softmax, Degree as there; double lanes by
-// libm (float64 is there for accuracy).
-template <int Degree>
-inline vf vexp_softmax(vf x) {
-  return vexp2_softmax<Degree>(x * 1.44269504088896341f);
-}
-template <int Degree>
-inline vd vexp_softmax(vd x) {
-  return vexp(x);
-}
-
 // The polynomial degree of the softmax's exp for probabilities that are rounded to Op next.
 template <typename Op>
 constexpr int kExpDegree = sizeof(Op) == 2 ? 4 : 6;
@@ -613,7 +559,7 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
         const vec_t<Acc> m_new = vmax<Acc>(m_old, vload(row_max + c));
         // a row that has seen only -inf keeps m = -inf; subtracting 0 instead gives p = 0, not NaN
         const vec_t<Acc> m_safe = m_new == neg_inf ? vec_t<Acc>{} : m_new;
-        vstore(alpha + c, vexp_softmax<6>(m_old - m_safe));
+        vstore(alpha + c, vexp_nonpositive<6>(m_old - m_safe));
         vstore(m + c, m_new);
         vstore(shift + c, m_safe);
       }
@@ -625,14 +571,14 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
         if (dropout) {  // l sums P; P V sees P * M / (1 - p)
           const dropout_bits_t<Acc> row = broadcast_bits<Acc>(dropout_row_hash<uint32_t>(keys, uint32_t(i0 + i)));
           for (int64_t c = 0; c < jv; c += W) {
-            const vec_t<Acc> e = vexp_softmax<kExpDegree<Op>>(vload(sr + c) - mv);
+            const vec_t<Acc> e = vexp_nonpositive<kExpDegree<Op>>(vload(sr + c) - mv);
             sum += e;
             const dropout_bits_t<Acc> bits = dropout_bits<dropout_bits_t<Acc>>(row, load_bits<Acc>(col_hash.get() + c));
             store_lanes<Op, Acc>(pr + c, apply_dropout<Acc>(e, bits, threshold, keep_scale));
           }
         } else {
           for (int64_t c = 0; c < jv; c += W) {
-            const vec_t<Acc> e = vexp_softmax<kExpDegree<Op>>(vload(sr + c) - mv);
+            const vec_t<Acc> e = vexp_nonpositive<kExpDegree<Op>>(vload(sr + c) - mv);
             sum += e;
             store_lanes<Op, Acc>(pr + c, e);
           }
@@ -933,7 +879,7 @@ void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int
         const vec_t<Acc> m_old = vload(m + r);
         const vec_t<Acc> m_new = vmax<Acc>(m_old, vload(row_max + r));
         const vec_t<Acc> m_safe = m_new == neg_inf ? vec_t<Acc>{} : m_new;
-        vstore(alpha + r, vexp_softmax<6>(m_old - m_safe));
+        vstore(alpha + r, vexp_nonpositive<6>(m_old - m_safe));
         vstore(m + r, m_new);
         vstore(shift + r, m_safe);
       }
@@ -942,7 +888,7 @@ void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int
         const vec_t<Acc> mv = vbroadcast(shift[r]);
         vec_t<Acc> sum{};
         for (int64_t col = 0; col < jv; col += W) {
-          const vec_t<Acc> e = vexp_softmax<6>(vload(sr + col) - mv);
+          const vec_t<Acc> e = vexp_nonpositive<6>(vload(sr + col) - mv);
           sum += e;
           vstore(sr + col, e);
         }
@@ -1228,7 +1174,7 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
               const vec_t<Acc> shift2 = vbroadcast(log_sum != nullptr ? log_sum[i] : Acc(0));
               vec_t<Acc> p_sum{};
               for (int64_t c = 0; c < jv; c += W) {
-                const vec_t<Acc> pv = vexp_softmax<kExpDegree<Op>>((vload(sr + c) - shift) - shift2);
+                const vec_t<Acc> pv = vexp_nonpositive<kExpDegree<Op>>((vload(sr + c) - shift) - shift2);
                 vstore(sr + c, pv);
                 p_sum += pv;
               }

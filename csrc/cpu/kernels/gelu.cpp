@@ -38,7 +38,7 @@ inline vec_t<T> gelu_derivative(vec_t<T> x, bool tanh_approx) {
     return T(0.5) * (T(1) + t) + x * T(0.5) * (T(1) - t * t) * du;
   }
   const vec_t<T> cdf = T(0.5) * (T(1) + verf(x * T(kSqrt1_2)));
-  const vec_t<T> pdf = vexp(x * x * T(-0.5)) * T(kInvSqrt2Pi);
+  const vec_t<T> pdf = vexp_nonpositive(x * x * T(-0.5)) * T(kInvSqrt2Pi);
   return cdf + x * pdf;
 }
 
