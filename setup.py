@@ -108,7 +108,6 @@ class BuildWithCpuCapabilities(BuildExtension):
 
 setup(
     packages=["fusedformer", "fusedformer.ops", "fusedformer.nn", "fusedformer.patching", "fusedformer.bench", "fusedformer.kernels"],
-    package_dir={"fusedformer.kernels": "kernels"},
     ext_modules=[
         CppExtension(
             "fusedformer._C",

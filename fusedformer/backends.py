@@ -326,7 +326,7 @@ def forbid_double_backward(op: str) -> None:
 
 
 def register_triton_op(qualname: str, launcher, schema: str, fake) -> None:
-    """Registers a Triton launcher of ``kernels/`` as the custom op ``qualname``.
+    """Registers a Triton launcher of ``fusedformer/kernels/`` as the custom op ``qualname``.
 
     Compiled for a GPU it is a ``torch.library.triton_op``: torch.compile sees the kernels inside
     (``wrap_triton``) and derives the fake kernel by tracing the launcher. Under the interpreter

@@ -32,13 +32,11 @@ _SUFFIXES = (".py", ".so", ".pyd", ".dylib")
 def fingerprint(*roots: str | os.PathLike) -> str:
     """A 16-hex-digit hash of every Python source and shared library under ``roots`` (paths, contents).
 
-    Without ``roots``: the installed package's own directories (``fusedformer`` and its kernels).
+    Without ``roots``: the installed package's own directory (``fusedformer``, its Triton kernels included).
     About 5 ms for the package (3 MB of extension, 0.5 MB of sources).
     """
     if not roots:
-        from fusedformer import kernels
-
-        roots = (Path(__file__).parent, Path(kernels.__file__).parent)
+        roots = (Path(__file__).parent,)
     digest = hashlib.blake2b(digest_size=8)
     for root in roots:
         root = Path(root)

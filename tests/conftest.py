@@ -9,29 +9,6 @@ import os
 # still serves CPU tensors first, so the other tests are unaffected.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def _kernels_from_this_checkout() -> None:
-    """fusedformer.kernels from this checkout's kernels/, not from wherever an editable install of another
-    checkout maps it (setuptools' editable finder maps fusedformer.kernels by name, while fusedformer itself
-    comes from the working directory): the tests must test the kernels beside them."""
-    import importlib.util
-    import sys
-
-    kernels = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    init = os.path.join(kernels, "__init__.py")
-    if "fusedformer.kernels" in sys.modules or not os.path.isfile(init):
-        return
-    spec = importlib.util.spec_from_file_location("fusedformer.kernels", init, submodule_search_locations=[kernels])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fusedformer.kernels"] = module
-    spec.loader.exec_module(module)
-    import fusedformer  # its backends import the kernels' modules, from the path registered above
-
-    fusedformer.kernels = module
-
-
-_kernels_from_this_checkout()
-
 import contextlib  # noqa: E402
 import zlib  # noqa: E402
 

@@ -62,7 +62,7 @@ def check_dropout(query, key, value, dropout_p, attn_mask=None, is_causal=False,
     same_dtype = _run(reference.scaled_dot_product_attention, inputs, grad_out, attn_mask=attn_mask, upcast=False,
                       dropout_mask=keep, **kwargs)
     # conftest's rule, with its small floor: where a row has a single key its exact dQ is 0, which the
-    # reference gets exactly and the kernel up to a rounding residue (dP * D - delta, see kernels/attention.cpp)
+    # reference gets exactly and the kernel up to a rounding residue (dP * D - delta, see csrc/cpu/kernels/attention.cpp)
     for name, f, s, t, factor in zip(NAMES, fused, same_dtype, truth, (2, 3, 3, 3)):
         assert f.dtype == dtype, f"{name}: {f.dtype}"
         assert_error_within(name, f, s, t, factor)

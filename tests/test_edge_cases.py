@@ -1,5 +1,5 @@
 """Edge cases against torch, on both kernel backends: the C++ ops (``torch.ops.fusedformer``) and the Triton
-launchers (kernels/, run by Triton's interpreter on CPU tensors, as in test_triton.py).
+launchers (fusedformer/kernels/, run by Triton's interpreter on CPU tensors, as in test_triton.py).
 
 - LayerNorm of normalized size 0: an empty output, mean 0 and rstd NaN per row as torch's
   native_layer_norm, and empty gradients (weight/bias gradients zeros of shape (0,)).

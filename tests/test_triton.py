@@ -1,4 +1,4 @@
-"""The Triton kernels (kernels/), run by Triton's interpreter on CPU tensors, against the float64 reference.
+"""The Triton kernels (fusedformer/kernels/), run by Triton's interpreter on CPU tensors, against the float64 reference.
 
 No machine of this project has a GPU: ``TRITON_INTERPRET=1`` (set below, before anything imports the
 kernels) makes ``@triton.jit`` run the very kernel source in numpy. The launchers are called

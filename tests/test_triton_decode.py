@@ -1,4 +1,4 @@
-"""The Triton decode kernels (kernels/decode.py) under Triton's interpreter: split-key attention for few
+"""The Triton decode kernels (fusedformer/kernels/decode.py) under Triton's interpreter: split-key attention for few
 query rows, as served to ff.scaled_dot_product_attention by the Triton backend and to
 ff.attention_with_kv_cache, against the float64 reference; the kernels compiled for sm_80 as a GPU would.
 

@@ -2,7 +2,7 @@
 kernels, autograd.
 
 The ops (``fusedformer::varlen_attention_fwd`` / ``varlen_attention_bwd``, schemas in
-csrc/fusedformer.cpp; bodies in csrc/cpu/varlen.cpp, and in kernels/attention.py for Triton) run the
+csrc/fusedformer.cpp; bodies in csrc/cpu/varlen.cpp, and in fusedformer/kernels/attention.py for Triton) run the
 attention kernels on each sequence in place, through per-sequence offsets into the packed tensors:
 no padding, no copy of the inputs.
 """

@@ -960,7 +960,7 @@ def attention_forward(
     if out.numel() == 0:
         return out, lse
     if decode_shaped(Hq, Hk, L, S) and not dropout:
-        # few query rows, many keys: the key range split over programs (kernels/decode.py; no dropout there)
+        # few query rows, many keys: the key range split over programs (fusedformer/kernels/decode.py; no dropout there)
         return decode_forward(query, key, value, attn_mask, 1 if is_causal else 0, scale)
     mask, mask_strides, has_mask, mask_is_bool = _mask_args(attn_mask, query)
     BLOCK_D, BLOCK_DV = _head_blocks(E, Ev)

@@ -9,12 +9,12 @@ partial output with the rows' running max and sum, and a merge kernel combines t
 log-sum-exp. The work per program is bounded, the grid is ``n_splits x B·Hk x row blocks``, and K and
 V are read exactly once: a memory-bound kernel, as decode attention is.
 
-Semantics as the forward kernel's (kernels/attention.py), plus per-sequence key counts (``seq_lens``,
+Semantics as the forward kernel's (fusedformer/kernels/attention.py), plus per-sequence key counts (``seq_lens``,
 keys past them are never read: a KV cache's empty slots) and causality aligned top-left (``CAUSAL=1``,
 query i sees keys j <= i, as SDPA) or bottom-right (``CAUSAL=2``, j <= n_b - L + i, a KV cache). Rows
 with no key give 0 and logsumexp +inf. Accumulation in fp32; probabilities rounded to V's dtype for the
 second product, as in the forward kernel. bf16 under the interpreter and TF32 as in the forward kernel
-(``INTERP_BF16``, ``PRECISION``: kernels/_common.py).
+(``INTERP_BF16``, ``PRECISION``: fusedformer/kernels/_common.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from fusedformer.kernels._common import INTERPRET, div_rn, dot, dot_precision, i
 __all__ = ["decode_shaped", "decode_forward"]
 
 _LN2 = tl.constexpr(0.6931471805599453)
-_MASK_FLOOR = tl.constexpr(-2.0e38)  # as kernels/attention.py: finite mask values clamped, x log2(e) stays finite
+_MASK_FLOOR = tl.constexpr(-2.0e38)  # as fusedformer/kernels/attention.py: finite mask values clamped, x log2(e) stays finite
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 # Decode-shaped: at most this many packed query rows per kv head, against at least this many keys.
@@ -213,7 +213,7 @@ def decode_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, Hq, L, Ev) in query's dtype; logsumexp (B, Hq, L) float32
     """Split-key decode attention: partial results per key chunk, merged by their log-sum-exp.
 
-    Inputs are checked by the caller (kernels/attention.py's ``attention_forward``, or the KV-cache op).
+    Inputs are checked by the caller (fusedformer/kernels/attention.py's ``attention_forward``, or the KV-cache op).
     """
     B, Hq, L, E = query.shape
     Hk, S, Ev = key.shape[1], key.shape[2], value.shape[3]
