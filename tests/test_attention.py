@@ -257,14 +257,18 @@ def test_empty():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_op_outputs(dtype):
-    """Contiguous outputs of the documented dtypes; logsumexp as torch.logsumexp of the scores."""
+    """Outputs of the documented dtypes, the output laid out as the query (its heads inside its rows here,
+    contiguous for a contiguous query); logsumexp as torch.logsumexp of the scores."""
     # (B, L, H, E) layouts, transposed
     shapes = [(70, 4, 32), (90, 2, 32), (90, 2, 16)]
     q, k, v = (torch.randn(2, n, h, e, dtype=dtype).transpose(1, 2) for n, h, e in shapes)
     mask = torch.rand(2, 1, 70, 90) < 0.9
     mask[1, 0, 3] = False
     out, lse = op.attention_fwd(q, k, v, mask, True, 0.2)
-    assert out.dtype == dtype and out.is_contiguous() and out.shape == (2, 4, 70, 16)
+    assert out.dtype == dtype and out.shape == (2, 4, 70, 16)
+    assert out.transpose(1, 2).is_contiguous() and out.stride() == (70 * 4 * 16, 16, 4 * 16, 1)
+    again, lse_again = op.attention_fwd(q.contiguous(), k, v, mask, True, 0.2)
+    assert again.is_contiguous() and torch.equal(again, out) and torch.equal(lse_again, lse)
     assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == (2, 4, 70)
 
     def scores(t):
@@ -282,6 +286,66 @@ def test_op_outputs(dtype):
     grads = op.attention_bwd(go, q, k, v, out, lse, mask, True, 0.2)
     for g, t in zip(grads, (q, k, v)):
         assert g.dtype == dtype and g.is_contiguous() and g.shape == t.shape
+
+
+@pytest.mark.parametrize(
+    "B, H, Hk, L, S, E, causal, dropout",
+    [
+        (2, 4, 4, 33, 50, 32, True, 0.0),  # the tiled kernel
+        (1, 12, 12, 14, 14, 32, False, 0.0),  # a MiniLM-sized call: the micro-kernel below the crossover
+        (2, 4, 2, 2, 700, 64, False, 0.0),  # decode-shaped: the split-key kernel and its merge
+        (2, 4, 4, 40, 40, 16, True, 0.3),  # dropout
+    ],
+)
+def test_output_follows_a_heads_inner_query(B, H, Hk, L, S, E, causal, dropout):
+    """A query seen as heads of a linear layer's output, ``x.view(B, L, H, E).transpose(1, 2)``, gets its
+    output laid out the same way ((B, L, H, E) in memory, as torch's CPU SDPA returns it), so that the
+    model's ``out.transpose(1, 2).reshape(B, L, H * E)`` is free; values and gradients bit for bit those
+    of a contiguous query."""
+    x = torch.randn(B, L, H * E)
+    q = x.view(B, L, H, E).transpose(1, 2)
+    k, v = torch.randn(B, Hk, S, E), torch.randn(B, Hk, S, E)
+
+    def run(query):
+        leaves = [t.detach().clone().requires_grad_() for t in (query, k, v)]
+        torch.manual_seed(5)
+        out = ff.scaled_dot_product_attention(*leaves, is_causal=causal, dropout_p=dropout, enable_gqa=True)
+        out.backward(torch.linspace(-1, 1, out.numel()).view(B, L, H, E).transpose(1, 2))
+        return out, [t.grad for t in leaves]
+
+    out, grads = run(q)
+    assert out.stride() == (L * H * E, E, H * E, 1)
+    merged = out.transpose(1, 2).reshape(B, L, H * E)
+    assert merged.data_ptr() == out.data_ptr()  # a view, no copy
+    same, same_grads = run(q.contiguous())
+    assert same.is_contiguous()
+    assert torch.equal(out, same)
+    for a, b in zip(grads, same_grads):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # inference goes the same way
+        assert torch.equal(ff.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True),
+                           ff.scaled_dot_product_attention(q.contiguous(), k, v, is_causal=causal, enable_gqa=True))
+
+
+def test_torch_compile_with_a_heads_inner_query():
+    """The fake kernel gives the real output's strides (opcheck checks it too), so Inductor's code,
+    written for those strides, reads the output right."""
+    B, L, H, E = 2, 21, 4, 16
+    x, w = torch.randn(B, L, H * E), torch.randn(H * E, 3 * H * E) / 8
+
+    def fn(x):
+        q, k, v = (t.view(B, L, H, E).transpose(1, 2) for t in (x @ w).chunk(3, dim=-1))
+        out = ff.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(B, L, H * E).cos()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), fn(x), rtol=1e-5, atol=1e-6)
+    leaf_e, leaf_c = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fn(leaf_e).sum().backward()
+    compiled(leaf_c).sum().backward()
+    torch.testing.assert_close(leaf_c.grad, leaf_e.grad, rtol=1e-5, atol=1e-6)
 
 
 def _bad_call(bwd=False, **changes):

@@ -201,6 +201,7 @@ void run_fwd(const MatmulEngine* engine, const Dims& d, const at::Tensor& q, con
   AttentionFwdArgs a{};
   set_common(a, d, engine, q, k, v, mask, is_causal, scale, dropout_p, seed);
   a.out = log_sum.defined() ? nullptr : out.data_ptr();
+  for (int i = 0; i < 3; ++i) a.out_strides[i] = out.defined() ? out.stride(i) : 0;
   a.lse = lse.data_ptr();
   a.log_sum = log_sum.defined() ? log_sum.data_ptr() : nullptr;
   const Blocks blocks = blocks_for(engine);
@@ -268,6 +269,7 @@ void run_decode(const Dims& d, const at::Tensor& q, const at::Tensor& k, const a
   a.part_o = part_o.data_ptr();
   a.part_ml = part_ml.data_ptr();
   a.out = out.data_ptr();
+  for (int i = 0; i < 3; ++i) a.out_strides[i] = out.stride(i);
   a.lse = lse.data_ptr();
   const auto fn = attention_decode_stub.get();
   const auto merge = attention_decode_merge_stub.get();
@@ -477,6 +479,17 @@ const MatmulEngine* engine_for(at::ScalarType st, bool backward, int64_t scores_
   return e;
 }
 
+// The forward's output, (B, Hq, L, Ev), laid out as query: (B, L, Hq, Ev) in memory when query's heads
+// are inside its rows (the view q.view(B, L, H, E).transpose(1, 2) that models make from a linear layer's
+// output, and torch's own CPU attention returns), so that the caller's transpose(1, 2).contiguous()
+// back to (B, L, H * Ev) costs nothing; contiguous otherwise. The fake kernel (ops/attention.py) follows
+// the same rule.
+at::Tensor empty_attention_out(const at::Tensor& query, const Dims& d) {
+  const bool heads_inner = d.Hq > 1 && d.L > 1 && query.stride(1) < query.stride(2);
+  if (heads_inner) return empty_output({d.B, d.L, d.Hq, d.Ev}, query.scalar_type()).transpose(1, 2);
+  return empty_output({d.B, d.Hq, d.L, d.Ev}, query.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                      const at::Tensor& value,
                                                      const std::optional<at::Tensor>& attn_mask,
@@ -490,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const at::ScalarType acc = acc_dtype(query.scalar_type());
   const at::Tensor mask = prepare_mask(op, attn_mask, query, d);
   const at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
-  at::Tensor out = empty_output({d.B, d.Hq, d.L, d.Ev}, query.scalar_type());
+  at::Tensor out = empty_attention_out(query, d);
   at::Tensor lse = at::empty({d.B, d.Hq, d.L}, query.options().dtype(acc));
   if (out.numel() == 0 || d.S == 0) {
     // no key: every row is fully masked

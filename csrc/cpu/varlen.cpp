@@ -182,6 +182,7 @@ void run_varlen_fwd(const VarlenDims& d, const MatmulEngine* engine, const at::T
                                       blocks.fwd_n);
     const int64_t row0 = d.Hq * s.q0;  // the sequence's first row in the scratch blocks
     a.out = log_sum_s.defined() ? nullptr : static_cast<char*>(out_s.data_ptr()) + row0 * d.Ev * es;
+    a.out_strides[0] = 0, a.out_strides[1] = s.L * d.Ev, a.out_strides[2] = d.Ev;  // (Hq, L_b, Ev) in the scratch
     a.lse = static_cast<char*>(lse_s.data_ptr()) + row0 * acc_es;
     a.log_sum = log_sum_s.defined() ? static_cast<char*>(log_sum_s.data_ptr()) + row0 * acc_es : nullptr;
     first_task.push_back(static_cast<int64_t>(cum_cost.size()) - 1);

@@ -85,7 +85,7 @@ _BWD_SCHEMA = (
     "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
 )
 # The op pair that serves each backend (csrc/fusedformer.cpp defines the cpp pair; the triton pair is
-# defined below from kernels/attention.py's launchers).
+# defined below from fusedformer/kernels/attention.py's launchers).
 _OPS = {"cpp": ("attention_fwd", "attention_bwd"), "triton": ("triton_attention_fwd", "triton_attention_bwd")}
 
 
@@ -123,13 +123,25 @@ def _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale, dropout_
     return out, lse
 
 
+def _attention_fwd_fake_cpp(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=None):
+    """The C++ forward's output follows query's layout (csrc/cpu/attention.cpp, empty_attention_out):
+    ``(B, L, Hq, Ev)`` in memory, seen as ``(B, Hq, L, Ev)``, when query's heads are inside its rows (a
+    linear layer's output viewed as heads, as models make it; torch's CPU attention returns that layout
+    too), so that the caller's ``transpose(1, 2).contiguous()`` copies nothing; contiguous otherwise."""
+    out, lse = _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale, dropout_p, seed)
+    B, Hq, L, _ = query.shape
+    if Hq > 1 and L > 1 and query.stride(1) < query.stride(2):
+        out = query.new_empty((B, L, Hq, value.shape[-1])).transpose(1, 2)
+    return out, lse
+
+
 def _attention_bwd_fake(grad_out, query, key, value, out, logsumexp, attn_mask, is_causal, scale,
                         dropout_p=0.0, seed=None):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _register_cpp() -> None:
-    torch.library.register_fake("fusedformer::attention_fwd", _attention_fwd_fake)
+    torch.library.register_fake("fusedformer::attention_fwd", _attention_fwd_fake_cpp)
     torch.library.register_fake("fusedformer::attention_bwd", _attention_bwd_fake)
 
     @torch.library.register_fake("fusedformer::attention_dropout_mask")

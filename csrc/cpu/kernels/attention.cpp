@@ -605,15 +605,16 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
       }
       continue;
     }
-    In* out = static_cast<In*>(a.out) + (bh * a.L + i0) * Ev;
+    const int64_t os = a.out_strides[2];
+    In* out = static_cast<In*>(a.out) + (bh / a.Hq) * a.out_strides[0] + (bh % a.Hq) * a.out_strides[1] + i0 * os;
     for (int64_t i = 0; i < im; ++i) {
       lse[i] = l[i] > Acc(0) ? m[i] + std::log(l[i]) : std::numeric_limits<Acc>::infinity();
       // a row with no key to attend to outputs 0 (its O row is 0)
       const Acc li = l[i] > Acc(0) ? l[i] : Acc(1);
       const vec_t<Acc> lv = vbroadcast(li);
       int64_t e = 0;
-      for (; e + W <= Ev; e += W) store_lanes<In, Acc>(out + i * Ev + e, vload(o + i * ldo + e) / lv);
-      for (; e < Ev; ++e) out[i * Ev + e] = Elem<In>::store(o[i * ldo + e] / li);
+      for (; e + W <= Ev; e += W) store_lanes<In, Acc>(out + i * os + e, vload(o + i * ldo + e) / lv);
+      for (; e < Ev; ++e) out[i * os + e] = Elem<In>::store(o[i * ldo + e] / li);
     }
   }
   if (eng.release != nullptr) eng.release();
@@ -928,7 +929,7 @@ void attention_decode_merge_impl(const AttentionDecodeArgs& a, int64_t row_begin
     const int64_t first = (pair * n_rblocks + r / BM) * a.n_chunks, rr = r % BM;
     Acc mx = kNegInf<Acc>;
     for (int64_t c = 0; c < a.n_chunks; ++c) mx = std::max(mx, part_ml[((first + c) * BM + rr) * 2]);
-    In* o = out + row * Ev;
+    In* o = out + b * a.out_strides[0] + h * a.out_strides[1] + i * a.out_strides[2];
     if (mx == kNegInf<Acc>) {  // no key to attend to: 0, and an infinite logsumexp
       for (int64_t e = 0; e < Ev; ++e) o[e] = Elem<In>::store(Acc(0));
       lse[row] = std::numeric_limits<Acc>::infinity();

@@ -21,12 +21,13 @@ struct AttentionFwdArgs {
   const void* v;               // (B, Hk, S, Ev), strides v_strides
   const bool* mask_keep;       // (B, Hq, L, S), strides mask_strides; true = take part; or nullptr
   const void* mask_add;        // (B, Hq, L, S) in acc, strides mask_strides; added to the scaled scores; or nullptr
-  void* out;                   // (B, Hq, L, Ev) contiguous; not written when log_sum is given
+  void* out;                   // (B, Hq, L, Ev), strides out_strides (Ev contiguous); not written when log_sum is given
   void* lse;                   // (B, Hq, L) contiguous, acc: m + log l; +inf for a row with no key to attend to
   // (B, Hq, L) contiguous acc, or nullptr. When given, the call only recomputes the logsumexp, split in
   // two: lse = m, the row max, and log_sum = log l, for a backward that needs it exact (see there).
   void* log_sum;
   int64_t q_strides[3];        // batch, head, row
+  int64_t out_strides[3];      // batch, head, row of out
   int64_t k_strides[3];
   int64_t v_strides[3];
   int64_t mask_strides[4];     // batch, head, query, key
@@ -123,7 +124,8 @@ struct AttentionDecodeArgs {
   int64_t n_chunks;           // ceil(max key count / chunk)
   void* part_o;               // (B * Hk, row blocks, n_chunks, block_m, Ev) acc: unnormalised partials
   void* part_ml;              // (B * Hk, row blocks, n_chunks, block_m, 2) acc: their rows' max and sum
-  void* out;                  // (B, Hq, L, Ev) contiguous, dtype: written by the merge
+  void* out;                  // (B, Hq, L, Ev), strides out_strides (Ev contiguous), dtype: written by the merge
+  int64_t out_strides[3];     // batch, head, row of out
   void* lse;                  // (B, Hq, L) contiguous acc: m + log l, +inf for a row with no key
 };
 
