@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedformer as ff
 import fusedformer.nn as ffnn
-from fusedformer import backends
+from fusedformer import backends, handover
 from fusedformer.nn import attention as ff_attention
 
 D, H = 32, 4  # model width and heads of the small modules below
@@ -861,7 +861,9 @@ def test_layers_run_through_the_fused_ops(mode, norm_first):
         ops = _ops_of(run)
     else:
         f_enc.eval(), f_dec.eval()
-        with torch.no_grad():
+        # handover off: at these sizes a no-grad LayerNorm or GELU may go to torch's kernel where that
+        # measured faster on this machine (tests/test_handover.py); here the wiring to the fused ops is tested
+        with torch.no_grad(), handover.off():
             ops = _ops_of(run)
     fused = _fused_in_this_build()
     # built with these kernels: the test cannot pass vacuously

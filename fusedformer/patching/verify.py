@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from fusedformer import handover
 from fusedformer.patching.hf import transformers_module
 
 __all__ = ["VERIFY_TOLERANCES", "PatchVerificationError", "build_sample_inputs", "run", "padding", "compare"]
@@ -105,11 +106,12 @@ def tensors(out) -> list[torch.Tensor]:
 
 
 def run(model: nn.Module, inputs) -> list[torch.Tensor]:
-    """Runs ``model`` on ``inputs`` in eval mode without grad, restoring every module's training flag."""
+    """Runs ``model`` on ``inputs`` in eval mode without grad, restoring every module's training flag.
+    Small calls are not handed to torch (``fusedformer.handover.off``): the check is of the fused kernels."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), handover.off():
             if isinstance(inputs, dict):
                 out = model(**inputs)
             elif isinstance(inputs, (tuple, list)):
