@@ -10,7 +10,9 @@
 #include <cstdint>
 #include <cstring>
 
-#if FF_CPU_CAPABILITY_INDEX >= 2
+#include <type_traits>
+
+#if FF_CPU_CAPABILITY_INDEX >= 1
 #include <immintrin.h>
 #endif
 
@@ -84,8 +86,28 @@ inline T vmax_reduce(vec_t<T> v) {
   return m;
 }
 
+#if FF_CPU_CAPABILITY_INDEX == 1
+// AVX2: GCC (12) lowers comparisons and selects (a < b, c ? x : y) of 64-byte vectors lane by lane,
+// through scalar code and the stack, where the target's registers are 32 bytes wide; arithmetic it
+// splits into two ymm well. The hot float paths below therefore take their halves as __m256 and use
+// the AVX2 instructions themselves (same results lane for lane).
+inline __m256 vlo(vf v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+inline __m256 vhi(vf v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline vf vjoin(__m256 lo, __m256 hi) {  // through memory: GCC builds a shuffled join lane by lane
+  vf v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+}
+#endif
+
 template <typename T>
 inline vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
+#if FF_CPU_CAPABILITY_INDEX == 1
+  if constexpr (std::is_same_v<T, float>) {  // vmaxps(a, b) is a > b ? a : b, NaN included
+    return vjoin(_mm256_max_ps(vlo(a), vlo(b)), _mm256_max_ps(vhi(a), vhi(b)));
+  }
+#endif
   return a > b ? a : b;
 }
 
@@ -132,6 +154,13 @@ inline vf vexp2_nonpositive(vf t) {
 #if FF_CPU_CAPABILITY_INDEX >= 2
   const __m512 x = (__m512)t;
   const vf n = (vf)_mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif FF_CPU_CAPABILITY_INDEX == 1
+  // as below, on ymm halves (see vlo): vmaxps(-127, t) keeps a NaN t, vroundps rounds to nearest even
+  const __m256 lo = _mm256_set1_ps(-127.0f);
+  const __m256 t_lo = _mm256_max_ps(lo, vlo(t)), t_hi = _mm256_max_ps(lo, vhi(t));
+  t = vjoin(t_lo, t_hi);
+  const vf n = vjoin(_mm256_round_ps(t_lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                     _mm256_round_ps(t_hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
   const vf lo = vbroadcast(-127.0f);
   t = t < lo ? lo : t;                        // NaN stays NaN; -inf -> 2^-127, built as 0 below
@@ -158,6 +187,11 @@ inline vf vexp2_nonpositive(vf t) {
   // p 2^n, and 0 where t <= -126 (-inf included: there f and p are NaN); NaN t is kept
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLE_UQ);
   return (vf)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)n);
+#elif FF_CPU_CAPABILITY_INDEX == 1
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 lo2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(vlo(n)), bias), 23));
+  const __m256 hi2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(vhi(n)), bias), 23));
+  return p * vjoin(lo2, hi2);
 #else
   const vi32 bits = (__builtin_convertvector(n, vi32) + 127) << 23;
   return p * (vf)bits;
