@@ -98,7 +98,22 @@ inline vec_t<T> viota() {
 }
 
 // Horizontal max and sum by halving: log2(W) shuffles instead of W scalar steps.
-inline vf vhalf_max(vf v) {
+#if FF_CPU_CAPABILITY_INDEX == 1
+inline vf vhalf_max(vf v) {  // 8 lanes
+  v = vmax<float>(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = vmax<float>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+  v = vmax<float>(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+  return v;
+}
+inline float vhmax(vf v) { return vhalf_max(v)[0]; }
+inline float vhsum(vf v) {
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  return v[0];
+}
+#else
+inline vf vhalf_max(vf v) {  // 16 lanes
   v = vmax<float>(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
   v = vmax<float>(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
   v = vmax<float>(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
@@ -113,6 +128,7 @@ inline float vhsum(vf v) {
   v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   return v[0];
 }
+#endif
 inline double vhmax(vd v) { return vmax_reduce<double>(v); }
 inline double vhsum(vd v) { return vsum<double>(v); }
 
@@ -125,13 +141,14 @@ constexpr int kExpDegree = sizeof(Op) == 2 ? 4 : 6;
 // Register blocking, kRows broadcast rows x kVecs vectors, each with a chunk accumulator and a
 // running total, sized to the register file: a 64-byte Vec is one zmm with AVX-512 (32 registers:
 // 2 x 4 x 2 accumulators, 2 of B, 1 broadcast, room for the compiler) and four xmm in the baseline
-// build (16). float with AVX2 has its own kernel (micro_kernel_ymm below): 6 rows.
+// build (16); with AVX2 a Vec is one ymm (16 registers: 2 x 2 x 2, 2 of B, 1 broadcast). float with
+// AVX2 has its own kernel (micro_kernel_ymm below): 6 rows.
 #if FF_CPU_CAPABILITY_INDEX >= 2
 constexpr int kRows = 4;
 constexpr int kVecs = 2;
 #elif FF_CPU_CAPABILITY_INDEX == 1
 constexpr int kRows = 2;
-constexpr int kVecs = 1;
+constexpr int kVecs = 2;
 #else
 constexpr int kRows = 1;
 constexpr int kVecs = 1;
@@ -203,15 +220,14 @@ using MicroKernel = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, 
 
 #if FF_CPU_CAPABILITY_INDEX == 1
 // micro_kernel<float, R, NV> for AVX2, written with __m256: the same arithmetic in the same order (the
-// same bits), 2 NV ymm per row. GCC keeps arrays of 64-byte generic vectors in memory when the target's
-// registers are 32 bytes wide (spills, and lanes moved through general registers): the generic kernel
-// ran at ~20 GFLOP/s per core on an AMD EPYC (Zen 4 with AVX2 only), this one at ~65. Its chunk totals
-// live in C itself (c = chunk + c after each chunk), which frees the registers for 6 rows x 2 ymm of
-// accumulators: 12 independent FMA chains, enough to cover the FMA latency on two ports.
+// same bits). Its chunk totals live in C itself (c = chunk + c after each chunk), which frees the
+// registers for 6 rows x 2 ymm of accumulators: 12 independent FMA chains, enough to cover the FMA
+// latency on two ports (~65 GFLOP/s per core on an AMD EPYC, Zen 4 with AVX2 only, where the generic
+// kernel on 64-byte vectors, spilled by GCC, ran at ~20).
 template <int R, int NV>
 void micro_kernel_ymm(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                       bool accumulate, int64_t k_chunk) {
-  constexpr int NY = 2 * NV;
+  constexpr int NY = NV;
   int64_t k0 = 0;
   do {  // at least once: K = 0 still stores C
     const int64_t k1 = std::min(K, k0 + k_chunk);
@@ -310,31 +326,39 @@ constexpr int64_t kKeyAlign = 32;
 // narrow B.
 inline int64_t panel_width(const MatmulEngine&, int64_t N) { return std::min(kPanel, round_up(N, 16)); }
 
-// A 16 x 16 block of floats transposed in registers: four butterfly stages; at distance d, rows a and
-// a + d (a with bit d clear) trade the d-wide off-diagonal blocks of their 2d x 2d block. Each row of a
-// stage is one two-source permutation (vpermt2ps with AVX-512).
-__attribute__((always_inline)) inline void transpose16(vf r[16]) {
-#define FF_T_STAGE(d, LO, HI)                                                                        \
-  for (int a = 0; a < 16; ++a) {                                                                     \
+// A W x W block of floats (W = Vec<float>::kSize) transposed in registers: log2(W) butterfly stages;
+// at distance d, rows a and a + d (a with bit d clear) trade the d-wide off-diagonal blocks of their
+// 2d x 2d block. Each row of a stage is one two-source permutation (vpermt2ps with AVX-512).
+#define FF_T_STAGE(n, d, LO, HI)                                                                     \
+  for (int a = 0; a < n; ++a) {                                                                      \
     if (a & d) continue;                                                                             \
     const vf x = r[a], y = r[a + d];                                                                 \
     r[a] = __builtin_shufflevector(x, y, LO);                                                        \
     r[a + d] = __builtin_shufflevector(x, y, HI);                                                    \
   }
 #define FF_L(...) __VA_ARGS__
+#if FF_CPU_CAPABILITY_INDEX == 1
+__attribute__((always_inline)) inline void transpose_w(vf r[8]) {
+  FF_T_STAGE(8, 4, FF_L(0, 1, 2, 3, 8, 9, 10, 11), FF_L(4, 5, 6, 7, 12, 13, 14, 15))
+  FF_T_STAGE(8, 2, FF_L(0, 1, 8, 9, 4, 5, 12, 13), FF_L(2, 3, 10, 11, 6, 7, 14, 15))
+  FF_T_STAGE(8, 1, FF_L(0, 8, 2, 10, 4, 12, 6, 14), FF_L(1, 9, 3, 11, 5, 13, 7, 15))
+}
+#else
+__attribute__((always_inline)) inline void transpose_w(vf r[16]) {
   // row a: its columns k with bit d clear, then row a + d's columns k - d; row a + d: row a's
   // columns k + d, then its own columns k with bit d set
-  FF_T_STAGE(8, FF_L(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+  FF_T_STAGE(16, 8, FF_L(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
              FF_L(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
-  FF_T_STAGE(4, FF_L(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+  FF_T_STAGE(16, 4, FF_L(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
              FF_L(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
-  FF_T_STAGE(2, FF_L(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+  FF_T_STAGE(16, 2, FF_L(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
              FF_L(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
-  FF_T_STAGE(1, FF_L(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+  FF_T_STAGE(16, 1, FF_L(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
              FF_L(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+}
+#endif
 #undef FF_L
 #undef FF_T_STAGE
-}
 
 // Writes B (K x N), B[k][n] = src[k * rs + n * cs] converted to Op, as the engine's panels at dst:
 // panels of ldb columns (panel_width), panel p at dst + p * k_fill * ldb, rows [K, k_fill) and columns
@@ -354,17 +378,18 @@ void pack_b(const MatmulEngine& eng, int64_t K, int64_t N, const Src* src, int64
       }
     } else {  // a transpose: walk the source rows (src + n * cs), write the panel's columns
       if (nb < ldb) std::memset(static_cast<void*>(st), 0, K * ldb * sizeof(Op));
-      int64_t n16 = 0, k16 = 0;
+      int64_t n16 = 0, k16 = 0;  // the whole blocks' extent
       if constexpr (std::is_same_v<Op, float>) {
-        if (rs == 1) {  // whole 16 x 16 blocks in registers
-          n16 = nb / 16 * 16;
-          k16 = K / 16 * 16;
-          vf r[16];
-          for (int64_t n = 0; n < n16; n += 16) {
-            for (int64_t k = 0; k < k16; k += 16) {
-              for (int i = 0; i < 16; ++i) r[i] = load_lanes<Src, float>(src + (n0 + n + i) * cs + k);
-              transpose16(r);
-              for (int i = 0; i < 16; ++i) vstore(st + (k + i) * ldb + n, r[i]);
+        if (rs == 1) {  // whole W x W blocks in registers
+          constexpr int W = Vec<float>::kSize;
+          n16 = nb / W * W;
+          k16 = K / W * W;
+          vf r[W];
+          for (int64_t n = 0; n < n16; n += W) {
+            for (int64_t k = 0; k < k16; k += W) {
+              for (int i = 0; i < W; ++i) r[i] = load_lanes<Src, float>(src + (n0 + n + i) * cs + k);
+              transpose_w(r);
+              for (int i = 0; i < W; ++i) vstore(st + (k + i) * ldb + n, r[i]);
             }
           }
         }
@@ -416,7 +441,7 @@ inline vec_t<T> mask_bias(const bool* keep, const T* add, int64_t off, int64_t l
   if (keep != nullptr && lane_stride == 1 && n == W) {  // W bytes of bool, widened to lane masks
     typedef uint8_t bytes __attribute__((vector_size(W)));
     typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_int;
-    typedef lane_int lanes __attribute__((vector_size(64)));
+    typedef lane_int lanes __attribute__((vector_size(kVecBytes)));
     bytes kb;
     std::memcpy(&kb, keep + off, W);
     return __builtin_convertvector(kb, lanes) != 0 ? vec_t<T>{} : vbroadcast(kNegInf<T>);
@@ -435,13 +460,13 @@ template <typename T>
 struct DropoutLanes;
 template <>
 struct DropoutLanes<float> {
-  typedef uint32_t bits __attribute__((vector_size(64)));
-  typedef int32_t mask __attribute__((vector_size(64)));
+  typedef uint32_t bits __attribute__((vector_size(kVecBytes)));
+  typedef int32_t mask __attribute__((vector_size(kVecBytes)));
 };
 template <>
 struct DropoutLanes<double> {
-  typedef uint32_t bits __attribute__((vector_size(32)));
-  typedef int64_t mask __attribute__((vector_size(64)));
+  typedef uint32_t bits __attribute__((vector_size(kVecBytes / 2)));
+  typedef int64_t mask __attribute__((vector_size(kVecBytes)));
 };
 template <typename T>
 using dropout_bits_t = typename DropoutLanes<T>::bits;
@@ -712,8 +737,23 @@ inline void prefetch_rows(const T* p, int64_t rows, int64_t ld, int64_t n) {
   }
 }
 
-// 16 vectors in, one out whose lane t is the sum of a[t]'s lanes: a transposing tree of adds, 4 levels
-// of two-source shuffles (15 adds for 16 sums).
+// W vectors in, one out whose lane t is the sum of a[t]'s lanes: a transposing tree of adds, log2(W)
+// levels of two-source shuffles (W - 1 adds for W sums).
+#if FF_CPU_CAPABILITY_INDEX == 1
+inline vf vtranspose_sum(vf (&a)[8]) {
+  vf w[4], x[2];
+  for (int i = 0; i < 4; ++i) {
+    w[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  for (int i = 0; i < 2; ++i) {
+    x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(w[2 * i], w[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  }
+  return __builtin_shufflevector(x[0], x[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+#else
 inline vf vtranspose_sum(vf (&a)[16]) {
   vf u[8], w[4], x[2];
   for (int i = 0; i < 8; ++i) {
@@ -731,6 +771,7 @@ inline vf vtranspose_sum(vf (&a)[16]) {
   return __builtin_shufflevector(x[0], x[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+#endif
 
 // s[r * lds + j] = sum_e qs[r * ldq + e] k[j * ldk + e], r < rm, j < jn (lanes up to round_up(jn, W)
 // written, 0 past jn); qs holds ldq >= round_up(E, W) columns, zero past E. W keys at a time, two ways:
@@ -738,7 +779,7 @@ inline vf vtranspose_sum(vf (&a)[16]) {
 //   for double) into kt (E x W, in L1), then the micro-kernel's chunked sums (kSumChunk) over it: the
 //   very sums of the forward's and the backward's S, so the backward recomputes these scores bit for
 //   bit (a row with one key gets P = exp(s - lse) = 1 exactly there).
-// - bf16 and fp16 K: each key's products summed lane-wise (E / 16 terms a lane), then the 16 keys'
+// - bf16 and fp16 K: each key's products summed lane-wise (E / W terms a lane), then the W keys'
 //   lanes by vtranspose_sum, a pairwise tree that rounds no worse than the chunked sums, with no
 //   transposes: half the bytes per key leave less time to hide them in. The backward's S comes from
 //   the GEMM engine there, in another order whatever the forward does, and the 16-bit rounding of the
@@ -750,25 +791,25 @@ void decode_scores(int64_t rm, int64_t jn, int64_t E, const Acc* qs, int64_t ldq
   if constexpr (std::is_same_v<In, Acc> && std::is_same_v<Acc, float>) {
     // all jn <= kPanel keys transposed into kt (E x kPanel), then one micro-kernel pass: its blocks of
     // 2 vectors give each chunk two independent chains
-    for (int64_t j0 = 0; j0 < jn; j0 += 16) {
-      const int64_t nk = std::min<int64_t>(16, jn - j0);
+    for (int64_t j0 = 0; j0 < jn; j0 += W) {
+      const int64_t nk = std::min<int64_t>(W, jn - j0);
       const float* kb = k + j0 * ldk;
       prefetch_rows(kb + kDecodeAhead * ldk, nk, ldk, E);
-      vf r[16];
-      const int64_t E16 = nk == 16 ? E / 16 * 16 : 0;  // whole blocks: no lane or row checks
-      for (int64_t e0 = 0; e0 < E16; e0 += 16) {
+      vf r[W];
+      const int64_t E16 = nk == W ? E / W * W : 0;  // whole blocks: no lane or row checks
+      for (int64_t e0 = 0; e0 < E16; e0 += W) {
 #pragma GCC unroll 16
-        for (int t = 0; t < 16; ++t) r[t] = vload(kb + t * ldk + e0);
-        transpose16(r);
+        for (int t = 0; t < W; ++t) r[t] = vload(kb + t * ldk + e0);
+        transpose_w(r);
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) vstore(kt + (e0 + i) * kPanel + j0, r[i]);
+        for (int i = 0; i < W; ++i) vstore(kt + (e0 + i) * kPanel + j0, r[i]);
       }
-      for (int64_t e0 = E16; e0 < E; e0 += 16) {
-        const int64_t ne = std::min<int64_t>(16, E - e0);
-        for (int64_t t = 0; t < 16; ++t) {
-          r[t] = t >= nk ? vf{} : ne == 16 ? vload(kb + t * ldk + e0) : vload_partial(kb + t * ldk + e0, ne);
+      for (int64_t e0 = E16; e0 < E; e0 += W) {
+        const int64_t ne = std::min<int64_t>(W, E - e0);
+        for (int64_t t = 0; t < W; ++t) {
+          r[t] = t >= nk ? vf{} : ne == W ? vload(kb + t * ldk + e0) : vload_partial(kb + t * ldk + e0, ne);
         }
-        transpose16(r);
+        transpose_w(r);
         for (int64_t i = 0; i < ne; ++i) vstore(kt + (e0 + i) * kPanel + j0, r[i]);
       }
     }
@@ -782,13 +823,13 @@ void decode_scores(int64_t rm, int64_t jn, int64_t E, const Acc* qs, int64_t ldq
       const int64_t Ef = E / W * W;
       for (int64_t r = 0; r < rm; ++r) {
         const Acc* qr = qs + r * ldq;
-        vf acc[16];
-        for (int64_t t = 0; t < 16; ++t) {
+        vf acc[W];
+        for (int64_t t = 0; t < W; ++t) {
           acc[t] = vf{};
           if (t >= nk) continue;
           const In* kr = kb + t * ldk;
           int64_t e = 0;
-          for (; e < Ef; e += 16) acc[t] += vload(qr + e) * load_lanes<In, float>(kr + e);
+          for (; e < Ef; e += W) acc[t] += vload(qr + e) * load_lanes<In, float>(kr + e);
           if (e < E) acc[t] += vload(qr + e) * load_lanes_partial<In, float>(kr + e, E - e);
         }
         vstore(s + r * lds + j0, vtranspose_sum(acc));

@@ -103,8 +103,8 @@ inline void convert_row(Dst* dst, const Src* src, int64_t n) {
 // W lanes stored as Op: bf16 rounded to nearest even, NaN kept NaN, by one instruction where the build
 // has AVX512-BF16 (vcvtneps2bf16, which also flushes float32 denormals, |x| < 2^-126, to ±0; the other
 // builds round them like Elem<bf16_t>::store); fp16 by the AVX-512 conversion.
-typedef uint32_t vu32 __attribute__((vector_size(64)));
-typedef uint16_t vu16 __attribute__((vector_size(32)));
+typedef uint32_t vu32 __attribute__((vector_size(kVecBytes)));
+typedef uint16_t vu16 __attribute__((vector_size(kVecBytes / 2)));
 
 template <typename Op, typename Acc>
 inline void store_lanes(Op* dst, vec_t<Acc> x) {
@@ -124,6 +124,9 @@ inline void store_lanes(Op* dst, vec_t<Acc> x) {
   } else if constexpr (std::is_same_v<Op, fp16_t>) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
                         _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif FF_CPU_CAPABILITY_INDEX == 1  // F16C
+  } else if constexpr (std::is_same_v<Op, fp16_t> && std::is_same_v<Acc, float>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #endif
   } else {
     for (int i = 0; i < Vec<Acc>::kSize; ++i) dst[i] = Elem<Op>::store(x[i]);
@@ -147,6 +150,13 @@ inline vec_t<Acc> load_lanes(const In* src) {
   } else {
 #if FF_CPU_CAPABILITY_INDEX >= 2
     return (vec_t<Acc>)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+#elif FF_CPU_CAPABILITY_INDEX == 1  // F16C
+    if constexpr (std::is_same_v<Acc, float>) {
+      return (vec_t<Acc>)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    }
+    vec_t<Acc> v;
+    for (int i = 0; i < Vec<Acc>::kSize; ++i) v[i] = Elem<In>::load(src[i]);
+    return v;
 #else
     vec_t<Acc> v;
     for (int i = 0; i < Vec<Acc>::kSize; ++i) v[i] = Elem<In>::load(src[i]);

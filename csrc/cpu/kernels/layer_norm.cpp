@@ -80,7 +80,7 @@ struct RowDropout {
         threshold(dropout_threshold(a.dropout_p)),
         scale(1.0 / (1.0 - a.dropout_p)) {}
 
-  // float: the 16 lanes' bits hashed as one vector of uint32 (two multiplies and three shift-xors per
+  // float: the W lanes' bits hashed as one vector of uint32 (two multiplies and three shift-xors per
   // fmix32, vectorised); lanes past n are hashed too and multiply the zero padding. float64 (there for
   // accuracy, not speed): lane by lane.
   // NOTE [2026-12-02] the float64 mask is built in an array, not by assigning vector lanes in the loop:
@@ -89,9 +89,11 @@ struct RowDropout {
   template <typename A>
   vec_t<A> lanes(int64_t c, int64_t n) const {
     if constexpr (std::is_same_v<A, float>) {
-      typedef uint32_t bits_t __attribute__((vector_size(64)));
-      typedef int32_t mask_t __attribute__((vector_size(64)));
-      const bits_t j = bits_t{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + static_cast<uint32_t>(c);
+      typedef uint32_t bits_t __attribute__((vector_size(kVecBytes)));
+      typedef int32_t mask_t __attribute__((vector_size(kVecBytes)));
+      bits_t iota;
+      for (int i = 0; i < Vec<float>::kSize; ++i) iota[i] = static_cast<uint32_t>(i);  // folded to a constant
+      const bits_t j = iota + static_cast<uint32_t>(c);
       const bits_t u = dropout_bits<bits_t>(bits_t{} + row_hash, dropout_col_hash<bits_t>(keys, j));
       const mask_t keep = __builtin_convertvector(u >= bits_t{} + threshold, mask_t);
       return keep ? vbroadcast(static_cast<float>(scale)) : vec_t<float>{};

@@ -1,9 +1,12 @@
-// Portable SIMD for the kernel bodies: GCC vector extensions, 64 bytes wide.
+// Portable SIMD for the kernel bodies: GCC vector extensions, as wide as the build's registers.
 //
-// Each kernel source is compiled three times (setup.py): with AVX-512 a Vec is one zmm register, with
-// AVX2 two ymm, with the baseline four xmm; the compiler splits the operations, so one source serves
-// all three. Float math functions are polynomial (vectorised, as ATen's Vectorized<float>); double
-// ones call libm lane by lane, since float64 is there for accuracy, not speed.
+// Each kernel source is compiled once per capability (setup.py): with AVX-512 a Vec is one zmm (64
+// bytes), with AVX2 one ymm (32 bytes), in the baseline build 64 bytes that the compiler splits into
+// four xmm. A Vec is never wider than the registers where it matters: GCC (12) keeps wider generic
+// vectors in memory and lowers their comparisons and selects lane by lane through scalar code (the
+// AVX2 build ran its softmax 3-4x slower that way). Code that needs a lane count reads Vec<T>::kSize.
+// Float math functions are polynomial (vectorised, as ATen's Vectorized<float>); double ones call libm
+// lane by lane, since float64 is there for accuracy, not speed.
 #pragma once
 
 #include <cmath>
@@ -11,6 +14,7 @@
 #include <cstring>
 
 #include <type_traits>
+#include <utility>
 
 #if FF_CPU_CAPABILITY_INDEX >= 1
 #include <immintrin.h>
@@ -20,11 +24,18 @@ namespace fusedformer {
 namespace cpu {
 namespace FF_CPU_CAPABILITY {
 
+// The bytes of one Vec in this build.
+#if FF_CPU_CAPABILITY_INDEX == 1
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 64;
+#endif
+
 template <typename T>
 struct Vec {
-  static constexpr int kSize = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
-  typedef T unaligned_type __attribute__((vector_size(64), aligned(sizeof(T))));
+  static constexpr int kSize = kVecBytes / sizeof(T);
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  typedef T unaligned_type __attribute__((vector_size(kVecBytes), aligned(sizeof(T))));
 };
 
 template <typename T>
@@ -32,8 +43,8 @@ using vec_t = typename Vec<T>::type;
 
 using vf = vec_t<float>;
 using vd = vec_t<double>;
-typedef int32_t vi32 __attribute__((vector_size(64)));
-typedef int64_t vi64 __attribute__((vector_size(64)));
+typedef int32_t vi32 __attribute__((vector_size(kVecBytes)));
+typedef int64_t vi64 __attribute__((vector_size(kVecBytes)));
 
 template <typename T>
 inline vec_t<T> vload(const T* p) {
@@ -62,14 +73,13 @@ inline void vstore_partial(T* p, vec_t<T> v, int64_t n) {
 
 // A splat: an initialiser of equal lanes, which the compiler emits as one broadcast (vec_t<T>{} + x
 // would cost an add, since 0 + x is not x for x = -0).
+template <typename T, size_t... I>
+inline vec_t<T> vsplat(T x, std::index_sequence<I...>) {
+  return vec_t<T>{((void)I, x)...};
+}
 template <typename T>
 inline vec_t<T> vbroadcast(T x) {
-  static_assert(Vec<T>::kSize == 16 || Vec<T>::kSize == 8, "a 64-byte vector of 4- or 8-byte lanes");
-  if constexpr (Vec<T>::kSize == 16) {
-    return vec_t<T>{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-  } else {
-    return vec_t<T>{x, x, x, x, x, x, x, x};
-  }
+  return vsplat<T>(x, std::make_index_sequence<Vec<T>::kSize>{});
 }
 
 template <typename T>
@@ -86,28 +96,8 @@ inline T vmax_reduce(vec_t<T> v) {
   return m;
 }
 
-#if FF_CPU_CAPABILITY_INDEX == 1
-// AVX2: GCC (12) lowers comparisons and selects (a < b, c ? x : y) of 64-byte vectors lane by lane,
-// through scalar code and the stack, where the target's registers are 32 bytes wide; arithmetic it
-// splits into two ymm well. The hot float paths below therefore take their halves as __m256 and use
-// the AVX2 instructions themselves (same results lane for lane).
-inline __m256 vlo(vf v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
-inline __m256 vhi(vf v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
-inline vf vjoin(__m256 lo, __m256 hi) {  // through memory: GCC builds a shuffled join lane by lane
-  vf v;
-  std::memcpy(&v, &lo, 32);
-  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
-}
-#endif
-
 template <typename T>
 inline vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
-#if FF_CPU_CAPABILITY_INDEX == 1
-  if constexpr (std::is_same_v<T, float>) {  // vmaxps(a, b) is a > b ? a : b, NaN included
-    return vjoin(_mm256_max_ps(vlo(a), vlo(b)), _mm256_max_ps(vhi(a), vhi(b)));
-  }
-#endif
   return a > b ? a : b;
 }
 
@@ -154,13 +144,6 @@ inline vf vexp2_nonpositive(vf t) {
 #if FF_CPU_CAPABILITY_INDEX >= 2
   const __m512 x = (__m512)t;
   const vf n = (vf)_mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#elif FF_CPU_CAPABILITY_INDEX == 1
-  // as below, on ymm halves (see vlo): vmaxps(-127, t) keeps a NaN t, vroundps rounds to nearest even
-  const __m256 lo = _mm256_set1_ps(-127.0f);
-  const __m256 t_lo = _mm256_max_ps(lo, vlo(t)), t_hi = _mm256_max_ps(lo, vhi(t));
-  t = vjoin(t_lo, t_hi);
-  const vf n = vjoin(_mm256_round_ps(t_lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                     _mm256_round_ps(t_hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
   const vf lo = vbroadcast(-127.0f);
   t = t < lo ? lo : t;                        // NaN stays NaN; -inf -> 2^-127, built as 0 below
@@ -187,11 +170,6 @@ inline vf vexp2_nonpositive(vf t) {
   // p 2^n, and 0 where t <= -126 (-inf included: there f and p are NaN); NaN t is kept
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLE_UQ);
   return (vf)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)n);
-#elif FF_CPU_CAPABILITY_INDEX == 1
-  const __m256i bias = _mm256_set1_epi32(127);
-  const __m256 lo2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(vlo(n)), bias), 23));
-  const __m256 hi2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(vhi(n)), bias), 23));
-  return p * vjoin(lo2, hi2);
 #else
   const vi32 bits = (__builtin_convertvector(n, vi32) + 127) << 23;
   return p * (vf)bits;
