@@ -1,8 +1,8 @@
 // bf16 and fp16 in the kernel bodies: storage types, conversions to and from the accumulation type
-// (float32; float64 for float64 tensors), and 64-byte vectors of them, so that a kernel reads and
+// (float32; float64 for float64 tensors), and Vecs of them (vec.h), so that a kernel reads and
 // writes half tensors in their own dtype and converts a vector at a time, never a whole tensor.
 // Compiled per CPU capability (the enclosing namespace), like vec.h: where the build has AVX-512 a
-// conversion is one or two instructions (vcvtneps2bf16 with AVX512-BF16).
+// conversion is one or two instructions (vcvtneps2bf16 with AVX512-BF16; F16C for fp16 with AVX2).
 #pragma once
 
 #include <cstdint>
