@@ -17,11 +17,15 @@ TORCH_LIBRARY(fusedformer, m) {
   // a pure function of (seed, b, h, i, j) (see attention_dropout_mask), kept ones scaled by 1 / (1 - p).
   // seed: a one-element int64 CPU tensor (a tensor, not an int, so that it can be drawn inside a
   // torch.compile'd graph), needed when dropout_p > 0 and not read otherwise.
+  // inference: no backward will be taken through this call (the public function passes True when no
+  // input needs a gradient). The CPU kernels may then sum the scores in the product engine's own order
+  // (faster), not the one the backward repeats bit for bit; a backward through such a call raises.
   // Returns out (B, Hq, L, Ev) in query's dtype and logsumexp (B, Hq, L) in float32 (+inf where a
   // row has no key to attend to), that of the un-dropped probabilities.
   m.def(
       "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, "
-      "float scale, float dropout_p=0.0, Tensor? seed=None) -> (Tensor out, Tensor logsumexp)");
+      "float scale, float dropout_p=0.0, Tensor? seed=None, bool inference=False) "
+      "-> (Tensor out, Tensor logsumexp)");
   // Returns grad_query, grad_key, grad_value shaped as query, key, value. dropout_p and seed as given to
   // attention_fwd: the backward draws the same mask again.
   m.def(
@@ -154,6 +158,13 @@ pybind11::dict attention_engine(const std::string& dtype, bool measure) {
   d["candidates"] = r.candidates;
   d["timings_ms"] = timings;
   d["native_up_to"] = r.native_up_to;
+  d["inference"] = r.infer;
+  pybind11::dict infer_timings;
+  for (size_t i = 0; i < r.candidates.size() && i < r.infer_ms.size(); ++i) {
+    infer_timings[r.candidates[i].c_str()] = r.infer_ms[i];
+  }
+  d["inference_ms"] = infer_timings;
+  d["inference_native_up_to"] = r.infer_native_up_to;
   return d;
 }
 
@@ -173,7 +184,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_capability", &set_cpu_capability, "Run the CPU kernels built for this capability.");
   m.def("attention_engine", &attention_engine, pybind11::arg("dtype"), pybind11::arg("measure") = true,
         "The engine of CPU attention's tile products for a dtype name, forward and backward: "
-        "{'fwd', 'bwd', 'how', 'candidates', 'timings_ms': {engine: (fwd_ms, bwd_ms)}}. Measures the "
+        "{'fwd', 'bwd', 'how', 'candidates', 'timings_ms': {engine: (fwd_ms, bwd_ms)}, 'native_up_to', "
+        "'inference', 'inference_ms': {engine: ms}, 'inference_native_up_to'} ('inference': the engine of "
+        "forwards that no backward follows, whose scores may take the engine's own sums). Measures the "
         "candidates on first use; with measure=False, fwd and bwd are '' until something has (the "
         "measurement starts torch's thread pool, which a process that forks later must not have).");
   m.def("set_attention_engine", &set_attention_engine,

@@ -294,7 +294,12 @@ def _detail(request: Request, backend: str) -> str:
         return f"tile products on the fastest of {', '.join(info['candidates'])}, measured at first use"
     small = info.get("native_up_to", 0)
     tail = f"; calls of at most {small} scores per head (L x S) on native, the measured crossover" if small else ""
-    return f"tile products on {info['fwd']} ({info['how']}){tail}"
+    text = f"tile products on {info['fwd']} ({info['how']}){tail}"
+    if request.op == "attention":  # varlen's forward always sums its scores the backward's way
+        small = info.get("inference_native_up_to", 0)
+        tail = f", at most {small} scores per head on native" if small else ""
+        text += f"; a forward with no input needing a gradient: {info['inference']}, scores in its own sums{tail}"
+    return text
 
 
 def explain_request(request: Request) -> Explanation:

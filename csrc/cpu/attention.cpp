@@ -197,9 +197,10 @@ int64_t read_seed(const char* op, const std::optional<at::Tensor>& seed, double 
 // Fills out (dtype) and lse (acc); or, given log_sum, only lse = m and log_sum = log l. Needs L, S > 0.
 void run_fwd(const MatmulEngine* engine, const Dims& d, const at::Tensor& q, const at::Tensor& k,
              const at::Tensor& v, const at::Tensor& mask, bool is_causal, double scale, double dropout_p,
-             int64_t seed, at::Tensor& out, at::Tensor& lse, at::Tensor& log_sum) {
+             int64_t seed, at::Tensor& out, at::Tensor& lse, at::Tensor& log_sum, bool inference = false) {
   AttentionFwdArgs a{};
   set_common(a, d, engine, q, k, v, mask, is_causal, scale, dropout_p, seed);
+  a.inference = inference && !log_sum.defined();
   a.out = log_sum.defined() ? nullptr : out.data_ptr();
   for (int i = 0; i < 3; ++i) a.out_strides[i] = out.defined() ? out.stride(i) : 0;
   a.lse = lse.data_ptr();
@@ -337,6 +338,11 @@ struct Calibration {
   // more than it saves on small tiles. Measured at calibration (the crossover of native against the
   // chosen engine at L = S = 16, 32, 64, 128); 0 when the engine was forced or native won anyway.
   int64_t native_up_to = 0;
+  // Inference forwards (no backward recomputes their scores, so S may take the engine's own sums, see
+  // AttentionFwdArgs::inference) choose apart: the fastest forward alone, and its own crossover.
+  EngineKind infer = EngineKind::kNative;
+  std::vector<double> infer_ms;  // per candidate, as fwd_ms
+  int64_t infer_native_up_to = 0;
 };
 
 constexpr int kNumScalars = 4;
@@ -411,6 +417,8 @@ Calibration measure(Scalar dtype, at::ScalarType st) {
     c.fwd_ms.push_back(best_ms([&] { run_fwd(e, d, q, k, v, mask, false, scale, 0.0, 0, out, lse, none); }, 3));
     c.bwd_ms.push_back(best_ms(
         [&] { run_bwd(e, d, go, q, k, v, out, lse, none, mask, false, scale, 0.0, 0, gk, gv); }, 3));
+    c.infer_ms.push_back(
+        best_ms([&] { run_fwd(e, d, q, k, v, mask, false, scale, 0.0, 0, out, lse, none, true); }, 3));
   }
   // One engine for both directions: the backward recomputes the forward's scores, and the same
   // engine rounds them the same way (a row with one key then gets P = 1 exactly, as in the forward).
@@ -419,13 +427,20 @@ Calibration measure(Scalar dtype, at::ScalarType st) {
     if (c.fwd_ms[i] + c.bwd_ms[i] < c.fwd_ms[best] + c.bwd_ms[best]) best = i;
   }
   c.fwd = c.bwd = c.kinds[best];
+  size_t best_infer = 0;
+  for (size_t i = 1; i < c.kinds.size(); ++i) {
+    if (c.infer_ms[i] < c.infer_ms[best_infer]) best_infer = i;
+  }
+  c.infer = c.kinds[best_infer];
   c.how = "measured";
-  const MatmulEngine* chosen = matmul_engine(dtype, c.fwd);
   const MatmulEngine* native = matmul_engine(dtype, EngineKind::kNative);
-  if (c.fwd != EngineKind::kNative && native != nullptr) {
-    // the small-problem crossover: the largest n (of those timed, from the smallest up) at which native
-    // runs one forward and backward of L = S = n faster than the chosen engine; fwd and bwd both, so that
-    // a call and its backward take the same engine (see above)
+  // The small-problem crossover of an engine: the largest n*n (of n timed, from the smallest up) at which
+  // native runs L = S = n faster; timed on a forward and its backward (both, so that a call and its
+  // backward take the same engine, see above), or for inference on the inference forward alone.
+  auto crossover = [&](EngineKind kind, bool inference) {
+    int64_t up_to = 0;
+    if (kind == EngineKind::kNative || native == nullptr) return up_to;
+    const MatmulEngine* chosen = matmul_engine(dtype, kind);
     for (int64_t n : {16, 32, 64, 128}) {
       const Dims dn{1, H, H, n, n, 64, 64};
       at::Tensor qn = q.narrow(2, 0, n), kn = k.narrow(2, 0, n), vn = v.narrow(2, 0, n);
@@ -433,14 +448,20 @@ Calibration measure(Scalar dtype, at::ScalarType st) {
       at::Tensor gkn = gk.narrow(2, 0, n).contiguous(), gvn = gv.narrow(2, 0, n).contiguous();
       qn = qn.contiguous(), kn = kn.contiguous(), vn = vn.contiguous(), gon = gon.contiguous();
       auto time_of = [&](const MatmulEngine* e) {
-        return best_ms([&] { run_fwd(e, dn, qn, kn, vn, mask, false, scale, 0.0, 0, outn, lsen, none); }, 5) +
-               best_ms([&] { run_bwd(e, dn, gon, qn, kn, vn, outn, lsen, none, mask, false, scale, 0.0, 0, gkn, gvn); },
-                       5);
+        const double fwd = best_ms(
+            [&] { run_fwd(e, dn, qn, kn, vn, mask, false, scale, 0.0, 0, outn, lsen, none, inference); }, 5);
+        if (inference) return fwd;
+        return fwd + best_ms(
+                         [&] { run_bwd(e, dn, gon, qn, kn, vn, outn, lsen, none, mask, false, scale, 0.0, 0, gkn, gvn); },
+                         5);
       };
       if (time_of(native) >= time_of(chosen)) break;
-      c.native_up_to = n * n;
+      up_to = n * n;
     }
-  }
+    return up_to;
+  };
+  c.native_up_to = crossover(c.fwd, false);
+  c.infer_native_up_to = crossover(c.infer, true);
   return c;
 }
 
@@ -454,10 +475,12 @@ const Calibration& calibration(Scalar dtype, at::ScalarType st) {
   if (!s.forced.empty() && s.forced != "auto") {
     TORCH_INTERNAL_ASSERT(forced_kind(dtype, s.forced, kind));
     s.result = Calibration{kind, kind, "set by set_attention_engine", {kind}, {}, {}};
+    s.result.infer = kind;
   } else if (s.forced.empty() && !env_name.empty() && env_name != "auto") {
     TORCH_CHECK(forced_kind(dtype, env_name, kind), "fusedformer: FUSEDFORMER_CPU_MATMUL='", env_name,
                 "' names no engine; expected native, brgemm-f32, brgemm or auto");
     s.result = Calibration{kind, kind, "set by FUSEDFORMER_CPU_MATMUL", {kind}, {}, {}};
+    s.result.infer = kind;
   } else {
     s.result = measure(dtype, st);
   }
@@ -468,12 +491,14 @@ const Calibration& calibration(Scalar dtype, at::ScalarType st) {
 // The engines for a call: the calibrated ones, unless the machine changed its mind since (a packed
 // engine needs oneDNN, which torch.backends.mkldnn.enabled = False turns off).
 // scores_per_head: L x S of the call (a forward and its backward pass the same), for the small-problem
-// crossover (Calibration::native_up_to); 0 where it does not apply.
-const MatmulEngine* engine_for(at::ScalarType st, bool backward, int64_t scores_per_head = 0) {
+// crossover (Calibration::native_up_to); 0 where it does not apply. inference: a forward that no
+// backward follows (Calibration::infer).
+const MatmulEngine* engine_for(at::ScalarType st, bool backward, int64_t scores_per_head = 0, bool inference = false) {
   const Scalar dtype = scalar_of(st);
   const Calibration& c = calibration(dtype, st);
-  const MatmulEngine* e = matmul_engine(dtype, backward ? c.bwd : c.fwd);
-  if (e == nullptr || (scores_per_head > 0 && scores_per_head <= c.native_up_to)) {
+  const MatmulEngine* e = matmul_engine(dtype, inference ? c.infer : backward ? c.bwd : c.fwd);
+  const int64_t native_up_to = inference ? c.infer_native_up_to : c.native_up_to;
+  if (e == nullptr || (scores_per_head > 0 && scores_per_head <= native_up_to)) {
     return matmul_engine(dtype, EngineKind::kNative);
   }
   return e;
@@ -494,7 +519,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
                                                      const at::Tensor& value,
                                                      const std::optional<at::Tensor>& attn_mask,
                                                      bool is_causal, double scale, double dropout_p,
-                                                     const std::optional<at::Tensor>& seed_tensor) {
+                                                     const std::optional<at::Tensor>& seed_tensor,
+                                                     bool inference) {
   const char* op = "fusedformer::attention_fwd";
   const Dims d = check_qkv(op, query, key, value);
   TORCH_CHECK(std::isfinite(scale), op, ": expected a finite scale, got ", scale);
@@ -514,8 +540,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
     if (decode_shaped(d, dropout_p)) {
       run_decode(d, q, k, v, mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse);
     } else {
-      run_fwd(engine_for(query.scalar_type(), false, d.L * d.S), d, q, k, v, mask, is_causal, scale, dropout_p, seed, out,
-              lse, no_split);
+      run_fwd(engine_for(query.scalar_type(), false, d.L * d.S, inference), d, q, k, v, mask, is_causal, scale,
+              dropout_p, seed, out, lse, no_split, inference);
     }
   }
   return {out, lse.to(at::kFloat)};
@@ -610,8 +636,8 @@ void attention_fwd_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::
   if (decode_shaped(d, 0.0)) {
     run_decode(d, q, k, v, no_mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse);
   } else {
-    run_fwd(engine_for(q.scalar_type(), false, d.L * d.S), d, q, k, v, no_mask, is_causal, scale, 0.0, 0, out, lse,
-            no_split);
+    run_fwd(engine_for(q.scalar_type(), false, d.L * d.S, true), d, q, k, v, no_mask, is_causal, scale, 0.0, 0, out,
+            lse, no_split, true);
   }
 }
 
@@ -635,6 +661,9 @@ EngineReport attention_engine_report(at::ScalarType dtype, bool measure) {
   r.fwd_ms = c.fwd_ms;
   r.bwd_ms = c.bwd_ms;
   r.native_up_to = c.native_up_to;
+  r.infer = matmul_engine(s, c.infer)->name;
+  r.infer_ms = c.infer_ms;
+  r.infer_native_up_to = c.infer_native_up_to;
   return r;
 }
 

@@ -19,6 +19,11 @@ struct EngineReport {
   std::vector<std::string> candidates;
   std::vector<double> fwd_ms, bwd_ms;  // per candidate; empty when not measured
   int64_t native_up_to = 0;  // calls with L x S <= this run on the native micro-kernel (measured crossover)
+  // Inference forwards (no backward follows; their scores may take the engine's own sums): the engine,
+  // its time per candidate, and its own small-problem crossover.
+  std::string infer;
+  std::vector<double> infer_ms;
+  int64_t infer_native_up_to = 0;
 };
 
 // The decode kernel (kernels/attention.h, AttentionDecodeArgs) on 4-d tensors with contiguous rows:
@@ -29,8 +34,9 @@ void attention_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                           int causal, const at::Tensor& seq_lens, int64_t max_keys, double scale, at::Tensor& out,
                           at::Tensor& lse);
 
-// attention_fwd's kernels (no mask, no dropout) on 4-d tensors with contiguous rows, S > 0: fills out
-// (B, Hq, L, Ev) in q's dtype and lse (B, Hq, L) in the accumulation dtype. causal is top-left.
+// attention_fwd's kernels (no mask, no dropout) on 4-d tensors with contiguous rows, S > 0, for
+// inference (no backward recomputes the scores): fills out (B, Hq, L, Ev) in q's dtype and lse
+// (B, Hq, L) in the accumulation dtype. causal is top-left.
 void attention_fwd_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal,
                             double scale, at::Tensor& out, at::Tensor& lse);
 

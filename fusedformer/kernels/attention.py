@@ -949,6 +949,7 @@ def attention_forward(
     scale: float,
     dropout_p: float = 0.0,  # dropout on the probabilities, the C++ kernels' mask for this seed
     seed: torch.Tensor | None = None,  # () or (1,) int64, any device; needed when dropout_p > 0
+    inference: bool = False,  # the op family's flag (no backward follows); these kernels sum S one way
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, Hq, L, Ev) in query's dtype; logsumexp (B, Hq, L) float32
     """FlashAttention-2 forward; see the module docstring for the semantics."""
     _check(query, key, value, attn_mask)

@@ -38,9 +38,10 @@ def attention_fwd(
     scale: float,
     dropout_p: float = 0.0,  # dropout on the probabilities, the mask drawn from seed (attention_dropout_mask)
     seed: torch.Tensor | None = None,  # () or (1,) int64 on the CPU; needed when dropout_p > 0
+    inference: bool = False,  # no backward follows: the scores may take the product engine's own sums
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, Hq, L, Ev), logsumexp (B, Hq, L) float32
     return torch.ops.fusedformer.attention_fwd.default(
-        query, key, value, attn_mask, is_causal, scale, dropout_p, seed
+        query, key, value, attn_mask, is_causal, scale, dropout_p, seed, inference
     )
 
 
@@ -75,9 +76,11 @@ def attention_dropout_mask(
 
 # Both backends' op pairs share these schemas (csrc/fusedformer.cpp spells out the cpp pair's): seed is a
 # tensor so that the public function can draw it inside a torch.compile'd graph.
+# inference=True: no backward will be taken through the call, so the CPU kernels may sum the scores in
+# their product engine's own order, not the one the backward repeats (the Triton kernels ignore it).
 _FWD_SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale, "
-    "float dropout_p=0.0, Tensor? seed=None) -> (Tensor out, Tensor logsumexp)"
+    "float dropout_p=0.0, Tensor? seed=None, bool inference=False) -> (Tensor out, Tensor logsumexp)"
 )
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor logsumexp, "
@@ -93,15 +96,22 @@ def _register_autograd(backend: str) -> None:
     fwd_name, bwd_name = _OPS[backend]
 
     def _setup_context(ctx, inputs, output):
-        query, key, value, attn_mask, is_causal, scale, dropout_p, seed = inputs  # defaults filled in
+        query, key, value, attn_mask, is_causal, scale, dropout_p, seed, inference = inputs  # defaults filled in
         out, lse = output
         ctx.mark_non_differentiable(lse)  # saved for the backward; the public function never returns it
         ctx.save_for_backward(query, key, value, out, lse, attn_mask, seed)
         ctx.is_causal = is_causal
         ctx.scale = scale
         ctx.dropout_p = dropout_p
+        ctx.inference = inference
 
     def _backward(ctx, grad_out, grad_lse):
+        if ctx.inference:
+            raise RuntimeError(
+                f"fusedformer::{fwd_name} was called with inference=True, which promises that no backward "
+                "follows (its scores may be summed in another order than the backward's): call it with "
+                "inference=False to differentiate through it"
+            )
         query, key, value, out, lse, attn_mask, seed = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
@@ -109,13 +119,13 @@ def _register_autograd(backend: str) -> None:
         dq, dk, dv = bwd(
             grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed
         )
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
     torch.library.register_autograd(f"fusedformer::{fwd_name}", _backward, setup_context=_setup_context)
     backends.forbid_double_backward(f"fusedformer::{bwd_name}")
 
 
-def _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=None):
+def _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=None, inference=False):
     B, Hq, L, _ = query.shape
     Ev = value.shape[-1]
     out = query.new_empty((B, Hq, L, Ev))
@@ -123,7 +133,8 @@ def _attention_fwd_fake(query, key, value, attn_mask, is_causal, scale, dropout_
     return out, lse
 
 
-def _attention_fwd_fake_cpp(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=None):
+def _attention_fwd_fake_cpp(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=None,
+                            inference=False):
     """The C++ forward's output follows query's layout (csrc/cpu/attention.cpp, empty_attention_out):
     ``(B, L, Hq, Ev)`` in memory, seen as ``(B, Hq, L, Ev)``, when query's heads are inside its rows (a
     linear layer's output viewed as heads, as models make it; torch's CPU attention returns that layout
@@ -217,14 +228,15 @@ def _attention_dims(query, key, value) -> list[int]:
 
 
 @sharding.rules("attention_fwd", "triton_attention_fwd")
-def _attention_fwd_rules(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=None):
+def _attention_fwd_rules(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, seed=None,
+                         inference=False):
     from torch.distributed.tensor import Replicate, Shard
 
     seed_p = Replicate() if seed is not None else None  # see _shard_dropout_seed
-    layouts = [sharding.replicated(2, 8, (query, key, value, attn_mask, None, None, None, seed))]
+    layouts = [sharding.replicated(2, 9, (query, key, value, attn_mask, None, None, None, seed, None))]
     for d in _attention_dims(query, key, value):
         S = Shard(d)
-        layouts.append(([S, S], [S, S, S, _mask_placement(attn_mask, d), None, None, None, seed_p]))
+        layouts.append(([S, S], [S, S, S, _mask_placement(attn_mask, d), None, None, None, seed_p, None]))
     return layouts
 
 
@@ -485,5 +497,7 @@ def scaled_dot_product_attention(
     seed = _dropout_seed() if dropout_p > 0.0 else None
     if seed is not None and _is_dtensor(q4):
         seed = _shard_dropout_seed(seed, q4, k4, v4)
-    out, _ = backends.call(fwd, q4, k4, v4, mask4, bool(is_causal), scale_value, float(dropout_p), seed)
+    # no input needs a gradient: no backward follows, and the CPU kernels may sum the scores their faster way
+    inference = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q4, k4, v4)))
+    out, _ = backends.call(fwd, q4, k4, v4, mask4, bool(is_causal), scale_value, float(dropout_p), seed, inference)
     return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])

@@ -44,6 +44,10 @@ struct AttentionFwdArgs {
   // Added to b * Hq + h in the dropout key (0 for attention_fwd): a caller that runs a slice of a
   // larger problem (varlen: one packed sequence's heads) keeps the slice's mask that of the whole.
   int64_t dropout_bh_offset;
+  // No backward will recompute these scores (inference): S = Q K^T may take the engine's own sums,
+  // one chain per element on oneDNN (faster), instead of the chunked sums that the backward repeats
+  // bit for bit (kSumChunk in attention.cpp). float64 keeps the chunked sums.
+  bool inference;
 };
 
 // Each call runs tasks [task_begin, task_end) of B * Hq * ceil(L / block_m) (one query tile each).
