@@ -493,3 +493,17 @@ def test_targets_without_their_row_are_not_measured():
     assert fp32 and all(t["measured"] is None and not t["met"] for t in fp32)
     assert "not measured" in targets.markdown(results)
     assert _targets(rows)["bf16 causal attention forward, L=4096, vs torch SDPA"]["met"]
+
+
+def test_the_gemm_ceiling_shrinks_where_one_call_would_take_too_long(monkeypatch):
+    """A dtype the CPU has no hardware for (bf16 on AVX2: ~0.35 GFLOP/s) is measured at a smaller n, not for
+    minutes; a fast one keeps its n, and the ceiling reports the n it used."""
+    from fusedformer.bench import ceilings
+
+    cpu, sync = torch.device("cpu"), (lambda: None)
+    monkeypatch.setattr(ceilings, "_MAX_CALL_S", 1e-9)  # every size is too slow: down to the probe's
+    assert ceilings._affordable_n(2048, torch.float32, cpu, sync) == ceilings._PROBE_N
+    small = ceilings.measure_ceilings(cpu, ["float32"], gemm_n=1024)
+    assert small.gemm["float32"].n == ceilings._PROBE_N and small.gemm["float32"].gflops > 0
+    monkeypatch.setattr(ceilings, "_MAX_CALL_S", 1e9)  # nothing is too slow
+    assert ceilings._affordable_n(2048, torch.float32, cpu, sync) == 2048

@@ -84,6 +84,25 @@ def _times(fn, repeats: int, sync) -> list[float]:
     return out
 
 
+# The longest one GEMM call of the ceiling may take (estimated): a CPU without hardware for a dtype (bf16
+# on an AVX2-only CPU: torch.mm at ~0.35 GFLOP/s) would otherwise spend ~50 s per n=2048 call, minutes
+# per measurement. Its rate at a smaller n is as telling: that path is slow at any size.
+_MAX_CALL_S = 1.0
+_PROBE_N = 256
+
+
+def _affordable_n(n: int, dtype: torch.dtype, device: torch.device, sync) -> int:
+    """n, halved (not below _PROBE_N) while one n x n x n torch.mm is estimated to take over _MAX_CALL_S,
+    from the time of a _PROBE_N one."""
+    if n <= _PROBE_N:
+        return n
+    a = torch.randn(_PROBE_N, _PROBE_N, device=device, dtype=dtype)
+    probe = min(_times(lambda: torch.mm(a, a), 2, sync))
+    while n > _PROBE_N and probe * (n / _PROBE_N) ** 3 > _MAX_CALL_S:
+        n //= 2
+    return max(n, _PROBE_N)
+
+
 def measure_ceilings(
     device: torch.device, dtypes: Sequence[str], quick: bool = False, gemm_n: int | None = None
 ) -> Ceilings:
@@ -98,12 +117,13 @@ def measure_ceilings(
     gemm: dict[str, GemmCeiling] = {}
     for name in dict.fromkeys(dtypes):
         dtype = getattr(torch, name)
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        c = torch.empty(n, n, device=device, dtype=dtype)
-        rates = [2.0 * n**3 / t / 1e9 for t in _times(lambda: torch.mm(a, b, out=c), repeats, sync)]
+        size = _affordable_n(n, dtype, device, sync)
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        c = torch.empty(size, size, device=device, dtype=dtype)
+        rates = [2.0 * size**3 / t / 1e9 for t in _times(lambda: torch.mm(a, b, out=c), repeats, sync)]
         del a, b, c
-        gemm[name] = GemmCeiling(name, max(rates), statistics.median(rates), n)
+        gemm[name] = GemmCeiling(name, max(rates), statistics.median(rates), size)
     copy_mib = 1024 if cuda else 256
     src = torch.ones(copy_mib * 2**20 // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
