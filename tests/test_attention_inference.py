@@ -104,6 +104,28 @@ def test_gqa_and_scale(dtype, engine):
     check_inference(*qkv(2, 8, 2, 200, 333, 64, 48, dtype), is_causal=True, scale=0.3, enable_gqa=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "B, Hq, Hk, L, S, E, Ev, is_causal",
+    [
+        (4, 12, 12, 1, 300, 64, 64, False),  # generation: one token per sequence
+        (1, 1, 1, 1, 2000, 59, 40, False),   # one (batch, head): the keys in chunks over the threads, merged
+        (2, 16, 1, 1, 777, 32, 32, False),   # GQA: 16 query heads on one kv head
+        (2, 8, 2, 3, 1025, 80, 64, True),    # a few queries, causal top-left
+        (1, 4, 4, 16, 64, 17, 16, False),    # the largest decode shape, the fewest keys, E not a multiple of 8
+    ],
+)
+def test_decode_shapes(B, Hq, Hk, L, S, E, Ev, is_causal, dtype):
+    """Decode-shaped inference calls run the decode kernel, float32 scores in lane-wise sums (no
+    transposes): the forward's 2x rule, with and without a mask."""
+    torch.manual_seed(B * 1000 + S)
+    q, k, v = qkv(B, Hq, Hk, L, S, E, Ev, dtype)
+    check_inference(q, k, v, is_causal=is_causal, enable_gqa=Hq != Hk)
+    mask = torch.randn(L, S, dtype=dtype)
+    mask[:, :: 3] = -torch.inf
+    check_inference(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=Hq != Hk)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_dropout(dtype, engine):
     """The op with inference=True and dropout: the kernels' own mask (attention_dropout_mask), applied in

@@ -230,8 +230,9 @@ bool decode_shaped(const Dims& d, double dropout_p) {
 // AttentionDecodeArgs::causal.
 void run_decode(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                 int causal, const int64_t* seq_lens, int64_t max_keys, double scale, at::Tensor& out,
-                at::Tensor& lse) {
+                at::Tensor& lse, bool inference) {
   AttentionDecodeArgs a{};
+  a.inference = inference;
   a.dtype = scalar_of(q.scalar_type());
   a.q = q.const_data_ptr();
   a.k = k.const_data_ptr();
@@ -538,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   } else {
     at::Tensor no_split;
     if (decode_shaped(d, dropout_p)) {
-      run_decode(d, q, k, v, mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse);
+      run_decode(d, q, k, v, mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse, inference);
     } else {
       run_fwd(engine_for(query.scalar_type(), false, d.L * d.S, inference), d, q, k, v, mask, is_causal, scale,
               dropout_p, seed, out, lse, no_split, inference);
@@ -626,7 +627,7 @@ void attention_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                           at::Tensor& lse) {
   const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
   run_decode(d, q, k, v, mask, causal, seq_lens.defined() ? seq_lens.const_data_ptr<int64_t>() : nullptr, max_keys,
-             scale, out, lse);
+             scale, out, lse, true);
 }
 
 void attention_fwd_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal,
@@ -634,7 +635,7 @@ void attention_fwd_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::
   const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
   at::Tensor no_mask, no_split;
   if (decode_shaped(d, 0.0)) {
-    run_decode(d, q, k, v, no_mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse);
+    run_decode(d, q, k, v, no_mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse, true);
   } else {
     run_fwd(engine_for(q.scalar_type(), false, d.L * d.S, true), d, q, k, v, no_mask, is_causal, scale, 0.0, 0, out,
             lse, no_split, true);

@@ -29,7 +29,8 @@ struct EngineReport {
 // The decode kernel (kernels/attention.h, AttentionDecodeArgs) on 4-d tensors with contiguous rows:
 // q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev); mask a (B, Hq, L, S) view or undefined;
 // seq_lens (B,) int64 or undefined; causal 0 none, 1 top-left, 2 bottom-right; keys past max_keys are
-// never read. Fills out (B, Hq, L, Ev) in q's dtype and lse (B, Hq, L) in the accumulation dtype.
+// never read; inference only (float32 scores in the lane-wise order). Fills out (B, Hq, L, Ev) in q's
+// dtype and lse (B, Hq, L) in the accumulation dtype.
 void attention_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                           int causal, const at::Tensor& seq_lens, int64_t max_keys, double scale, at::Tensor& out,
                           at::Tensor& lse);

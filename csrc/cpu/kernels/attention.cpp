@@ -778,6 +778,28 @@ inline vf vtranspose_sum(vf (&a)[16]) {
 }
 #endif
 
+// s[r * lds + t] = sum_e qs[r * ldq + e] k[t * ldk + e] for r < rm and nk <= W keys t (lanes past nk 0):
+// each key's products summed lane-wise (E / W terms a lane), then the W keys' lanes by vtranspose_sum.
+template <typename In>
+inline void lanewise_scores(int64_t rm, int64_t nk, int64_t E, const float* qs, int64_t ldq, const In* kb,
+                            int64_t ldk, float* s, int64_t lds) {
+  constexpr int64_t W = Vec<float>::kSize;
+  const int64_t Ef = E / W * W;
+  for (int64_t r = 0; r < rm; ++r) {
+    const float* qr = qs + r * ldq;
+    vf acc[W];
+    for (int64_t t = 0; t < W; ++t) {
+      acc[t] = vf{};
+      if (t >= nk) continue;
+      const In* kr = kb + t * ldk;
+      int64_t e = 0;
+      for (; e < Ef; e += W) acc[t] += vload(qr + e) * load_lanes<In, float>(kr + e);
+      if (e < E) acc[t] += vload(qr + e) * load_lanes_partial<In, float>(kr + e, E - e);
+    }
+    vstore(s + r * lds, vtranspose_sum(acc));
+  }
+}
+
 // s[r * lds + j] = sum_e qs[r * ldq + e] k[j * ldk + e], r < rm, j < jn (lanes up to round_up(jn, W)
 // written, 0 past jn); qs holds ldq >= round_up(E, W) columns, zero past E. W keys at a time, two ways:
 // - float32 and float64 K: their W x E block transposed (in registers for float, element by element
@@ -789,10 +811,23 @@ inline vf vtranspose_sum(vf (&a)[16]) {
 //   transposes: half the bytes per key leave less time to hide them in. The backward's S comes from
 //   the GEMM engine there, in another order whatever the forward does, and the 16-bit rounding of the
 //   inputs is far larger than either order's.
+// - float32 K when `lanewise` (an inference call: no backward recomputes these scores): as bf16 and
+//   fp16, lane-wise sums and vtranspose_sum, no transposes.
 template <typename In, typename Acc>
 void decode_scores(int64_t rm, int64_t jn, int64_t E, const Acc* qs, int64_t ldq, const In* k, int64_t ldk,
-                   Acc* s, int64_t lds, Acc* kt) {
+                   Acc* s, int64_t lds, Acc* kt, bool lanewise) {
   constexpr int64_t W = Vec<Acc>::kSize;
+  if constexpr (std::is_same_v<In, Acc> && std::is_same_v<Acc, float>) {
+    if (lanewise) {
+      for (int64_t j0 = 0; j0 < jn; j0 += W) {
+        const int64_t nk = std::min(W, jn - j0);
+        const float* kb = k + j0 * ldk;
+        prefetch_rows(kb + kDecodeAhead * ldk, nk, ldk, E);
+        lanewise_scores<float>(rm, nk, E, qs, ldq, kb, ldk, s + j0, lds);
+      }
+      return;
+    }
+  }
   if constexpr (std::is_same_v<In, Acc> && std::is_same_v<Acc, float>) {
     // all jn <= kPanel keys transposed into kt (E x kPanel), then one micro-kernel pass: its blocks of
     // 2 vectors give each chunk two independent chains
@@ -825,20 +860,7 @@ void decode_scores(int64_t rm, int64_t jn, int64_t E, const Acc* qs, int64_t ldq
     const int64_t nk = std::min(W, jn - j0);
     const In* kb = k + j0 * ldk;
     if constexpr (!std::is_same_v<In, Acc>) {
-      const int64_t Ef = E / W * W;
-      for (int64_t r = 0; r < rm; ++r) {
-        const Acc* qr = qs + r * ldq;
-        vf acc[W];
-        for (int64_t t = 0; t < W; ++t) {
-          acc[t] = vf{};
-          if (t >= nk) continue;
-          const In* kr = kb + t * ldk;
-          int64_t e = 0;
-          for (; e < Ef; e += W) acc[t] += vload(qr + e) * load_lanes<In, float>(kr + e);
-          if (e < E) acc[t] += vload(qr + e) * load_lanes_partial<In, float>(kr + e, E - e);
-        }
-        vstore(s + r * lds + j0, vtranspose_sum(acc));
-      }
+      lanewise_scores<In>(rm, nk, E, qs, ldq, kb, ldk, s + j0, lds);
     } else {  // double: element by element
       for (int64_t e = 0; e < E; ++e) {
         for (int64_t t = 0; t < W; ++t) kt[e * W + t] = t < nk ? kb[t * ldk + e] : Acc(0);
@@ -980,7 +1002,7 @@ void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int
     const In* v = v_all + b * a.v_strides[0] + hk * a.v_strides[1];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += KB) {
       const int64_t jn = std::min(KB, j_end - j0), jv = round_up(jn, W);
-      decode_scores<In, Acc>(rm, jn, E, qb, Ep, k + j0 * a.k_strides[2], a.k_strides[2], s, KB, kt);
+      decode_scores<In, Acc>(rm, jn, E, qb, Ep, k + j0 * a.k_strides[2], a.k_strides[2], s, KB, kt, a.inference);
       for (int64_t r = 0; r < rm; ++r) {
         row_max[r] = score_row<Acc>(s + r * KB, jv, std::min(jn, end[r] - j0), s_scale, a.mask_keep, mask_add,
                                     mask_row[r] + j0 * ms[3], ms[3]);

@@ -131,6 +131,9 @@ struct AttentionDecodeArgs {
   void* out;                  // (B, Hq, L, Ev), strides out_strides (Ev contiguous), dtype: written by the merge
   int64_t out_strides[3];     // batch, head, row of out
   void* lse;                  // (B, Hq, L) contiguous acc: m + log l, +inf for a row with no key
+  // No backward recomputes these scores (as AttentionFwdArgs::inference): float32 S may take the
+  // lane-wise sums of bf16/fp16 (no transposes) instead of the main kernels' chunked order.
+  bool inference;
 };
 
 // Tasks [task_begin, task_end) of B * Hk * ceil(G * L / block_m) * n_chunks.
