@@ -827,8 +827,6 @@ void decode_scores(int64_t rm, int64_t jn, int64_t E, const Acc* qs, int64_t ldq
       }
       return;
     }
-  }
-  if constexpr (std::is_same_v<In, Acc> && std::is_same_v<Acc, float>) {
     // all jn <= kPanel keys transposed into kt (E x kPanel), then one micro-kernel pass: its blocks of
     // 2 vectors give each chunk two independent chains
     for (int64_t j0 = 0; j0 < jn; j0 += W) {
