@@ -18,8 +18,9 @@ TORCH_LIBRARY(fusedformer, m) {
   // seed: a one-element int64 CPU tensor (a tensor, not an int, so that it can be drawn inside a
   // torch.compile'd graph), needed when dropout_p > 0 and not read otherwise.
   // inference: no backward will be taken through this call (the public function passes True when no
-  // input needs a gradient). The CPU kernels may then sum the scores in the product engine's own order
-  // (faster), not the one the backward repeats bit for bit; a backward through such a call raises.
+  // input needs a gradient). The CPU kernels may then take the engine measured fastest for a forward
+  // alone, and the decode kernel sums float32 scores lane-wise, not in the order the backward repeats;
+  // a backward through such a call raises.
   // Returns out (B, Hq, L, Ev) in query's dtype and logsumexp (B, Hq, L) in float32 (+inf where a
   // row has no key to attend to), that of the un-dropped probabilities.
   m.def(
@@ -186,7 +187,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The engine of CPU attention's tile products for a dtype name, forward and backward: "
         "{'fwd', 'bwd', 'how', 'candidates', 'timings_ms': {engine: (fwd_ms, bwd_ms)}, 'native_up_to', "
         "'inference', 'inference_ms': {engine: ms}, 'inference_native_up_to'} ('inference': the engine of "
-        "forwards that no backward follows, whose scores may take the engine's own sums). Measures the "
+        "forwards that no backward follows, chosen on the forward's time alone). Measures the "
         "candidates on first use; with measure=False, fwd and bwd are '' until something has (the "
         "measurement starts torch's thread pool, which a process that forks later must not have).");
   m.def("set_attention_engine", &set_attention_engine,

@@ -1,9 +1,10 @@
 """Inference forwards: ``fusedformer::attention_fwd(..., inference=True)``.
 
 When no input needs a gradient, ff.scaled_dot_product_attention promises the op that no backward
-follows, and the CPU kernels may then sum the scores S = Q K^T in their product engine's own order (one
-chain per element on oneDNN: faster) instead of the chunked order that the backward repeats bit for bit.
-These tests hold that path to the forward's house rule (max abs error against float64 at most 2x that of
+follows. The CPU kernels then take the engine measured fastest for a forward alone (which may differ
+from the training one, so a backward through such a call raises), and the decode kernel sums float32
+scores lane-wise (no transposes) instead of in the order that the backward repeats. These tests hold
+that path to the forward's house rule (max abs error against float64 at most 2x that of
 the reference run in the input's dtype) on every engine this machine has, check that the flag follows
 the gradient state (eagerly and under torch.compile), and that a backward through such a call raises.
 """
@@ -142,10 +143,13 @@ def test_dropout(dtype, engine):
     assert _err(out, truth) <= 2 * _err(same, truth)
 
 
-def test_float64_keeps_the_backwards_sums(engine):
-    """float64 sums its scores in chunks whatever the flag: inference and training forwards agree bit for bit."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_tiled_forward_sums_its_scores_one_way(engine, dtype):
+    """On one engine the tiled forward sums S = Q K^T the same way whatever the flag (the backward's way):
+    inference and training forwards agree bit for bit. (The flag picks the engine, and the decode kernel's
+    float32 sums.)"""
     torch.manual_seed(11)
-    q, k, v = qkv(1, 2, 2, 97, 300, 64, 64, torch.float64)
+    q, k, v = qkv(1, 2, 2, 97, 300, 64, 64, dtype)
     out_inf, lse_inf = op.attention_fwd(q, k, v, None, True, 0.125, 0.0, None, True)
     out_train, lse_train = op.attention_fwd(q, k, v, None, True, 0.125, 0.0, None, False)
     assert torch.equal(out_inf, out_train) and torch.equal(lse_inf, lse_train)

@@ -197,10 +197,9 @@ int64_t read_seed(const char* op, const std::optional<at::Tensor>& seed, double 
 // Fills out (dtype) and lse (acc); or, given log_sum, only lse = m and log_sum = log l. Needs L, S > 0.
 void run_fwd(const MatmulEngine* engine, const Dims& d, const at::Tensor& q, const at::Tensor& k,
              const at::Tensor& v, const at::Tensor& mask, bool is_causal, double scale, double dropout_p,
-             int64_t seed, at::Tensor& out, at::Tensor& lse, at::Tensor& log_sum, bool inference = false) {
+             int64_t seed, at::Tensor& out, at::Tensor& lse, at::Tensor& log_sum) {
   AttentionFwdArgs a{};
   set_common(a, d, engine, q, k, v, mask, is_causal, scale, dropout_p, seed);
-  a.inference = inference && !log_sum.defined();
   a.out = log_sum.defined() ? nullptr : out.data_ptr();
   for (int i = 0; i < 3; ++i) a.out_strides[i] = out.defined() ? out.stride(i) : 0;
   a.lse = lse.data_ptr();
@@ -230,9 +229,10 @@ bool decode_shaped(const Dims& d, double dropout_p) {
 // AttentionDecodeArgs::causal.
 void run_decode(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                 int causal, const int64_t* seq_lens, int64_t max_keys, double scale, at::Tensor& out,
-                at::Tensor& lse, bool inference) {
+                at::Tensor& lse, bool inference, bool chunked_scores = false) {
   AttentionDecodeArgs a{};
   a.inference = inference;
+  a.chunked_scores = chunked_scores;
   a.dtype = scalar_of(q.scalar_type());
   a.q = q.const_data_ptr();
   a.k = k.const_data_ptr();
@@ -339,8 +339,8 @@ struct Calibration {
   // more than it saves on small tiles. Measured at calibration (the crossover of native against the
   // chosen engine at L = S = 16, 32, 64, 128); 0 when the engine was forced or native won anyway.
   int64_t native_up_to = 0;
-  // Inference forwards (no backward recomputes their scores, so S may take the engine's own sums, see
-  // AttentionFwdArgs::inference) choose apart: the fastest forward alone, and its own crossover.
+  // Inference forwards (no backward follows) choose apart: the fastest forward alone, and its own
+  // crossover.
   EngineKind infer = EngineKind::kNative;
   std::vector<double> infer_ms;  // per candidate, as fwd_ms
   int64_t infer_native_up_to = 0;
@@ -418,8 +418,6 @@ Calibration measure(Scalar dtype, at::ScalarType st) {
     c.fwd_ms.push_back(best_ms([&] { run_fwd(e, d, q, k, v, mask, false, scale, 0.0, 0, out, lse, none); }, 3));
     c.bwd_ms.push_back(best_ms(
         [&] { run_bwd(e, d, go, q, k, v, out, lse, none, mask, false, scale, 0.0, 0, gk, gv); }, 3));
-    c.infer_ms.push_back(
-        best_ms([&] { run_fwd(e, d, q, k, v, mask, false, scale, 0.0, 0, out, lse, none, true); }, 3));
   }
   // One engine for both directions: the backward recomputes the forward's scores, and the same
   // engine rounds them the same way (a row with one key then gets P = 1 exactly, as in the forward).
@@ -428,6 +426,7 @@ Calibration measure(Scalar dtype, at::ScalarType st) {
     if (c.fwd_ms[i] + c.bwd_ms[i] < c.fwd_ms[best] + c.bwd_ms[best]) best = i;
   }
   c.fwd = c.bwd = c.kinds[best];
+  c.infer_ms = c.fwd_ms;  // the same forward: an inference call differs only in its engine choice
   size_t best_infer = 0;
   for (size_t i = 1; i < c.kinds.size(); ++i) {
     if (c.infer_ms[i] < c.infer_ms[best_infer]) best_infer = i;
@@ -450,7 +449,7 @@ Calibration measure(Scalar dtype, at::ScalarType st) {
       qn = qn.contiguous(), kn = kn.contiguous(), vn = vn.contiguous(), gon = gon.contiguous();
       auto time_of = [&](const MatmulEngine* e) {
         const double fwd = best_ms(
-            [&] { run_fwd(e, dn, qn, kn, vn, mask, false, scale, 0.0, 0, outn, lsen, none, inference); }, 5);
+            [&] { run_fwd(e, dn, qn, kn, vn, mask, false, scale, 0.0, 0, outn, lsen, none); }, 5);
         if (inference) return fwd;
         return fwd + best_ms(
                          [&] { run_bwd(e, dn, gon, qn, kn, vn, outn, lsen, none, mask, false, scale, 0.0, 0, gkn, gvn); },
@@ -539,10 +538,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   } else {
     at::Tensor no_split;
     if (decode_shaped(d, dropout_p)) {
-      run_decode(d, q, k, v, mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse, inference);
+      // a backward may follow: float32 scores summed as the backward's engine will recompute them
+      const bool chunked = !inference && engine_for(query.scalar_type(), true, d.L * d.S)->mm == nullptr;
+      run_decode(d, q, k, v, mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse, inference, chunked);
     } else {
       run_fwd(engine_for(query.scalar_type(), false, d.L * d.S, inference), d, q, k, v, mask, is_causal, scale,
-              dropout_p, seed, out, lse, no_split, inference);
+              dropout_p, seed, out, lse, no_split);
     }
   }
   return {out, lse.to(at::kFloat)};
@@ -638,7 +639,7 @@ void attention_fwd_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::
     run_decode(d, q, k, v, no_mask, is_causal ? 1 : 0, nullptr, d.S, scale, out, lse, true);
   } else {
     run_fwd(engine_for(q.scalar_type(), false, d.L * d.S, true), d, q, k, v, no_mask, is_causal, scale, 0.0, 0, out,
-            lse, no_split, true);
+            lse, no_split);
   }
 }
 

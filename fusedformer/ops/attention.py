@@ -38,7 +38,7 @@ def attention_fwd(
     scale: float,
     dropout_p: float = 0.0,  # dropout on the probabilities, the mask drawn from seed (attention_dropout_mask)
     seed: torch.Tensor | None = None,  # () or (1,) int64 on the CPU; needed when dropout_p > 0
-    inference: bool = False,  # no backward follows: the scores may take the product engine's own sums
+    inference: bool = False,  # no backward follows: the forward's own engine, decode's lane-wise sums
 ) -> tuple[torch.Tensor, torch.Tensor]:  # out (B, Hq, L, Ev), logsumexp (B, Hq, L) float32
     return torch.ops.fusedformer.attention_fwd.default(
         query, key, value, attn_mask, is_causal, scale, dropout_p, seed, inference
@@ -76,8 +76,9 @@ def attention_dropout_mask(
 
 # Both backends' op pairs share these schemas (csrc/fusedformer.cpp spells out the cpp pair's): seed is a
 # tensor so that the public function can draw it inside a torch.compile'd graph.
-# inference=True: no backward will be taken through the call, so the CPU kernels may sum the scores in
-# their product engine's own order, not the one the backward repeats (the Triton kernels ignore it).
+# inference=True: no backward will be taken through the call, so the CPU kernels may take the engine
+# measured fastest for a forward alone and, in the decode kernel, sum float32 scores lane-wise, not in the
+# order the backward repeats (the Triton kernels ignore it).
 _FWD_SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale, "
     "float dropout_p=0.0, Tensor? seed=None, bool inference=False) -> (Tensor out, Tensor logsumexp)"
@@ -497,7 +498,7 @@ def scaled_dot_product_attention(
     seed = _dropout_seed() if dropout_p > 0.0 else None
     if seed is not None and _is_dtensor(q4):
         seed = _shard_dropout_seed(seed, q4, k4, v4)
-    # no input needs a gradient: no backward follows, and the CPU kernels may sum the scores their faster way
+    # no input needs a gradient: no backward follows, and the CPU kernels may take their fastest forward
     inference = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q4, k4, v4)))
     out, _ = backends.call(fwd, q4, k4, v4, mask4, bool(is_causal), scale_value, float(dropout_p), seed, inference)
     return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])

@@ -305,18 +305,28 @@ void native_gemm(int64_t M, int64_t nvec, int64_t K, const T* a, int64_t lda, co
   }
 }
 
-// The products whose result goes through a softmax or a cancellation, S = Q K^T (K = E) and
-// dP = dO V^T (K = Ev; dP - delta cancels to the small dS where a row has few keys), are summed by the
-// micro-kernel in chunks of kSumChunk terms. One chain of E fused multiply-adds rounds measurably worse
-// than the float32 reference's GEMMs and dot products (up to 2-3x on single rows), and these products'
-// rounding goes straight to the output and the gradients. In float32 these products take the chunked
-// sums whatever the engine: with oneDNN's single chains there, gradients came out over 3x the float32
-// reference's error (rows that attend to a few keys through a float mask with causal masking; one key
-// with dropout; E = 16 with L < S). The other products, P V, dV, dK and dQ, stay on the engine.
-// An inference forward (AttentionFwdArgs::inference: no backward recomputes its scores) sums S on the
-// engine, in one chain: its output's error stayed within the forward's 2x rule (oneDNN's P V, not S,
-// sets the worst case there), and on an AVX2-only AMD EPYC oneDNN's S runs ~45 % faster than ours.
+// dP = dO V^T (K = Ev), whose rows cancel against delta in dP - delta (to the small dS where a row has
+// few keys), is summed by the micro-kernel in chunks of kSumChunk terms, whatever the engine, in
+// float32 (and delta, its diagonal with O for V, the same way). One chain of Ev fused multiply-adds, as
+// oneDNN's kernels sum, took float32 gradients past the 3x rule (random cases with masks, causal, GQA,
+// L != S, E = 16: 5-6 of every 300 calls, up to 5.4x, on an AMD EPYC; chunks of 16 stayed within 3x,
+// at up to 2.9x).
+//
+// S = Q K^T (K = E) on oneDNN takes oneDNN's own sums, a single chain, in the forward and in the
+// backward's recomputation alike: on ~1,100 random float32 cases (float masks with causal, E = 16 with
+// L < S among them) every gradient stayed within 3x, as with chunked scores, and the products run
+// ~10 % faster (oneDNN against the micro-kernel's chunked sums). On the micro-kernel (small calls
+// below the measured crossover, the native engine, float64) S keeps the chunked sums: single chains
+// there added calls over the rule among tests/test_attention_fuzz.py's tiny cases (20 of 1000 against
+// 15), where speed does not count. The backward recomputes S with the forward's engine, hence its sums
+// (score_chunk), so a row with one key gets P = exp(s - lse) = 1 exactly there.
 constexpr int64_t kSumChunk = 8;
+
+// The k_chunk of S = Q K^T on `eng` (0: the engine's single chains), forward and backward alike.
+template <typename Acc>
+int64_t score_chunk(const MatmulEngine& eng) {
+  return eng.mm == nullptr || std::is_same_v<Acc, double> ? kSumChunk : 0;
+}
 
 // Probability tiles are padded with zeros to a multiple of this many keys (queries, in the
 // backward's dO^T P and Q^T dS): fewer distinct product shapes for oneDNN to compile, whole AMX K-tiles.
@@ -566,10 +576,7 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
   const Acc keep_scale = static_cast<Acc>(1.0 / (1.0 - a.dropout_p));
   const Acc scale = static_cast<Acc>(a.scale);
   const Acc q_scale = is_power_of_two(a.scale) ? scale : Acc(1), s_scale = scale / q_scale;
-  // S: chunked sums on the micro-kernel, and in float32 whatever the engine (see kSumChunk); an
-  // inference call's scores, which no backward recomputes, take the engine's own (a single chain)
-  const bool chunked_scores = !a.inference || std::is_same_v<Acc, double>;
-  const int64_t native_chunk = chunked_scores && (eng.mm == nullptr || std::is_same_v<In, float>) ? kSumChunk : 0;
+  const int64_t s_chunk = score_chunk<Acc>(eng);  // S's sums: see kSumChunk
   const int64_t* ms = a.mask_strides;
   const Acc* mask_add = static_cast<const Acc*>(a.mask_add);
   const In* q_all = static_cast<const In*>(a.q);
@@ -637,7 +644,7 @@ void attention_fwd_impl(const AttentionFwdArgs& a, int64_t task_begin, int64_t t
       const int64_t jn = std::min(KB, j_end - j0);
       const int64_t jv = round_up(jn, W);                          // the score lanes of whole vectors
       const int64_t kpv = std::min(KB, round_up(jn, kKeyAlign));   // K of P V
-      mm<Op, Acc>(eng, im, jn, E, qb, Ep, kt + (j0 / KB) * kt_block, ldk, Ep * ldk, s, KB, false, native_chunk);
+      mm<Op, Acc>(eng, im, jn, E, qb, Ep, kt + (j0 / KB) * kt_block, ldk, Ep * ldk, s, KB, false, s_chunk);
       if (dropout) {
         for (int64_t j = 0; j < jn; ++j) col_hash.get()[j] = dropout_col_hash<uint32_t>(keys, uint32_t(j0 + j));
       }
@@ -803,9 +810,9 @@ inline void lanewise_scores(int64_t rm, int64_t nk, int64_t E, const float* qs, 
 // s[r * lds + j] = sum_e qs[r * ldq + e] k[j * ldk + e], r < rm, j < jn (lanes up to round_up(jn, W)
 // written, 0 past jn); qs holds ldq >= round_up(E, W) columns, zero past E. W keys at a time, two ways:
 // - float32 and float64 K: their W x E block transposed (in registers for float, element by element
-//   for double) into kt (E x W, in L1), then the micro-kernel's chunked sums (kSumChunk) over it: the
-//   very sums of the forward's and the backward's S, so the backward recomputes these scores bit for
-//   bit (a row with one key gets P = exp(s - lse) = 1 exactly there).
+//   for double) into kt (E x W, in L1), then the micro-kernel's sums over it in chunks of s_chunk terms
+//   (0: one chain), those of the engine the backward will recompute S on (score_chunk; always chunked
+//   for double), so that it gets these very scores (a row with one key: P = exp(s - lse) = 1 there).
 // - bf16 and fp16 K: each key's products summed lane-wise (E / W terms a lane), then the W keys'
 //   lanes by vtranspose_sum, a pairwise tree that rounds no worse than the chunked sums, with no
 //   transposes: half the bytes per key leave less time to hide them in. The backward's S comes from
@@ -815,7 +822,7 @@ inline void lanewise_scores(int64_t rm, int64_t nk, int64_t E, const float* qs, 
 //   fp16, lane-wise sums and vtranspose_sum, no transposes.
 template <typename In, typename Acc>
 void decode_scores(int64_t rm, int64_t jn, int64_t E, const Acc* qs, int64_t ldq, const In* k, int64_t ldk,
-                   Acc* s, int64_t lds, Acc* kt, bool lanewise) {
+                   Acc* s, int64_t lds, Acc* kt, bool lanewise, int64_t s_chunk) {
   constexpr int64_t W = Vec<Acc>::kSize;
   if constexpr (std::is_same_v<In, Acc> && std::is_same_v<Acc, float>) {
     if (lanewise) {
@@ -851,7 +858,7 @@ void decode_scores(int64_t rm, int64_t jn, int64_t E, const Acc* qs, int64_t ldq
         for (int64_t i = 0; i < ne; ++i) vstore(kt + (e0 + i) * kPanel + j0, r[i]);
       }
     }
-    native_gemm<Acc>(rm, ceil_div(jn, W), E, qs, ldq, kt, kPanel, s, lds, false, kSumChunk);
+    native_gemm<Acc>(rm, ceil_div(jn, W), E, qs, ldq, kt, kPanel, s, lds, false, s_chunk);
     return;
   }
   for (int64_t j0 = 0; j0 < jn; j0 += W) {
@@ -1000,7 +1007,8 @@ void attention_decode_impl(const AttentionDecodeArgs& a, int64_t task_begin, int
     const In* v = v_all + b * a.v_strides[0] + hk * a.v_strides[1];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += KB) {
       const int64_t jn = std::min(KB, j_end - j0), jv = round_up(jn, W);
-      decode_scores<In, Acc>(rm, jn, E, qb, Ep, k + j0 * a.k_strides[2], a.k_strides[2], s, KB, kt, a.inference);
+      decode_scores<In, Acc>(rm, jn, E, qb, Ep, k + j0 * a.k_strides[2], a.k_strides[2], s, KB, kt, a.inference,
+                             a.chunked_scores ? kSumChunk : 0);
       for (int64_t r = 0; r < rm; ++r) {
         row_max[r] = score_row<Acc>(s + r * KB, jv, std::min(jn, end[r] - j0), s_scale, a.mask_keep, mask_add,
                                     mask_row[r] + j0 * ms[3], ms[3]);
@@ -1147,7 +1155,9 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
   const int64_t kp_tile = k_in_place ? 0 : BN * round_up(E, pw_e);
   const Acc scale = static_cast<Acc>(a.scale);
   const Acc q_scale = is_power_of_two(a.scale) ? scale : Acc(1), s_scale = scale / q_scale;
-  // S, dP and delta: chunked sums on the micro-kernel, and in float32 whatever the engine (kSumChunk)
+  // S: the forward's sums (score_chunk); dP and delta: chunked sums on the micro-kernel, and in float32
+  // whatever the engine (kSumChunk)
+  const int64_t s_chunk = score_chunk<Acc>(eng);
   const int64_t native_chunk = eng.mm == nullptr || std::is_same_v<In, float> ? kSumChunk : 0;
   const bool dropout = a.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(a.dropout_p);
@@ -1294,7 +1304,7 @@ void attention_bwd_impl(const AttentionBwdArgs& a, int64_t chunk) {
             if (a.is_causal && j0 > i0 + im - 1) continue;
             const int64_t jv = round_up(jn, W), kjn = std::min(BN, round_up(jn, kKeyAlign));
             // P = exp(x - lse), or exp((x - m) - log l), x the scores as the forward had them
-            mm<Op, Acc>(eng, im, jn, E, qa, Ep, kt + t * kt_tile, pw_keys, Ep * pw_keys, sp, BN, false, native_chunk);
+            mm<Op, Acc>(eng, im, jn, E, qa, Ep, kt + t * kt_tile, pw_keys, Ep * pw_keys, sp, BN, false, s_chunk);
             for (int64_t i = 0; i < im; ++i) {
               Acc* sr = sp + i * BN;
               const int64_t limit = a.is_causal ? std::min(jn, i0 + i - j0 + 1) : jn;

@@ -44,10 +44,6 @@ struct AttentionFwdArgs {
   // Added to b * Hq + h in the dropout key (0 for attention_fwd): a caller that runs a slice of a
   // larger problem (varlen: one packed sequence's heads) keeps the slice's mask that of the whole.
   int64_t dropout_bh_offset;
-  // No backward will recompute these scores (inference): S = Q K^T may take the engine's own sums,
-  // one chain per element on oneDNN (faster), instead of the chunked sums that the backward repeats
-  // bit for bit (kSumChunk in attention.cpp). float64 keeps the chunked sums.
-  bool inference;
 };
 
 // Each call runs tasks [task_begin, task_end) of B * Hq * ceil(L / block_m) (one query tile each).
@@ -131,9 +127,12 @@ struct AttentionDecodeArgs {
   void* out;                  // (B, Hq, L, Ev), strides out_strides (Ev contiguous), dtype: written by the merge
   int64_t out_strides[3];     // batch, head, row of out
   void* lse;                  // (B, Hq, L) contiguous acc: m + log l, +inf for a row with no key
-  // No backward recomputes these scores (as AttentionFwdArgs::inference): float32 S may take the
-  // lane-wise sums of bf16/fp16 (no transposes) instead of the main kernels' chunked order.
+  // No backward recomputes these scores (an inference call): float32 S may take the lane-wise sums of
+  // bf16/fp16 (no transposes) instead of the main kernels' order, which the backward repeats.
   bool inference;
+  // Otherwise float32 S sums as the engine of the backward will (score_chunk in attention.cpp): in
+  // chunks when that is the micro-kernel, else in one chain.
+  bool chunked_scores;
 };
 
 // Tasks [task_begin, task_end) of B * Hk * ceil(G * L / block_m) * n_chunks.
