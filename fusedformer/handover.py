@@ -1,12 +1,14 @@
-"""Small inference calls of ``ff.nn.LayerNorm`` and ``ff.nn.GELU`` handed to torch's own function where
-that measures faster.
+"""Small inference calls of ``ff.nn.LayerNorm``, ``ff.nn.GELU`` and of the ``"fusedformer"`` attention of a
+patched Hugging Face model handed to torch's own function where that measures faster.
 
 Why: a fused kernel saves passes over memory, which a few thousand elements do not have. There a call
 costs what its dispatch costs, and torch's ``F.layer_norm`` goes from Python to its kernel by a shorter
 road than a custom op can (a generated binding against ``torch.ops``' schema parsing). A patched model
 served one sentence at a time would pay that on every LayerNorm.
 
-When: only in the modules (``ff.layer_norm`` and ``ff.gelu`` always run fusedformer's kernels), only for
+When: only in the modules and in transformers' attention function (``fusedformer.patching.hf``: op
+``"attention"``, at most ``HANDOVER_MAX_SCORES`` scores, no dropout, not a mask together with is_causal);
+``ff.layer_norm``, ``ff.gelu`` and ``ff.scaled_dot_product_attention`` always run fusedformer's kernels. Only for
 inference (grad mode off: ``torch.no_grad()`` or ``torch.inference_mode()``), plain CPU tensors, not
 under ``torch.compile``, not while ``FUSEDFORMER_BACKEND`` forces a backend, not with
 ``FUSEDFORMER_HANDOVER=0``, and not inside ``with handover.off():`` (``ff.patch(verify=True)`` checks the
@@ -17,7 +19,7 @@ Which: measured, never assumed. The first inference call of each class (op, dtyp
 module's options and the element count rounded to a power of two) times both functions on random
 data of the call's shape, interleaved, and the faster serves every later call of that class in this
 process (torch only when it is at least ``MARGIN`` faster: a tie stays fused). ``explain`` on the
-module reports the decision and the two times; ``decisions()`` lists them all.
+module reports the decision and the two times; ``decisions()`` lists them all (attention's too).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def decide(op: str, input: torch.Tensor, options: tuple, pair: Callable[[], tupl
 def _measure(input: torch.Tensor, fused, theirs) -> Decision:
     # random data of the call's shape from a private generator: the user's RNG stream is untouched
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(input.shape, generator=gen, dtype=torch.float32).to(input.dtype)
+    # laid out as the input (a dense view, as attention's (B, L, H, E) -> (B, H, L, E) query, keeps its strides)
+    x = torch.empty_like(input).copy_(torch.randn(input.shape, generator=gen, dtype=torch.float32))
     for fn in (fused, theirs, fused, theirs):  # warm-up: first-call costs, caches
         fn(x)
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fusedformer as ff
+from fusedformer import handover
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,6 +55,9 @@ def test_generate_gives_the_same_tokens(make, cache, padded, monkeypatch):
     if cache == "static":
         kwargs["cache_implementation"] = "static"
     monkeypatch.setenv("FUSEDFORMER_STRICT", "1")  # a fallback to the reference path raises
+    # every call on the fused kernels (this model's tiny calls might measure faster on torch's SDPA:
+    # fusedformer.handover; test_generate_with_the_handover_gives_the_same_tokens covers that road)
+    monkeypatch.setenv("FUSEDFORMER_HANDOVER", "0")
     with torch.no_grad():
         before = model.generate(**inputs, **kwargs)
         with torch.profiler.profile(record_shapes=True) as prof:
@@ -64,6 +68,43 @@ def test_generate_gives_the_same_tokens(make, cache, padded, monkeypatch):
     assert torch.equal(before, after)
     layers = model.config.num_hidden_layers
     assert calls.count(1) == 39 * layers, f"decode steps served by the fused op: {calls.count(1)} of {39 * layers}"
+
+
+@pytest.mark.parametrize("torch_serves", [True, False], ids=["torch-serves", "fused-serves"])
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
+def test_generate_with_the_handover_gives_the_same_tokens(padded, torch_serves, monkeypatch):
+    """Small inference attention calls may be handed to torch's SDPA by measurement (fusedformer.handover);
+    the verdict fixed each way, generation gives the unpatched model's tokens, and the verdict decides
+    who serves the decode steps (calls with a mask and is_causal together never reach torch's)."""
+    monkeypatch.delenv("FUSEDFORMER_HANDOVER", raising=False)
+    monkeypatch.delenv("FUSEDFORMER_BACKEND", raising=False)
+    handover.reset()
+    measured = []
+
+    def fake(input, fused, theirs):
+        measured.append(tuple(input.shape))
+        return handover.Decision(torch_serves, 2e-6, 1e-6 if torch_serves else 3e-6, tuple(input.shape))
+
+    monkeypatch.setattr(handover, "_measure", fake)
+    model = llama()
+    patched = copy.deepcopy(model)
+    ff.patch(patched)
+    inputs = batch(model.config.vocab_size)
+    if not padded:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    kwargs = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
+    try:
+        with torch.no_grad():
+            before = model.generate(**inputs, **kwargs)
+            with torch.profiler.profile(record_shapes=True) as prof:
+                after = patched.generate(**inputs, **kwargs)
+    finally:
+        handover.reset()
+    assert torch.equal(before, after)
+    assert measured, "no attention call was measured"
+    decode = [e for e in prof.events() if e.name == "fusedformer::attention_fwd" and e.input_shapes[0][2] == 1]
+    layers = model.config.num_hidden_layers
+    assert len(decode) == (0 if torch_serves else 19 * layers)
 
 
 def test_padding_free_batch_runs_on_varlen():

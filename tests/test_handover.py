@@ -5,6 +5,8 @@ what must hold whatever it finds."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,3 +223,77 @@ def test_off_keeps_the_fused_kernel(monkeypatch):
         assert calls["layer_norm"] == 0
         ln(x)
         assert calls["layer_norm"] == 1
+
+
+# ---- attention in a patched Hugging Face model (fusedformer.patching.hf) --------------------------------
+
+
+def _bert(layers: int = 2):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                                     intermediate_size=128, attn_implementation="sdpa")
+    plain = transformers.BertModel(config).eval()
+    patched = copy.deepcopy(plain)
+    ff.patch(patched)
+    ids = torch.randint(1, 100, (3, 14))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0  # padding: a bool mask reaches the attention function
+    return plain, patched, dict(input_ids=ids, attention_mask=mask)
+
+
+def _fused_attention_calls(fn) -> tuple[object, int]:
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, sum(e.name == "fusedformer::attention_fwd" for e in prof.events())
+
+
+@pytest.mark.parametrize("torch_serves", [True, False])
+def test_hf_attention_verdict_decides_who_runs(monkeypatch, torch_serves):
+    measured = verdict(monkeypatch, torch_serves)
+    plain, patched, batch = _bert()
+    with torch.no_grad():
+        expected = plain(**batch).last_hidden_state
+        out, fused = _fused_attention_calls(lambda: patched(**batch).last_hidden_state)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert (3, 4, 14, 16) in measured  # the query (B, H, L, E), measured on its first call
+    assert fused == (0 if torch_serves else 2)
+    attention = [d for k, d in handover.decisions().items() if k[0] == "attention"]
+    assert len(attention) == 1 and attention[0].torch_serves is torch_serves
+    # the module's memo answers the second call: nothing measured again
+    n = len(measured)
+    with torch.no_grad():
+        patched(**batch)
+    assert len(measured) == n
+
+
+def test_hf_attention_in_training_or_large_runs_fused(monkeypatch):
+    measured = verdict(monkeypatch, True)
+    plain, patched, batch = _bert()
+    _, fused = _fused_attention_calls(lambda: patched(**batch).last_hidden_state.sum().backward())
+    assert fused == 2 and not [m for m in measured if len(m) == 4]  # grad mode on: never handed over, never measured
+    from fusedformer.patching import hf
+
+    monkeypatch.setattr(hf, "HANDOVER_MAX_SCORES", 3 * 4 * 14 * 14 - 1)  # one score too many
+    with torch.no_grad():
+        _, fused = _fused_attention_calls(lambda: patched(**batch))
+    assert fused == 2 and not [m for m in measured if len(m) == 4]
+    monkeypatch.setenv("FUSEDFORMER_HANDOVER", "0")
+    monkeypatch.setattr(hf, "HANDOVER_MAX_SCORES", 1 << 18)
+    with torch.no_grad():
+        _, fused = _fused_attention_calls(lambda: patched(**batch))
+    assert fused == 2 and not [m for m in measured if len(m) == 4]
+
+
+def test_hf_attention_real_measurement():
+    """Whatever the machine finds: the same outputs, one attention decision with both times."""
+    plain, patched, batch = _bert()
+    with torch.no_grad():
+        expected = plain(**batch).last_hidden_state
+        out = patched(**batch).last_hidden_state
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    attention = [d for k, d in handover.decisions().items() if k[0] == "attention"]
+    assert len(attention) == 1
+    assert attention[0].fused_seconds > 0 and attention[0].torch_seconds > 0
+    assert attention[0].torch_serves == (attention[0].torch_seconds < handover.MARGIN * attention[0].fused_seconds)

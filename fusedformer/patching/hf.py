@@ -11,8 +11,10 @@ import copy
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fusedformer import handover
 from fusedformer.nn.activation import GELU
 from fusedformer.ops.attention import scaled_dot_product_attention
 from fusedformer.ops.rms_norm import rms_norm
@@ -31,6 +33,9 @@ __all__ = [
 
 ATTN_IMPLEMENTATION = "fusedformer"
 HF_ATTENTION_KIND = "attention (transformers AttentionInterface)"
+# Inference calls of at most this many scores (B x Hq x L x S) may be handed to torch's SDPA where that
+# measured faster (fusedformer.handover): a 14-token sentence's attention costs what its dispatch costs
+HANDOVER_MAX_SCORES = 1 << 18
 
 
 def transformers_module():
@@ -138,17 +143,62 @@ def fusedformer_attention_forward(
         else:
             mask = bias + mask  # (B, Hq, L, S)
 
-    out = scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=mask,
-        dropout_p=dropout,
-        is_causal=is_causal,
-        scale=scaling,
-        enable_gqa=enable_gqa,
-    )  # (B, Hq, L, Ev)
+    if (
+        dropout == 0.0
+        and not torch.is_grad_enabled()
+        and not (is_causal and mask is not None)  # torch's SDPA takes one of the two
+        and not torch.compiler.is_compiling()
+        and _torch_serves(module, query, key, value, mask, is_causal, scaling, enable_gqa)
+    ):
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa
+        )
+    else:
+        out = scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=is_causal,
+            scale=scaling,
+            enable_gqa=enable_gqa,
+        )  # (B, Hq, L, Ev)
     return out.transpose(1, 2).contiguous(), None  # (B, L, Hq, Ev)
+
+
+def _torch_serves(module, query, key, value, mask, is_causal, scaling, enable_gqa) -> bool:
+    """Whether torch's SDPA serves this small inference call (``fusedformer.handover``, op
+    ``"attention"``): measured once per class (query's dtype, E and size class; the key count's power of
+    two; heads, Ev, the mask's kind and is_causal), then read from the attention module's memo. Both
+    sides are timed with the output merge back to ``(B, L, H, Ev)`` that the caller does. Torch's SDPA
+    gives what ours does on these calls, a fully masked row included (0)."""
+    mask_kind = None if mask is None else (mask.dtype, tuple(mask.shape[:2]))
+    options = (key.shape[2].bit_length(), query.shape[1], key.shape[1], value.shape[-1], mask_kind, is_causal)
+    memo_key = handover.memo_key(query) + options + (scaling, enable_gqa)
+    memo = module.__dict__.get("_ff_handover")
+    use = memo.get(memo_key) if memo is not None else None
+    if use is not None:
+        return use
+    if (
+        query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] > HANDOVER_MAX_SCORES
+        or type(key) is not torch.Tensor
+        or type(value) is not torch.Tensor
+    ):
+        use = False  # too large to measure cheaply, or a tensor subclass: fused, remembered
+        module.__dict__.setdefault("_ff_handover", {})[memo_key] = use
+        handover._MEMO_HOLDERS.add(module)
+    else:
+        kwargs = dict(attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa)
+
+        def pair():
+            return (
+                lambda x: scaled_dot_product_attention(x, key, value, **kwargs).transpose(1, 2).contiguous(),
+                lambda x: F.scaled_dot_product_attention(x, key, value, **kwargs).transpose(1, 2).contiguous(),
+            )
+
+        use = handover.module_decides(module, memo_key, query, "attention", options, pair)
+    return use
 
 
 def fusedformer_attention_mask(*args, **kwargs):
