@@ -239,3 +239,20 @@ def test_the_engine_report_names_the_inference_engine():
     q = torch.randn(1, 2, 64, 32)
     text = str(ff.explain(ff.scaled_dot_product_attention, q, q, q))
     assert "no input needing a gradient: " + info["inference"] in text
+
+
+def test_every_engine_recomputes_the_forwards_scores(engine):
+    """The tiled kernels (L = 97 queries, not decode-shaped) on each engine: the backward recomputes S with
+    the forward's sums (oneDNN's single chains or the micro-kernel's chunks), so a query that sees one key
+    gets P = 1 exactly in both: out is that key's value and grad_value is grad_out, bit for bit."""
+    torch.manual_seed(17)
+    q, k, v = qkv(1, 2, 2, 97, 300, 64, 64, torch.float32)
+    cols = torch.randperm(300)[:97]  # distinct keys: each key's gradient comes from one query
+    keep = torch.zeros(1, 1, 97, 300, dtype=torch.bool)
+    keep[0, 0, torch.arange(97), cols] = True
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ff.scaled_dot_product_attention(*leaves, attn_mask=keep)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert torch.equal(out.detach(), v[:, :, cols])
+    assert torch.equal(leaves[2].grad[:, :, cols], g)
