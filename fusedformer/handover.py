@@ -168,12 +168,14 @@ def memo_key(input: torch.Tensor) -> tuple:
 
 
 def module_decides(
-    module: torch.nn.Module, key: tuple, input: torch.Tensor, op: str, options: tuple, pair, params=()
+    module: torch.nn.Module, key: tuple, input: torch.Tensor, op: str, options: tuple, pair, params=(),
+    allowed: bool = True,
 ) -> bool:
     """A module's first call with memo ``key``: whether torch serves (``applies``, then ``decide``), kept
     in the module's memo ``module._ff_handover`` so that later calls with that key read one dict. Never
-    hands over when a parameter in ``params`` has another dtype than the input (the fused path casts it)."""
-    use = applies(input) and all(p is None or p.dtype == input.dtype for p in params)
+    hands over when a parameter in ``params`` has another dtype than the input (the fused path casts it),
+    nor when the caller says the call is not ``allowed`` (remembered all the same)."""
+    use = allowed and applies(input) and all(p is None or p.dtype == input.dtype for p in params)
     use = use and decide(op, input, options, pair)
     if not torch.compiler.is_compiling():
         memo = module.__dict__.get("_ff_handover")

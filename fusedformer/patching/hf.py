@@ -180,25 +180,21 @@ def _torch_serves(module, query, key, value, mask, is_causal, scaling, enable_gq
     use = memo.get(memo_key) if memo is not None else None
     if use is not None:
         return use
-    if (
-        query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] > HANDOVER_MAX_SCORES
-        or type(key) is not torch.Tensor
-        or type(value) is not torch.Tensor
-    ):
-        use = False  # too large to measure cheaply, or a tensor subclass: fused, remembered
-        module.__dict__.setdefault("_ff_handover", {})[memo_key] = use
-        handover._MEMO_HOLDERS.add(module)
-    else:
-        kwargs = dict(attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa)
+    kwargs = dict(attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa)
 
-        def pair():
-            return (
-                lambda x: scaled_dot_product_attention(x, key, value, **kwargs).transpose(1, 2).contiguous(),
-                lambda x: F.scaled_dot_product_attention(x, key, value, **kwargs).transpose(1, 2).contiguous(),
-            )
+    def pair():
+        return (
+            lambda x: scaled_dot_product_attention(x, key, value, **kwargs).transpose(1, 2).contiguous(),
+            lambda x: F.scaled_dot_product_attention(x, key, value, **kwargs).transpose(1, 2).contiguous(),
+        )
 
-        use = handover.module_decides(module, memo_key, query, "attention", options, pair)
-    return use
+    # too large to measure cheaply, or a tensor subclass: fused (and remembered)
+    allowed = (
+        query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] <= HANDOVER_MAX_SCORES
+        and type(key) is torch.Tensor
+        and type(value) is torch.Tensor
+    )
+    return handover.module_decides(module, memo_key, query, "attention", options, pair, allowed=allowed)
 
 
 def fusedformer_attention_mask(*args, **kwargs):
