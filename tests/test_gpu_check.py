@@ -43,11 +43,20 @@ def test_script_says_why_it_cannot_run(capsys, tmp_path):
 
 def test_cases_cover_ops_lengths_and_dtypes():
     cases = list(gpu_check._cases())
-    assert {(op, dtype, L) for op, dtype, L, *_ in cases} == {
+    main = {(op, dtype, L) for op, dtype, L, *_ in cases if op in ("attention", "layer_norm", "gelu")}
+    assert main == {
         (op, dtype, L)
         for op in ("attention", "layer_norm", "gelu")
         for dtype in (torch.float16, torch.bfloat16)
         for L in (1024, 2048, 4096, 8192, 16384)
+    }
+    extra = {(op, dtype, L, modes) for op, dtype, L, *_, modes in cases if op not in ("attention", "layer_norm", "gelu")}
+    assert extra == {
+        (op, dtype, L, modes)
+        for dtype in (torch.float16, torch.bfloat16)
+        for op, Ls, modes in (("attention dropout 0.1", (4096, 16384), ("fwd+bwd",)),
+                              ("decode (SDPA default backend)", (32768, 131072), ("fwd",)))
+        for L in Ls
     }
 
 
