@@ -84,20 +84,6 @@ def test_varlen_on_gpu(dtype, is_causal, case):
         assert_error_within(name, o, s, t, factor)
 
 
-def test_varlen_opcheck_on_gpu():
-    """The fake-tensor and AOT-dispatch checks too (the interpreter cannot run them on CPU)."""
-    lq, lk = [5, 0, 17], [9, 3, 17]
-    q, k, v = (_randn(sum(n), h, e, dtype=torch.float32).requires_grad_(True)
-               for n, h, e in ((lq, 4, 16), (lk, 2, 16), (lk, 2, 8)))  # fmt: skip
-    ops = torch.ops.fusedformer
-    args = (q, k, v, _cu(lq), _cu(lk), 17, 17, True, 0.3)
-    torch.library.opcheck(ops.triton_varlen_attention_fwd, args)
-    out, lse = ops.triton_varlen_attention_fwd(*args)
-    go = torch.randn_like(out)
-    torch.library.opcheck(ops.triton_varlen_attention_bwd,
-                          (go, q.detach(), k.detach(), v.detach(), out.detach(), lse, *args[3:]))  # fmt: skip
-
-
 # ---- decode and the KV cache ----------------------------------------------------------------------
 
 
@@ -239,3 +225,17 @@ def test_compiled_module_step_on_gpu():
         return ff.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).float().square().sum()
 
     check_compiled_dropout(fn, (q, k, v))
+
+
+def test_varlen_opcheck_on_gpu():
+    """The fake-tensor and AOT-dispatch checks too (the interpreter cannot run them on CPU)."""
+    lq, lk = [5, 0, 17], [9, 3, 17]
+    q, k, v = (_randn(sum(n), h, e, dtype=torch.float32).requires_grad_(True)
+               for n, h, e in ((lq, 4, 16), (lk, 2, 16), (lk, 2, 8)))  # fmt: skip
+    ops = torch.ops.fusedformer
+    args = (q, k, v, _cu(lq), _cu(lk), 17, 17, True, 0.3)
+    torch.library.opcheck(ops.triton_varlen_attention_fwd, args)
+    out, lse = ops.triton_varlen_attention_fwd(*args)
+    go = torch.randn_like(out)
+    torch.library.opcheck(ops.triton_varlen_attention_bwd,
+                          (go, q.detach(), k.detach(), v.detach(), out.detach(), lse, *args[3:]))  # fmt: skip

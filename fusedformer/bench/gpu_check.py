@@ -250,8 +250,12 @@ def write_report(out: Path, header: list[str], tests: tuple[bool, str], rows: li
 
 
 def _commit() -> str:
+    """FUSEDFORMER_COMMIT if set (a copied tree whose .git lags behind it), else ``git describe``, which
+    says ``-dirty`` when the tree differs from the commit it names."""
+    if os.environ.get("FUSEDFORMER_COMMIT"):
+        return os.environ["FUSEDFORMER_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
