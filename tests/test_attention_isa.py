@@ -2,8 +2,9 @@
 
 The tile products run on oneDNN's batch-reduce GEMM, which compiles for the ISA it detects, and
 reads ``ONEDNN_MAX_CPU_ISA`` once per process to cap it: under a cap below AMX it will not pack bf16
-or fp16 operands (``could_pack`` is false), so bf16/fp16 attention runs on fp32 tiles instead; under
-AVX2 its fp32 kernels are AVX2 code. Each cap therefore runs in a subprocess, which holds every
+or fp16 operands (``could_pack`` is false), so bf16 attention runs on VNNI pairs that we pack where
+brgemm still takes them (AVX512-BF16), on fp32 tiles otherwise; under AVX2 its fp32 kernels are AVX2
+code. Each cap therefore runs in a subprocess, which holds every
 dtype and every engine (``native``, ``brgemm-f32``, ``brgemm``) to the house rule of
 test_attention.py (2x / 3x the error of the reference in the same dtype, against float64).
 
@@ -89,14 +90,24 @@ def test_every_engine_under_isa_cap(cap):
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    # Packed bf16 products (VNNI tiles) exactly where oneDNN may use AMX-BF16: our code only decides
-    # whether to pack, from oneDNN's own answer.
+    # bf16 products on VNNI pairs: packed by oneDNN where it may use AMX-BF16 (our code only decides
+    # whether to pack, from oneDNN's own answer), packed by us where brgemm takes the pairs without AMX
+    # (AVX512-BF16: vdpbf16ps; not under the AVX2 cap); fp32 tiles elsewhere.
     packs_bf16 = "amx_bf16" in FLAGS and cap is None
     assert ("onednn-brgemm-bf16-vnni" in report["candidates"]["bfloat16"]) == packs_bf16, report
-    expected = "onednn-brgemm-bf16-vnni" if packs_bf16 else "onednn-brgemm-f32"
-    assert report["engines"]["bfloat16/brgemm"] == expected
+    if packs_bf16:
+        expected = {"onednn-brgemm-bf16-vnni"}
+    elif cap == "AVX2" or "avx512bw" not in FLAGS:
+        expected = {"onednn-brgemm-f32"}
+    elif "avx512_bf16" in FLAGS:
+        expected = {"onednn-brgemm-bf16-pairs"}
+    else:  # AVX-512 without its bf16 instructions: oneDNN's call (it may emulate them)
+        expected = {"onednn-brgemm-bf16-pairs", "onednn-brgemm-f32"}
+    assert report["engines"]["bfloat16/brgemm"] in expected, report
     packs_fp16 = "amx_fp16" in FLAGS and cap is None
     assert ("onednn-brgemm-f16-vnni" in report["candidates"]["float16"]) == packs_fp16, report
+    fp16_pairs = not packs_fp16 and cap is None and "avx512_fp16" in FLAGS
+    assert ("onednn-brgemm-f16-pairs" in report["candidates"]["float16"]) == fp16_pairs, report
     assert report["engines"]["float32/brgemm"] == "onednn-brgemm-f32"
     assert report["engines"]["float32/native"] == "native"
 
