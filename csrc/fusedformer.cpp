@@ -85,6 +85,8 @@ TORCH_LIBRARY(fusedformer, m) {
   m.def("add_norm_dropout_mask(int rows, int cols, float dropout_p, int seed) -> Tensor");
   // gelu(input + bias); input (*, D), bias (D,) or None; approximate is "none" or "tanh".
   m.def("gelu_fwd(Tensor input, Tensor? bias, str approximate) -> Tensor");
+  // float32 linear layer on oneDNN's brgemm (csrc/cpu/linear.cpp): input (*, K), weight (N, K) -> (*, N)
+  m.def("linear_fwd(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   // grad_bias is (D,), or empty where bias is None.
   m.def(
       "gelu_bwd(Tensor grad_out, Tensor input, Tensor? bias, str approximate) "

@@ -16,6 +16,7 @@ from fusedformer.explanation import explain
 from fusedformer.ops.add_norm import add_layer_norm, add_rms_norm
 from fusedformer.ops.attention import scaled_dot_product_attention
 from fusedformer.ops.gelu import gelu
+from fusedformer.ops.linear import linear
 from fusedformer.ops.kv_cache import attention_with_kv_cache
 from fusedformer.ops.layer_norm import layer_norm
 from fusedformer.ops.rms_norm import rms_norm
@@ -50,6 +51,7 @@ __all__ = [
     "FallbackWarning",
     "explain",
     "gelu",
+    "linear",
     "layer_norm",
     "nn",
     "patch",

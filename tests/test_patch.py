@@ -127,7 +127,8 @@ def test_patch_swaps_torch_modules_in_place():
 def test_patch_report_reads_well():
     report = patch(Net())
     text = str(report)
-    assert text.startswith("fusedformer.patch: replaced 14 module(s), left 2")
+    assert text.startswith("fusedformer.patch: replaced 18 module(s), left 2")
+    assert "Linear x4: encoder.layers.0.linear1, encoder.layers.0.linear2," in text
     assert "TransformerEncoderLayer x2: encoder.layers.0, encoder.layers.1" in text
     assert "left in place:" in text and "mine" in text and "scale" in text
     assert "need_weights" in text  # the note on MultiheadAttention's default

@@ -10,6 +10,7 @@ Each class subclasses its ``torch.nn`` namesake, so ``isinstance`` checks in use
 
 from fusedformer.nn.activation import GELU
 from fusedformer.nn.attention import MultiheadAttention
+from fusedformer.nn.linear import Linear
 from fusedformer.nn.normalization import LayerNorm, RMSNorm
 from fusedformer.nn.transformer import (
     Transformer,
@@ -22,6 +23,7 @@ from fusedformer.nn.transformer import (
 __all__ = [
     "GELU",
     "LayerNorm",
+    "Linear",
     "MultiheadAttention",
     "RMSNorm",
     "Transformer",

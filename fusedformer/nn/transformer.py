@@ -29,6 +29,7 @@ from torch import nn
 
 from fusedformer.nn.activation import GELU
 from fusedformer.nn.attention import MultiheadAttention
+from fusedformer.nn.linear import Linear
 from fusedformer.nn.normalization import LayerNorm, RMSNorm
 from fusedformer.ops.add_norm import add_layer_norm, add_rms_norm
 from fusedformer.ops.gelu import gelu
@@ -78,13 +79,15 @@ def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:  # (*, d_m
     """``linear2(dropout(activation(linear1(x))))``; a GELU takes linear1's bias into its fused kernel."""
     approximate = _gelu_approximate(layer.activation)
     if approximate is not None:
-        h = F.linear(x, layer.linear1.weight)  # (*, dim_feedforward)
+        linear1 = layer.linear1
+        # the engine measured faster for this shape where linear1 is fusedformer's (ff.patch swaps it)
+        h = linear1.project(x, bias=False) if isinstance(linear1, Linear) else F.linear(x, linear1.weight)
         bias = layer.linear1.bias
         if bias is not None and bias.dtype != h.dtype:
             bias = bias.to(h.dtype)
         h = gelu(h, approximate, bias=bias)  # (*, dim_feedforward)
     else:
-        h = layer.activation(F.linear(x, layer.linear1.weight, layer.linear1.bias))  # (*, dim_feedforward)
+        h = layer.activation(layer.linear1(x))  # (*, dim_feedforward)
     return layer.linear2(layer.dropout(h))  # (*, d_model)
 
 
@@ -530,6 +533,7 @@ class Transformer(nn.Transformer):
 
 #: each ``torch.nn`` class with a fused twin, and the twin
 FUSED_CLASSES: dict[type, type] = {
+    nn.Linear: Linear,
     nn.LayerNorm: LayerNorm,
     nn.RMSNorm: RMSNorm,
     nn.GELU: GELU,

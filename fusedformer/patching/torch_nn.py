@@ -38,6 +38,8 @@ def torch_left_reason(m: nn.Module) -> str | None:
     """Why a module that is a ``torch.nn`` class of ``FUSED_CLASSES`` (a subclass of one) was left, or None."""
     if isinstance(m, tuple(FUSED_CLASSES.values())):
         return None
+    if type(m) is nn.modules.linear.NonDynamicallyQuantizableLinear:
+        return None  # MultiheadAttention's out_proj: the attention module (fused or not) applies its weights
     torch_base = next((b for b in FUSED_CLASSES if isinstance(m, b)), None)
     if torch_base is None:
         return None

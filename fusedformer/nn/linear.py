@@ -1,0 +1,124 @@
+"""Linear, measured: ``torch.nn.Linear`` whose float32 CPU calls run on whichever GEMM engine is faster here.
+
+On a CPU, torch's float32 linear is MKL's sgemm; ``ff.linear`` is oneDNN's JIT-compiled brgemm. Which is
+faster depends on the CPU (MKL is at the hardware's peak on Intel and on its AVX2 path on AMD, where
+oneDNN runs about 2x faster on AVX-512) and on the shape (for a few rows the fused op's weight packing
+costs more than it saves). So it is measured, never assumed: the first call of each class (out and in
+features, bias or not, the rows rounded to a power of two, torch's thread count) times both on the call's
+own input, interleaved, and the faster serves every later call of that class in this process (torch only
+when it is at least ``MARGIN`` faster). ``FUSEDFORMER_HANDOVER=0`` and ``fusedformer.handover.off()``
+keep the fused op (``ff.patch(verify=True)`` checks it that way). Under ``torch.compile``, on other
+devices and in other dtypes, ``F.linear`` serves; ``explain`` says which and why.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusedformer import handover
+from fusedformer.ops.linear import linear, why_not_fused
+
+__all__ = ["Linear", "decisions", "reset"]
+
+MARGIN = 0.97  # torch serves when its time is below MARGIN x the fused op's
+_DECISIONS: dict[tuple, tuple[float, float]] = {}  # class -> (fused ms, torch ms)
+
+
+def _class(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple:
+    rows = input.numel() // max(input.shape[-1], 1)
+    return (module.out_features, module.in_features, with_bias, max(rows, 1).bit_length(), torch.get_num_threads())
+
+
+def _measure(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple[float, float]:
+    w, b = module.weight.detach(), module.bias.detach() if with_bias else None
+    x = input.detach()
+    fns = (lambda: linear(x, w, b), lambda: F.linear(x, w, b))
+    times: list[list[float]] = [[], []]
+    with torch.no_grad():
+        for fn in fns:
+            fn()  # warm-up: oneDNN compiles its kernels for this shape
+        for _ in range(3):
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t0)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+
+
+def decisions() -> dict[tuple, tuple[float, float]]:
+    """Every class measured in this process: ``{(out, in, bias, log2 rows class, threads): (fused ms, torch ms)}``."""
+    return dict(_DECISIONS)
+
+
+def reset() -> None:
+    """Forgets the measurements (the next call of each class measures again)."""
+    _DECISIONS.clear()
+
+
+class Linear(nn.Linear):
+    """``torch.nn.Linear`` (same constructor, parameters and semantics) whose float32 CPU calls run on
+    ``ff.linear`` (oneDNN's brgemm) or ``F.linear`` (MKL), whichever measured faster for the call's class.
+
+    Shape: input ``(*, in_features)`` -> output ``(*, out_features)``.
+    """
+
+    def _fused_serves(self, input: torch.Tensor, with_bias: bool) -> bool:
+        bias = self.bias if with_bias else None
+        if torch.compiler.is_compiling() or input.numel() == 0:
+            return False
+        if why_not_fused(input, self.weight, bias) is not None:
+            return False
+        if not handover._enabled():  # FUSEDFORMER_HANDOVER=0, handover.off(): the fused op, unmeasured
+            return True
+        key = _class(self, input, with_bias)
+        times = _DECISIONS.get(key)
+        if times is None:
+            times = _DECISIONS[key] = _measure(self, input, with_bias)
+        return not times[1] < MARGIN * times[0]
+
+    def project(self, input: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``input @ weight^T (+ bias)`` on the engine measured faster; ``bias=False`` leaves the bias out
+        (a fused GELU that takes it instead). Shape: ``(*, in_features)`` -> ``(*, out_features)``."""
+        # the module's memo first (one dict read per call): by input shape, dtype, device kind, the
+        # handover switches (handover.memo_key), torch's thread count and the bias
+        with_bias = bias and self.bias is not None
+        key = (handover.memo_key(input), torch.get_num_threads(), with_bias)
+        memo = self.__dict__.get("_ff_linear")
+        use = memo.get(key) if memo is not None else None
+        if use is None:
+            use = self._fused_serves(input, with_bias)
+            if not torch.compiler.is_compiling():
+                if memo is None:
+                    memo = self.__dict__["_ff_linear"] = {}
+                memo[key] = use
+        b = self.bias if with_bias else None
+        if use:
+            return linear(input, self.weight, b)
+        return F.linear(input, self.weight, b)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # (*, in_features) -> (*, out_features)
+        return self.project(input)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_ff_linear", None)  # parameters moved or cast: decide again
+        return super()._apply(fn, recurse)
+
+    def explain(self, input: torch.Tensor) -> str:
+        """Which engine serves this module's call on ``input``, and why (measured times where known)."""
+        why = why_not_fused(input, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            why = "under torch.compile (Inductor plans its own GEMMs)"
+        if why is not None:
+            return f"linear: F.linear serves ({why})"
+        if not handover._enabled():
+            return "linear: fusedformer's oneDNN brgemm serves (handover off: not measured)"
+        times = _DECISIONS.get(_class(self, input, self.bias is not None))
+        if times is None:
+            return "linear: not measured yet; the first call of this class times both and the faster serves"
+        who = "fusedformer's oneDNN brgemm" if not times[1] < MARGIN * times[0] else "F.linear (MKL)"
+        return f"linear: {who} serves (measured: fused {times[0]:.3f} ms, torch {times[1]:.3f} ms)"

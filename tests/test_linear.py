@@ -1,0 +1,185 @@
+"""ff.linear (float32 linear on oneDNN's brgemm, csrc/cpu/linear.cpp) and fusedformer.nn.Linear (the engine
+measured faster per shape class): against float64, errors at most 2x (outputs) / 3x (gradients) torch's own
+F.linear error in float32, awkward sizes, the op's registration, and the module's decision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusedformer as ff
+import fusedformer.nn.linear as fflinear
+from fusedformer import handover
+from fusedformer.ops.linear import linear_available, why_not_fused
+from tests.conftest import assert_error_within, randn
+
+pytestmark = pytest.mark.skipif(not linear_available(), reason="fusedformer._C without linear_fwd")
+
+SHAPES = [  # (leading shape of input, K, N): 1, 17, 97, 1025 rows; K past one chunk (128) and not a multiple
+    ((1,), 17, 1),
+    ((17,), 97, 130),
+    ((97,), 384, 64),
+    ((3, 5, 7), 129, 65),
+    ((1025,), 300, 97),
+    ((64,), 1536, 384),
+]
+
+
+def _check(x, w, b):
+    grad = randn(*x.shape[:-1], w.shape[0])
+    leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if b is not None else ())]
+    out = ff.linear(*leaves) if b is not None else ff.linear(*leaves, None)
+    out.backward(grad)
+    ours = (out.detach(), *(t.grad for t in leaves))
+
+    def ref(dtype):
+        ls = [t.detach().to(dtype).requires_grad_(True) for t in leaves]
+        o = F.linear(*ls) if b is not None else F.linear(*ls, None)
+        o.backward(grad.to(dtype))
+        return (o.detach(), *(t.grad for t in ls))
+
+    truth, same = ref(torch.float64), ref(torch.float32)
+    for name, o, s, t, factor in zip(("out", "dx", "dw", "db"), ours, same, truth, (2, 3, 3, 3)):
+        assert o.dtype == torch.float32
+        assert_error_within(name, o, s, t, factor)
+
+
+@pytest.mark.parametrize("lead,K,N", SHAPES, ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_matches_float64(lead, K, N, with_bias):
+    x = randn(*lead, K)
+    w = randn(N, K, scale=K**-0.5)
+    b = randn(N) if with_bias else None
+    _check(x, w, b)
+
+
+def test_long_reduction_error_is_torchs_or_less():
+    """K = 2048: the chunked sums keep the error at or below MKL's (a single chain gives about 3x)."""
+    x, w = randn(256, 2048), randn(512, 2048, scale=2048**-0.5)
+    truth = F.linear(x.double(), w.double())
+    ours = (ff.linear(x, w).double() - truth).abs().max().item()
+    torchs = (F.linear(x, w).double() - truth).abs().max().item()
+    assert ours <= 1.5 * torchs, (ours, torchs)
+
+
+def test_non_contiguous_and_edge_shapes():
+    x = randn(40, 20).t()  # (20, 40), non-contiguous
+    w, b = randn(7, 40), randn(7)
+    torch.testing.assert_close(ff.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    # no rows, no outputs, and K = 0 (the bias alone)
+    assert ff.linear(randn(0, 5), randn(3, 5)).shape == (0, 3)
+    assert ff.linear(randn(4, 5), randn(0, 5)).shape == (4, 0)
+    assert torch.equal(ff.linear(randn(4, 0), randn(3, 0), torch.tensor([1.0, 2.0, 3.0])),
+                       torch.tensor([1.0, 2.0, 3.0]).expand(4, 3))  # fmt: skip
+    assert torch.equal(ff.linear(randn(2, 0), randn(3, 0)), torch.zeros(2, 3))
+
+
+def test_bad_input_raises_clearly():
+    with pytest.raises(RuntimeError, match="in_features"):
+        ff.linear(randn(4, 5), randn(3, 6))
+    with pytest.raises(RuntimeError, match="bias of shape"):
+        ff.linear(randn(4, 5), randn(3, 5), randn(4))
+
+
+def test_other_dtypes_and_devices_go_to_torch():
+    x, w = randn(4, 8, dtype=torch.bfloat16), randn(3, 8, dtype=torch.bfloat16)
+    assert "float32 only" in why_not_fused(x, w, None)
+    assert torch.equal(ff.linear(x, w), F.linear(x, w))
+    assert why_not_fused(randn(4, 8), randn(3, 8), None) is None
+
+
+def test_opcheck():
+    x, w, b = randn(5, 17, requires_grad=True), randn(9, 17, requires_grad=True), randn(9, requires_grad=True)
+    torch.library.opcheck(torch.ops.fusedformer.linear_fwd.default, (x, w, b))
+    torch.library.opcheck(torch.ops.fusedformer.linear_fwd.default, (x, w, None))
+
+
+def test_compile_fullgraph():
+    x, w, b = randn(6, 33), randn(5, 33), randn(5)
+    compiled = torch.compile(lambda x: ff.linear(x, w, b), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), ff.linear(x, w, b), rtol=0, atol=0)
+
+
+# ---- fusedformer.nn.Linear ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_decisions():
+    fflinear.reset()
+    yield
+    fflinear.reset()
+
+
+def _module(monkeypatch, fused_ms, torch_ms, calls):
+    """A Linear whose measurement is stubbed: (fused ms, torch ms); calls counts the fused op's calls."""
+    m = fflinear.Linear(16, 8)
+    monkeypatch.setattr(fflinear, "_measure", lambda *a: (fused_ms, torch_ms))
+    real = fflinear.linear
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(fflinear, "linear", counting)
+    return m
+
+
+@pytest.mark.parametrize("fused_ms,torch_ms,fused_serves", [(1.0, 2.0, True), (2.0, 1.0, False), (1.0, 0.98, True)])
+def test_module_serves_the_measured_engine(monkeypatch, fresh_decisions, fused_ms, torch_ms, fused_serves):
+    monkeypatch.delenv("FUSEDFORMER_HANDOVER", raising=False)
+    calls = []
+    m = _module(monkeypatch, fused_ms, torch_ms, calls)
+    x = randn(3, 16)
+    torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), rtol=1e-5, atol=1e-5)
+    m(x)
+    assert len(calls) == (2 if fused_serves else 0)
+    assert len(fflinear.decisions()) == 1
+    assert ("fusedformer's oneDNN brgemm serves" if fused_serves else "F.linear (MKL) serves") in m.explain(x)
+
+
+def test_module_keeps_the_fused_op_with_handover_off(monkeypatch, fresh_decisions):
+    calls = []
+    m = _module(monkeypatch, 2.0, 1.0, calls)  # torch would win the measurement
+    x = randn(3, 16)
+    with handover.off():
+        m(x)
+    assert len(calls) == 1 and fflinear.decisions() == {}
+    monkeypatch.setenv("FUSEDFORMER_HANDOVER", "0")
+    m(x)
+    assert len(calls) == 2 and "not measured" in m.explain(x)
+
+
+def test_module_real_measurement_and_training(fresh_decisions, monkeypatch):
+    monkeypatch.delenv("FUSEDFORMER_HANDOVER", raising=False)
+    torch_layer = nn.Linear(64, 32)
+    m = fflinear.Linear(64, 32)
+    m.load_state_dict(torch_layer.state_dict())
+    x = randn(2, 50, 64, requires_grad=True)
+    out = m(x)
+    (fused_ms, torch_ms), = fflinear.decisions().values()
+    assert fused_ms > 0 and torch_ms > 0
+    ref = torch_layer(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(m.weight.grad, torch_layer.weight.grad, rtol=1e-5, atol=1e-4)
+    # a cast forgets the module's memo; bfloat16 then runs on F.linear
+    m.to(torch.bfloat16)
+    assert "_ff_linear" not in vars(m)
+    xb = x.detach().to(torch.bfloat16)
+    assert torch.equal(m(xb), F.linear(xb, m.weight, m.bias)) and "F.linear serves" in m.explain(xb)
+
+
+def test_patch_swaps_linear_and_back():
+    from fusedformer.patching import patch, unpatch
+
+    net = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4))
+    x = randn(5, 8)
+    before = net(x)
+    report = patch(net)
+    assert type(net[0]) is fflinear.Linear and report.replaced["Linear"] == ["0", "2"]
+    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+    unpatch(net)
+    assert type(net[0]) is nn.Linear
