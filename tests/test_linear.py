@@ -17,8 +17,11 @@ from tests.conftest import assert_error_within, randn
 
 pytestmark = pytest.mark.skipif(not linear_available(), reason="fusedformer._C without linear_fwd")
 
-SHAPES = [  # (leading shape of input, K, N): 1, 17, 97, 1025 rows; K past one chunk (128) and not a multiple
+SHAPES = [  # (leading shape of input, K, N): 1, 17, 97, 1025 rows; K past one chunk (128) and not a multiple.
+    # Up to 64 rows the weight is brgemm's A operand (linear_few_rows), past that it is packed: 64 and 65 rows
     ((1,), 17, 1),
+    ((64,), 257, 130),
+    ((65,), 257, 130),
     ((17,), 97, 130),
     ((97,), 384, 64),
     ((3, 5, 7), 129, 65),

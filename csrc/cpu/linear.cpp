@@ -6,6 +6,9 @@
 // tile products are (csrc/cpu/matmul.cpp); which of the two serves a model's layer is measured, not
 // assumed (fusedformer/nn/linear.py).
 //
+// Two layouts: many rows take the weight packed into panels of weight^T (once per call, shared by every
+// row block); a few rows (<= 64) take the weight as brgemm's A operand unpacked (linear_few_rows).
+//
 // Accuracy: the reduction over K runs in chunks of kChunk, each chunk's products summed by brgemm in one
 // chain and the chunks' sums then added in order: a float32 error of about (kChunk + K / kChunk) roundings
 // rather than K of a single chain (oneDNN's own matmul sums one chain: 3x torch's error at K = 2048).
@@ -62,6 +65,36 @@ void pack_weight(const float* w, int64_t N, int64_t K, float* panels) {
   });
 }
 
+// Few rows (at most kPanel): out^T = weight input^T, so that the weight is brgemm's A operand as it lies
+// (row-major N x K, no packing) and only input^T (K x rows, small) is written out; each task takes 64
+// rows of the weight (64 outputs) and writes its block of out transposed back, bias added.
+void linear_few_rows(const float* x, const float* w, const float* b, int64_t rows, int64_t N, int64_t K, float* out) {
+  std::vector<float> xt(K * rows);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t k = 0; k < K; ++k) xt[k * rows + m] = x[m * K + k];
+  }
+  const int64_t n_blocks = (N + kRows - 1) / kRows;
+  const int64_t n_chunks = (K + kChunk - 1) / kChunk;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(kRows * rows), part(n_chunks > 1 ? kRows * rows : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kRows, nr = std::min(kRows, N - n0);
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t k0 = c * kChunk, kc = std::min(kChunk, K - k0);
+        float* dst = c == 0 ? acc.data() : part.data();
+        cpublas::brgemm(nr, rows, kc, K, rows, rows, false, w + n0 * K + k0, xt.data() + k0 * rows, dst, false);
+        if (c > 0) {
+          for (int64_t i = 0; i < nr * rows; ++i) acc[i] += part[i];
+        }
+      }
+      for (int64_t m = 0; m < rows; ++m) {
+        float* row = out + m * N + n0;
+        for (int64_t n = 0; n < nr; ++n) row[n] = acc[n * rows + m] + (b != nullptr ? b[n0 + n] : 0.0f);
+      }
+    }
+  });
+}
+
 at::Tensor linear_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_args(input, weight, bias);
   const int64_t K = weight.size(1), N = weight.size(0);
@@ -82,6 +115,10 @@ at::Tensor linear_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
   }
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
+  if (rows <= kPanel) {
+    linear_few_rows(x.const_data_ptr<float>(), w.const_data_ptr<float>(), b, rows, N, K, out.data_ptr<float>());
+    return out;
+  }
   const int64_t n_panels = (N + kPanel - 1) / kPanel;
   at::Tensor panels = at::empty({n_panels, K, kPanel}, w.options());
   pack_weight(w.const_data_ptr<float>(), N, K, panels.data_ptr<float>());
