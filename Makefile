@@ -3,6 +3,8 @@
 #   make test    the test suite (what CI runs)
 #   make gpu-check   on one CUDA GPU, <= 5 min: the gpu-marked tests, then Triton vs torch timings into
 #                bench-results/gpu/; without a GPU it stops in seconds saying why. Not part of CI.
+#                On a machine with torch, triton and pytest already there and no network (no setup to run,
+#                fusedformer._C not needed): `python3 -m fusedformer.bench.gpu_check` from the checkout.
 # Set-up: a virtualenv in .venv/ unless one is active; torch==2.13.0 (the CPU wheel) if torch is
 # missing; requirements-dev.txt; the editable build of fusedformer._C (redone when csrc/ changes).
 

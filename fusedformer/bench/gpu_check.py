@@ -9,7 +9,8 @@ On one CUDA GPU, in about five minutes at most:
    L = 1k..16k, float16 and bfloat16, autotuning over a few configs (``FUSEDFORMER_TRITON_TUNE=quick``);
    rows left when ``--budget`` runs out are written as not run.
 
-Writes ``gpu-check.md`` (a table), ``gpu-check.csv`` and ``tests.log`` under ``bench-results/gpu/``.
+Writes ``gpu-check.md`` (a table), ``gpu-check.csv``, ``tests.log`` and ``backward-profile.txt`` (torch.profiler
+tables of a LayerNorm and an attention fwd+bwd step) under ``bench-results/gpu/``.
 Exit status: 0 when the tests passed and every row ran, 1 otherwise, 2 without a usable GPU (decided
 in seconds, before anything is compiled). Not part of CI: no machine of the project's CI has a GPU.
 
@@ -159,6 +160,46 @@ def _cases():
             yield "gelu", dtype, L, f"(4, {L}, {WIDTH}) + bias", gelu, n_bytes, 1.5, "GB/s", ("fwd", "fwd+bwd")
 
 
+def profile_backwards(out: Path) -> str:
+    """torch.profiler tables (host and device time per op) of 10 fwd+bwd steps of LayerNorm (4, 1024, 4096)
+    and causal attention (16, 16, 1024, 64) in float16, into ``out/backward-profile.txt``: where the fixed
+    ~1 ms of every backward on the H200 (BENCHMARKS.md, 2026-12-04) goes. Returns a one-line summary."""
+    import torch
+
+    import fusedformer as ff
+
+    def layer_norm_step():
+        x = torch.randn(4, 1024, 4096, device="cuda", dtype=torch.float16, requires_grad=True)
+        w, b = (torch.randn(4096, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(2))
+        g = torch.randn_like(x)
+        return lambda: ff.layer_norm(x, (4096,), w, b).backward(g)
+
+    def attention_step():
+        q, k, v = (torch.randn(16, 16, 1024, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+                   for _ in range(3))
+        g = torch.randn_like(q)
+        return lambda: ff.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+
+    sections, summary = [], []
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    for name, make in (("layer_norm", layer_norm_step), ("attention", attention_step)):
+        step = make()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+        per_step = (time.perf_counter() - start) / 10 * 1e3
+        summary.append(f"{name} {per_step:.2f} ms/step under the profiler")
+        sections.append(f"## {name}: fwd+bwd, {per_step:.3f} ms per step (wall, profiled)\n\n"
+                        + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    (out / "backward-profile.txt").write_text("\n\n".join(sections) + "\n")
+    return "; ".join(summary)
+
+
 def run_benchmarks(deadline: float) -> list[dict]:
     import torch
 
@@ -302,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         tests = run_tests(args.out, args.test_budget)
         print(f"[gpu-check] tests: {tests[1]}", file=sys.stderr)
 
+    try:
+        print(f"[gpu-check] profile: {profile_backwards(args.out)}", file=sys.stderr, flush=True)
+    except Exception as e:  # the timings still run
+        print(f"[gpu-check] profile failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     rows = run_benchmarks(deadline=start + args.budget)
     write_report(args.out, header, tests, rows)
     print((args.out / "gpu-check.md").read_text())
