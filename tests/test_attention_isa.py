@@ -70,6 +70,14 @@ _SCRIPT = textwrap.dedent(
             ff.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).sum().backward()
             assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
         _C.set_attention_engine(name, "auto")
+    # ff.linear's brgemm under the same cap: many rows (packed weight) and few rows (weight as A)
+    import fusedformer as ff
+    for rows in (70, 5):
+        x, w, b = torch.randn(rows, 300), torch.randn(130, 300) / 300 ** 0.5, torch.randn(130)
+        truth = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        err = (ff.linear(x, w, b).double() - truth).abs().max().item()
+        err_torch = (torch.nn.functional.linear(x, w, b).double() - truth).abs().max().item()
+        assert err <= 2 * err_torch + 1e-6, (rows, err, err_torch)
     print(json.dumps(report))
     """
 )
