@@ -91,6 +91,14 @@ def test_other_dtypes_and_devices_go_to_torch():
     assert "float32 only" in why_not_fused(x, w, None)
     assert torch.equal(ff.linear(x, w), F.linear(x, w))
     assert why_not_fused(randn(4, 8), randn(3, 8), None) is None
+    assert why_not_fused(randn(4, 8), nn.Parameter(randn(3, 8)), None) is None
+
+    class Sub(torch.Tensor):
+        pass
+
+    x = randn(4, 8).as_subclass(Sub)
+    assert "subclass" in why_not_fused(x, randn(3, 8), None)
+    assert ff.linear(x, randn(3, 8)).shape == (4, 3)
 
 
 def test_opcheck():

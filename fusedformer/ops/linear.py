@@ -64,6 +64,8 @@ def why_not_fused(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not _AVAILABLE:
         return backends._C_ERROR or "fusedformer._C has no linear_fwd kernel"
     tensors = [t for t in (input, weight, bias) if t is not None]
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return "a tensor subclass (a DTensor, say): torch's F.linear knows how to run it"
     if any(t.device.type != "cpu" for t in tensors):
         return "not on the CPU (on a GPU torch's cuBLAS linear is the engine to use)"
     if any(t.dtype != torch.float32 for t in tensors):
