@@ -86,9 +86,32 @@ def test_bad_input_raises_clearly():
         ff.linear(randn(4, 5), randn(3, 5), randn(4))
 
 
+@pytest.mark.parametrize("lead,K,N", [((1,), 17, 5), ((17,), 97, 130), ((97,), 129, 65)], ids=str)
+def test_float16_in_float32(lead, K, N):
+    """float16 computed in float32 and rounded once: within 2x (3x for gradients) torch's float16 error."""
+    x, w, b = randn(*lead, K, dtype=torch.float16), randn(N, K, scale=K**-0.5, dtype=torch.float16), randn(N, dtype=torch.float16)
+    grad = randn(*lead, N, dtype=torch.float16)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    out = ff.linear(*leaves)
+    out.backward(grad)
+    assert out.dtype == torch.float16 and all(t.grad.dtype == torch.float16 for t in leaves)
+
+    def ref(dtype):
+        ls = [t.detach().to(dtype).requires_grad_(True) for t in (x, w, b)]
+        o = F.linear(*ls)
+        o.backward(grad.to(dtype))
+        return (o.detach(), *(t.grad for t in ls))
+
+    truth, same = ref(torch.float64), ref(torch.float16)
+    for name, o, s_, t, factor in zip(("out", "dx", "dw", "db"), (out.detach(), *(t.grad for t in leaves)), same,
+                                      truth, (2, 3, 3, 3)):  # fmt: skip
+        assert_error_within(name, o, s_, t, factor)
+
+
 def test_other_dtypes_and_devices_go_to_torch():
     x, w = randn(4, 8, dtype=torch.bfloat16), randn(3, 8, dtype=torch.bfloat16)
-    assert "float32 only" in why_not_fused(x, w, None)
+    assert "torch's bfloat16 linear" in why_not_fused(x, w, None)
+    assert "float16" in why_not_fused(randn(4, 8, dtype=torch.float16), randn(3, 8), None)
     assert torch.equal(ff.linear(x, w), F.linear(x, w))
     assert why_not_fused(randn(4, 8), randn(3, 8), None) is None
     assert why_not_fused(randn(4, 8), nn.Parameter(randn(3, 8)), None) is None

@@ -31,7 +31,8 @@ _DECISIONS: dict[tuple, tuple[float, float]] = {}  # class -> (fused ms, torch m
 
 def _class(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple:
     rows = input.numel() // max(input.shape[-1], 1)
-    return (module.out_features, module.in_features, with_bias, max(rows, 1).bit_length(), torch.get_num_threads())
+    return (module.out_features, module.in_features, with_bias, input.dtype, max(rows, 1).bit_length(),
+            torch.get_num_threads())
 
 
 def _measure(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple[float, float]:
@@ -40,8 +41,13 @@ def _measure(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple[f
     fns = (lambda: linear(x, w, b), lambda: F.linear(x, w, b))
     times: list[list[float]] = [[], []]
     with torch.no_grad():
-        for fn in fns:
-            fn()  # warm-up: oneDNN compiles its kernels for this shape
+        first = []
+        for fn in fns:  # warm-up: oneDNN compiles its kernels for this shape (so its first call is slow)
+            t0 = time.perf_counter()
+            fn()
+            first.append(time.perf_counter() - t0)
+        if first[1] > 3 * first[0]:  # torch 3x slower than even the fused op's first call: no need to
+            return first[0] * 1e3, first[1] * 1e3  # repeat (float16 without AVX512-FP16: ~1 GFLOP/s)
         for _ in range(3):
             for i, fn in enumerate(fns):
                 t0 = time.perf_counter()
@@ -51,7 +57,8 @@ def _measure(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple[f
 
 
 def decisions() -> dict[tuple, tuple[float, float]]:
-    """Every class measured in this process: ``{(out, in, bias, log2 rows class, threads): (fused ms, torch ms)}``."""
+    """Every class measured in this process: ``{(out, in, bias, dtype, log2 rows class, threads): (fused ms,
+    torch ms)}``."""
     return dict(_DECISIONS)
 
 
@@ -62,7 +69,8 @@ def reset() -> None:
 
 class Linear(nn.Linear):
     """``torch.nn.Linear`` (same constructor, parameters and semantics) whose float32 CPU calls run on
-    ``ff.linear`` (oneDNN's brgemm) or ``F.linear`` (MKL), whichever measured faster for the call's class.
+    ``ff.linear`` (oneDNN's brgemm) or ``F.linear`` (MKL), whichever measured faster for the call's class
+    (float16 calls likewise, ``ff.linear`` computing them in float32).
 
     Shape: input ``(*, in_features)`` -> output ``(*, out_features)``.
     """

@@ -68,9 +68,9 @@ def why_not_fused(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return "a tensor subclass (a DTensor, say): torch's F.linear knows how to run it"
     if any(t.device.type != "cpu" for t in tensors):
         return "not on the CPU (on a GPU torch's cuBLAS linear is the engine to use)"
-    if any(t.dtype != torch.float32 for t in tensors):
-        return (f"{input.dtype} (the fused op is float32 only; torch's bfloat16/float16 linear already runs on "
-                "oneDNN)")
+    if input.dtype not in (torch.float32, torch.float16) or any(t.dtype != input.dtype for t in tensors):
+        return (f"{input.dtype} input with a {weight.dtype} weight (float32, or float16 computed in float32; "
+                "torch's bfloat16 linear already runs on oneDNN)")
     return None
 
 
@@ -80,7 +80,9 @@ def linear_available() -> bool:
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(input, weight, bias)``: ``input @ weight^T + bias`` on oneDNN's brgemm for float32 CPU tensors.
+    """``F.linear(input, weight, bias)``: ``input @ weight^T + bias`` on oneDNN's brgemm for float32 CPU tensors
+    (float16 ones are computed in float32 and rounded once: torch's float16 CPU GEMM is slow without
+    AVX512-FP16).
 
     Shapes: input ``(*, K)``, weight ``(N, K)``, bias ``(N,)`` -> ``(*, N)`` in input's dtype.
 
@@ -90,4 +92,9 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     if why_not_fused(input, weight, bias) is not None or input.dim() == 0:
         return F.linear(input, weight, bias)
+    if input.dtype == torch.float16:
+        # in float32, rounded once at the end: torch's own float16 CPU GEMM has no fast path without
+        # AVX512-FP16 (about 1 GFLOP/s on an AMD EPYC); the conversions are differentiable torch ops
+        out = linear_fwd(input.float(), weight.float(), None if bias is None else bias.float())
+        return out.to(torch.float16)
     return linear_fwd(input, weight, bias)
