@@ -20,6 +20,7 @@ from fusedformer import reference  # noqa: E402
 from fusedformer.kernels import _common  # noqa: E402
 from fusedformer.kernels.attention import attention_backward, attention_forward  # noqa: E402
 from tests.conftest import assert_error_within  # noqa: E402
+from tests.test_varlen import _cu as cu_seqlens, _ref  # noqa: E402  (the per-sequence float64 reference)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -52,14 +53,7 @@ LENGTHS = {
 
 
 def _cu(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=CUDA)
-
-
-def _varlen_ref(q, k, v, cu_q, cu_k, grad, is_causal, scale, dtype, upcast):
-    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
-    out = reference.varlen_attention(*leaves, cu_q, cu_k, 0.0, is_causal, scale, upcast=upcast)
-    out.backward(grad.to(dtype))
-    return (out.detach(), *(t.grad for t in leaves))
+    return cu_seqlens(lengths).to(CUDA)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -77,8 +71,8 @@ def test_varlen_on_gpu(dtype, is_causal, case):
     out.backward(grad)
     ours = (out.detach(), *(t.grad for t in leaves))
     scale = 1.0 / math.sqrt(E)
-    truth = _varlen_ref(q, k, v, cu_q, cu_k, grad, is_causal, scale, torch.float64, True)
-    same = _varlen_ref(q, k, v, cu_q, cu_k, grad, is_causal, scale, dtype, False)
+    truth = _ref(q, k, v, cu_q, cu_k, grad, is_causal, scale, torch.float64, True)
+    same = _ref(q, k, v, cu_q, cu_k, grad, is_causal, scale, dtype, False)
     for name, o, s, t, factor in zip(("out", "dq", "dk", "dv"), ours, same, truth, (2, 3, 3, 3)):
         assert o.dtype == dtype and o.device.type == CUDA
         assert_error_within(name, o, s, t, factor)

@@ -65,6 +65,20 @@ void pack_weight(const float* w, int64_t N, int64_t K, float* panels) {
   });
 }
 
+// acc (M x N, ldc N) = A (M x K, lda) B (K x N, ldb N), K summed in chunks of kChunk by brgemm, the
+// chunks' sums added in order (see the accuracy note above); part: M x N scratch, used when K > kChunk.
+void chunked_product(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, float* acc,
+                     float* part) {
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t kc = std::min(kChunk, K - k0);
+    float* dst = k0 == 0 ? acc : part;
+    cpublas::brgemm(M, N, kc, lda, N, N, false, A + k0, B + k0 * N, dst, false);
+    if (k0 > 0) {
+      for (int64_t i = 0; i < M * N; ++i) acc[i] += part[i];
+    }
+  }
+}
+
 // Few rows (at most kPanel): out^T = weight input^T, so that the weight is brgemm's A operand as it lies
 // (row-major N x K, no packing) and only input^T (K x rows, small) is written out; each task takes 64
 // rows of the weight (64 outputs) and writes its block of out transposed back, bias added.
@@ -74,19 +88,11 @@ void linear_few_rows(const float* x, const float* w, const float* b, int64_t row
     for (int64_t k = 0; k < K; ++k) xt[k * rows + m] = x[m * K + k];
   }
   const int64_t n_blocks = (N + kRows - 1) / kRows;
-  const int64_t n_chunks = (K + kChunk - 1) / kChunk;
   at::parallel_for(0, n_blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(kRows * rows), part(n_chunks > 1 ? kRows * rows : 0);
+    std::vector<float> acc(kRows * rows), part(K > kChunk ? kRows * rows : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kRows, nr = std::min(kRows, N - n0);
-      for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t k0 = c * kChunk, kc = std::min(kChunk, K - k0);
-        float* dst = c == 0 ? acc.data() : part.data();
-        cpublas::brgemm(nr, rows, kc, K, rows, rows, false, w + n0 * K + k0, xt.data() + k0 * rows, dst, false);
-        if (c > 0) {
-          for (int64_t i = 0; i < nr * rows; ++i) acc[i] += part[i];
-        }
-      }
+      chunked_product(nr, rows, K, w + n0 * K, K, xt.data(), acc.data(), part.data());
       for (int64_t m = 0; m < rows; ++m) {
         float* row = out + m * N + n0;
         for (int64_t n = 0; n < nr; ++n) row[n] = acc[n * rows + m] + (b != nullptr ? b[n0 + n] : 0.0f);
@@ -126,24 +132,16 @@ at::Tensor linear_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
   const float* pp = panels.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t m_blocks = (rows + kRows - 1) / kRows;
-  const int64_t n_chunks = (K + kChunk - 1) / kChunk;
   // tasks: (row block, panel), the panels of one row block together (its rows of input stay in cache)
   at::parallel_for(0, m_blocks * n_panels, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(kRows * kPanel), part(n_chunks > 1 ? kRows * kPanel : 0);
+    std::vector<float> acc(kRows * kPanel), part(K > kChunk ? kRows * kPanel : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t mb = t / n_panels, p = t % n_panels;
       const int64_t m0 = mb * kRows, mr = std::min(kRows, rows - m0);
       const int64_t n0 = p * kPanel, nb = std::min(kPanel, N - n0);
       const float* a = xp + m0 * K;
       const float* panel = pp + p * K * kPanel;
-      for (int64_t c = 0; c < n_chunks; ++c) {
-        const int64_t k0 = c * kChunk, kc = std::min(kChunk, K - k0);
-        float* dst = c == 0 ? acc.data() : part.data();
-        cpublas::brgemm(mr, kPanel, kc, K, kPanel, kPanel, false, a + k0, panel + k0 * kPanel, dst, false);
-        if (c > 0) {
-          for (int64_t i = 0; i < mr * kPanel; ++i) acc[i] += part[i];
-        }
-      }
+      chunked_product(mr, kPanel, K, a, K, panel, acc.data(), part.data());
       for (int64_t m = 0; m < mr; ++m) {
         float* row = op + (m0 + m) * N + n0;
         const float* src = acc.data() + m * kPanel;

@@ -25,7 +25,7 @@ from fusedformer.ops.linear import linear, why_not_fused
 
 __all__ = ["Linear", "decisions", "reset"]
 
-MARGIN = 0.97  # torch serves when its time is below MARGIN x the fused op's
+MARGIN = handover.MARGIN  # torch serves when its time is below MARGIN x the fused op's (the handover's rule)
 _DECISIONS: dict[tuple, tuple[float, float]] = {}  # class -> (fused ms, torch ms)
 
 
