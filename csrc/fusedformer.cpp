@@ -87,6 +87,10 @@ TORCH_LIBRARY(fusedformer, m) {
   m.def("gelu_fwd(Tensor input, Tensor? bias, str approximate) -> Tensor");
   // float32 linear layer on oneDNN's brgemm (csrc/cpu/linear.cpp): input (*, K), weight (N, K) -> (*, N)
   m.def("linear_fwd(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  // its backward's products on the same engine: grad (*, N), weight (N, K) -> grad_input (*, K) = grad weight;
+  // grad (*, N), input (*, K) -> grad_weight (N, K) = grad^T input, summed over every leading index
+  m.def("linear_bwd_input(Tensor grad, Tensor weight) -> Tensor");
+  m.def("linear_bwd_weight(Tensor grad, Tensor input) -> Tensor");
   // grad_bias is (D,), or empty where bias is None.
   m.def(
       "gelu_bwd(Tensor grad_out, Tensor input, Tensor? bias, str approximate) "

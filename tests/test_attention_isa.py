@@ -78,6 +78,14 @@ _SCRIPT = textwrap.dedent(
         err = (ff.linear(x, w, b).double() - truth).abs().max().item()
         err_torch = (torch.nn.functional.linear(x, w, b).double() - truth).abs().max().item()
         assert err <= 2 * err_torch + 1e-6, (rows, err, err_torch)
+        # its backward's products (grad_weight transposes grad here: 130 outputs < 300 inputs)
+        g = torch.randn(rows, 130)
+        for got, same, exact in (
+            (torch.ops.fusedformer.linear_bwd_input(g, w), g @ w, g.double() @ w.double()),
+            (torch.ops.fusedformer.linear_bwd_weight(g, x), g.t() @ x, g.double().t() @ x.double()),
+        ):
+            err, err_torch = ((t.double() - exact).abs().max().item() for t in (got, same))
+            assert err <= 3 * err_torch + 1e-6, (rows, err, err_torch)
     print(json.dumps(report))
     """
 )

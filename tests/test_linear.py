@@ -27,6 +27,7 @@ SHAPES = [  # (leading shape of input, K, N): 1, 17, 97, 1025 rows; K past one c
     ((3, 5, 7), 129, 65),
     ((1025,), 300, 97),
     ((64,), 1536, 384),
+    ((3, 100), 65, 257),  # out > in with many rows: grad_weight transposes the input (linear_bwd_weight)
 ]
 
 
@@ -136,6 +137,81 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled(x), ff.linear(x, w, b), rtol=0, atol=0)
 
 
+# ---- the backward's products (linear_bwd_input, linear_bwd_weight) --------------------------------
+
+
+@pytest.mark.parametrize("rows,N,K", [(1, 1, 1), (17, 130, 97), (97, 97, 300), (1025, 257, 129), (300, 600, 40)],
+                         ids=str)  # fmt: skip
+def test_backward_products_match_float64(rows, N, K):
+    """Each op alone against float64, within 3x torch's float32 product (grad @ weight, grad^T @ input); N
+    and K on both sides of each other (grad_weight transposes the narrower operand) and past one chunk."""
+    grad, weight, input = randn(rows, N), randn(N, K, scale=N**-0.5), randn(rows, K)
+    g64, w64, x64 = grad.double(), weight.double(), input.double()
+    from fusedformer.ops.linear import linear_bwd_input, linear_bwd_weight
+
+    assert_error_within("grad_input", linear_bwd_input(grad, weight), grad @ weight, g64 @ w64, 3)
+    assert_error_within("grad_weight", linear_bwd_weight(grad, input), grad.t() @ input, g64.t() @ x64, 3)
+
+
+def test_backward_runs_the_fused_products(monkeypatch):
+    """Without create_graph the backward calls the fused ops; with it, torch's differentiable products (a
+    gradient penalty then matches F.linear's)."""
+    import fusedformer.ops.linear as ops_linear
+
+    called = []
+    for name in ("linear_bwd_input", "linear_bwd_weight"):
+        real = getattr(ops_linear, name)
+        monkeypatch.setattr(ops_linear, name, lambda *a, _real=real, _name=name: called.append(_name) or _real(*a))
+    x, w = randn(33, 20, requires_grad=True), randn(7, 20, requires_grad=True)
+    ff.linear(x, w).square().sum().backward()
+    assert sorted(called) == ["linear_bwd_input", "linear_bwd_weight"]
+    called.clear()
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w)]
+    (gx,) = torch.autograd.grad(ff.linear(*leaves).square().sum(), leaves[0], create_graph=True)
+    assert called == []  # (the second backward below runs the fused ops again, through the forward's node)
+    gx.square().sum().backward()
+    ref = [t.detach().clone().requires_grad_(True) for t in (x, w)]
+    (rx,) = torch.autograd.grad(F.linear(*ref).square().sum(), ref[0], create_graph=True)
+    rx.square().sum().backward()
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaves[1].grad, ref[1].grad, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_products_edge_shapes_and_errors():
+    from fusedformer.ops.linear import linear_bwd_input, linear_bwd_weight
+
+    grad, weight, input = randn(2, 3, 5), randn(5, 4), randn(2, 3, 4)
+    assert linear_bwd_input(grad, weight).shape == (2, 3, 4)
+    torch.testing.assert_close(linear_bwd_weight(grad, input), grad.reshape(6, 5).t() @ input.reshape(6, 4),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    g_t, w = randn(40, 9).t(), randn(40, 3)  # a non-contiguous grad
+    torch.testing.assert_close(linear_bwd_input(g_t, w), g_t @ w, rtol=1e-5, atol=1e-5)
+    assert torch.equal(linear_bwd_weight(randn(0, 5), randn(0, 4)), torch.zeros(5, 4))  # no rows: zeros
+    assert torch.equal(linear_bwd_input(randn(3, 0), randn(0, 4)), torch.zeros(3, 4))
+    assert linear_bwd_weight(randn(3, 0), randn(3, 4)).shape == (0, 4)
+    with pytest.raises(RuntimeError, match="grad \\(\\*, N\\) and weight"):
+        linear_bwd_input(randn(3, 5), randn(4, 4))
+    with pytest.raises(RuntimeError, match="same leading shape"):
+        linear_bwd_weight(randn(3, 5), randn(2, 4))
+    with pytest.raises(RuntimeError, match="float32"):
+        linear_bwd_input(randn(3, 5, dtype=torch.float64), randn(5, 4, dtype=torch.float64))
+
+
+def test_backward_opcheck_and_compile():
+    grad, weight, input = randn(5, 9), randn(9, 17), randn(5, 17)
+    torch.library.opcheck(torch.ops.fusedformer.linear_bwd_input.default, (grad, weight))
+    torch.library.opcheck(torch.ops.fusedformer.linear_bwd_weight.default, (grad, input))
+    w = randn(5, 33, requires_grad=True)
+
+    def step(x):
+        return torch.autograd.grad(ff.linear(x, w).square().sum(), (x, w))
+
+    x = randn(6, 33, requires_grad=True)
+    compiled = torch.compile(step, backend="aot_eager")
+    for a, b in zip(compiled(x), step(x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ---- fusedformer.nn.Linear ----------------------------------------------------------------------
 
 
@@ -192,8 +268,11 @@ def test_module_real_measurement_and_training(fresh_decisions, monkeypatch):
     m.load_state_dict(torch_layer.state_dict())
     x = randn(2, 50, 64, requires_grad=True)
     out = m(x)
-    (fused_ms, torch_ms), = fflinear.decisions().values()
-    assert fused_ms > 0 and torch_ms > 0
+    ((key, (fused_ms, torch_ms)),) = fflinear.decisions().items()
+    assert fused_ms > 0 and torch_ms > 0 and key[-1] is True  # a training class: timed forward and backward
+    with torch.no_grad():
+        m(x)
+    assert sorted(k[-1] for k in fflinear.decisions()) == [False, True]  # inference is its own class
     ref = torch_layer(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     out.sum().backward()

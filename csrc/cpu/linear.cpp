@@ -9,6 +9,10 @@
 // Two layouts: many rows take the weight packed into panels of weight^T (once per call, shared by every
 // row block); a few rows (<= 64) take the weight as brgemm's A operand unpacked (linear_few_rows).
 //
+// Outputs and the per-call scratch (packed panels, a transposed operand) come from the fused ops' cache of
+// huge-page blocks (cpu/allocator.h): a fresh 64 MiB output otherwise costs its 4 KiB page faults on
+// every call (a quarter of the time of 8192 x 512 x 2048 on a Zen 5).
+//
 // Accuracy: the reduction over K runs in chunks of kChunk, each chunk's products summed by brgemm in one
 // chain and the chunks' sums then added in order: a float32 error of about (kChunk + K / kChunk) roundings
 // rather than K of a single chain (oneDNN's own matmul sums one chain: 3x torch's error at K = 2048).
@@ -16,6 +20,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
+
+#include "cpu/allocator.h"
 
 #include <algorithm>
 #include <cstring>
@@ -65,18 +71,60 @@ void pack_weight(const float* w, int64_t N, int64_t K, float* panels) {
   });
 }
 
-// acc (M x N, ldc N) = A (M x K, lda) B (K x N, ldb N), K summed in chunks of kChunk by brgemm, the
-// chunks' sums added in order (see the accuracy note above); part: M x N scratch, used when K > kChunk.
-void chunked_product(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, float* acc,
-                     float* part) {
+// acc (M x N, ldc N) = A (M x K, lda) B (K x N, ldb), K summed in chunks of kChunk by brgemm, the chunks'
+// sums added in order (see the accuracy note above); part: M x N scratch, used when K > kChunk.
+void chunked_product(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                     float* acc, float* part) {
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t kc = std::min(kChunk, K - k0);
     float* dst = k0 == 0 ? acc : part;
-    cpublas::brgemm(M, N, kc, lda, N, N, false, A + k0, B + k0 * N, dst, false);
+    cpublas::brgemm(M, N, kc, lda, ldb, N, false, A + k0, B + k0 * ldb, dst, false);
     if (k0 > 0) {
       for (int64_t i = 0; i < M * N; ++i) acc[i] += part[i];
     }
   }
+}
+
+// The leading dimension of a copy of rows of K floats: whole 64-byte lines, an odd number of them, so
+// that the rows of a block fall in different L1 sets. brgemm reads A's rows of a block together; at a
+// stride of a power of two bytes (K = 512, 2048, or the R = 8192 rows of grad_weight's A) they share a
+// few sets and evict each other: measured 20-25 % slower (8192 x 2048 x 512 on a Zen 5).
+inline int64_t padded_ld(int64_t K) {
+  const int64_t ld = (K + 15) / 16 * 16;
+  return (ld / 16) % 2 == 0 ? ld + 16 : ld;
+}
+
+// Panel p of src (R x C, ld): R x kPanel row-major, columns p * kPanel.., zero past C.
+void pack_panel(const float* src, int64_t R, int64_t C, int64_t ld, int64_t p, float* dst) {
+  const int64_t c0 = p * kPanel, cn = std::min(kPanel, C - c0);
+  for (int64_t r = 0; r < R; ++r) {
+    std::memcpy(dst + r * kPanel, src + r * ld + c0, cn * sizeof(float));
+    if (cn < kPanel) std::memset(dst + r * kPanel + cn, 0, (kPanel - cn) * sizeof(float));
+  }
+}
+
+// out blocks = A (rows x K, lda) B, B given as panels (panel p: K x kPanel row-major, panel_stride apart),
+// the sum over K in chunks. Tasks: kRows rows x one panel, the panels of a row block together, so each
+// thread copies a row block of A once (to padded_ld) for all of them. write(m0, mr, p, acc): acc is
+// mr x kPanel (ld kPanel).
+template <typename Write>
+void rows_by_panels(int64_t rows, int64_t n_panels, int64_t K, const float* A, int64_t lda, const float* panels,
+                    int64_t panel_stride, const Write& write) {
+  const int64_t m_blocks = (rows + kRows - 1) / kRows, ld = padded_ld(K);
+  at::parallel_for(0, m_blocks * n_panels, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(kRows * kPanel), part(K > kChunk ? kRows * kPanel : 0), a_rows(kRows * ld);
+    int64_t copied = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mb = t / n_panels, p = t % n_panels;
+      const int64_t m0 = mb * kRows, mr = std::min(kRows, rows - m0);
+      if (mb != copied) {
+        for (int64_t m = 0; m < mr; ++m) std::memcpy(a_rows.data() + m * ld, A + (m0 + m) * lda, K * sizeof(float));
+        copied = mb;
+      }
+      chunked_product(mr, kPanel, K, a_rows.data(), ld, panels + p * panel_stride, kPanel, acc.data(), part.data());
+      write(m0, mr, p, acc.data());
+    }
+  });
 }
 
 // Few rows (at most kPanel): out^T = weight input^T, so that the weight is brgemm's A operand as it lies
@@ -92,7 +140,7 @@ void linear_few_rows(const float* x, const float* w, const float* b, int64_t row
     std::vector<float> acc(kRows * rows), part(K > kChunk ? kRows * rows : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kRows, nr = std::min(kRows, N - n0);
-      chunked_product(nr, rows, K, w + n0 * K, K, xt.data(), acc.data(), part.data());
+      chunked_product(nr, rows, K, w + n0 * K, K, xt.data(), rows, acc.data(), part.data());
       for (int64_t m = 0; m < rows; ++m) {
         float* row = out + m * N + n0;
         for (int64_t n = 0; n < nr; ++n) row[n] = acc[n * rows + m] + (b != nullptr ? b[n0 + n] : 0.0f);
@@ -106,7 +154,7 @@ at::Tensor linear_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
   const int64_t K = weight.size(1), N = weight.size(0);
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end() - 1);
   out_shape.push_back(N);
-  at::Tensor out = at::empty(out_shape, input.options());
+  at::Tensor out = empty_output(out_shape, at::kFloat);
   const int64_t rows = out.numel() / std::max<int64_t>(N, 1);
   if (out.numel() == 0) return out;
   const at::Tensor b_keep = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -126,29 +174,122 @@ at::Tensor linear_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
     return out;
   }
   const int64_t n_panels = (N + kPanel - 1) / kPanel;
-  at::Tensor panels = at::empty({n_panels, K, kPanel}, w.options());
+  at::Tensor panels = empty_output({n_panels, K, kPanel}, at::kFloat);
   pack_weight(w.const_data_ptr<float>(), N, K, panels.data_ptr<float>());
-  const float* xp = x.const_data_ptr<float>();
-  const float* pp = panels.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t m_blocks = (rows + kRows - 1) / kRows;
-  // tasks: (row block, panel), the panels of one row block together (its rows of input stay in cache)
+  rows_by_panels(rows, n_panels, K, x.const_data_ptr<float>(), K, panels.const_data_ptr<float>(), K * kPanel,
+                 [&](int64_t m0, int64_t mr, int64_t p, const float* acc) {
+                   const int64_t n0 = p * kPanel, nb = std::min(kPanel, N - n0);
+                   for (int64_t m = 0; m < mr; ++m) {
+                     float* row = op + (m0 + m) * N + n0;
+                     const float* src = acc + m * kPanel;
+                     if (b != nullptr) {
+                       for (int64_t n = 0; n < nb; ++n) row[n] = src[n] + b[n0 + n];
+                     } else {
+                       std::memcpy(row, src, nb * sizeof(float));
+                     }
+                   }
+                 });
+  return out;
+}
+
+void check_float_cpu(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "fusedformer.", op, ": expected CPU tensors");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "fusedformer.", op,
+              ": the CPU kernel takes float32 ", a_name, " and ", b_name, ", got ", a.scalar_type(), " and ",
+              b.scalar_type());
+}
+
+// grad_input (*, K) = grad (*, N) weight (N, K): the weight cut into panels of kPanel of its columns (a
+// copy, no transposition), then the forward's tasks, the sum over N in chunks.
+at::Tensor linear_bwd_input_cpu(const at::Tensor& grad, const at::Tensor& weight) {
+  check_float_cpu("linear_bwd_input", grad, "grad", weight, "weight");
+  TORCH_CHECK(weight.dim() == 2 && grad.dim() >= 1 && grad.size(-1) == weight.size(0),
+              "fusedformer.linear_bwd_input: expected grad (*, N) and weight (N, K), got ", grad.sizes(), " and ",
+              weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  std::vector<int64_t> out_shape(grad.sizes().begin(), grad.sizes().end() - 1);
+  out_shape.push_back(K);
+  at::Tensor out = empty_output(out_shape, at::kFloat);
+  if (out.numel() == 0) return out;
+  if (N == 0) return out.zero_();
+  const int64_t rows = out.numel() / K;
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const int64_t n_panels = (K + kPanel - 1) / kPanel;
+  at::Tensor panels = empty_output({n_panels, N, kPanel}, at::kFloat);
+  const float* wp = w.const_data_ptr<float>();
+  float* pp = panels.data_ptr<float>();
+  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) pack_panel(wp, N, K, K, p, pp + p * N * kPanel);
+  });
+  float* op = out.data_ptr<float>();
+  rows_by_panels(rows, n_panels, N, g.const_data_ptr<float>(), N, pp, N * kPanel,
+                 [&](int64_t m0, int64_t mr, int64_t p, const float* acc) {
+                   const int64_t c0 = p * kPanel, cn = std::min(kPanel, K - c0);
+                   for (int64_t m = 0; m < mr; ++m) std::memcpy(op + (m0 + m) * K + c0, acc + m * kPanel, cn * sizeof(float));
+                 });
+  return out;
+}
+
+// grad_weight (N, K) = grad^T input, summed over the R rows of grad (R x N) and input (R x K) in chunks.
+// brgemm's A operand is row-major, so one of the two is transposed once per call, the narrower: grad
+// (then grad_weight = grad^T input) or input (then grad_weight^T = input^T grad, written back transposed).
+at::Tensor linear_bwd_weight_cpu(const at::Tensor& grad, const at::Tensor& input) {
+  check_float_cpu("linear_bwd_weight", grad, "grad", input, "input");
+  TORCH_CHECK(grad.dim() >= 1 && input.dim() >= 1 && grad.sizes().slice(0, grad.dim() - 1) ==
+                                                         input.sizes().slice(0, input.dim() - 1),
+              "fusedformer.linear_bwd_weight: expected grad (*, N) and input (*, K) with the same leading shape, got ",
+              grad.sizes(), " and ", input.sizes());
+  const int64_t N = grad.size(-1), K = input.size(-1);
+  at::Tensor out = empty_output({N, K}, at::kFloat);
+  if (out.numel() == 0) return out;
+  const int64_t R = grad.numel() / N;
+  if (R == 0) return out.zero_();
+  const bool grad_is_a = N <= K;
+  const at::Tensor a_rows = (grad_is_a ? grad : input).reshape({R, grad_is_a ? N : K});
+  const at::Tensor b_rows = (grad_is_a ? input : grad).reshape({R, grad_is_a ? K : N}).contiguous();
+  const int64_t na = a_rows.size(1), nb = b_rows.size(1);
+  // a_rows^T (na x R) at a padded leading dimension (padded_ld), 64 of its rows per task over the threads
+  const int64_t lda = padded_ld(R);
+  at::Tensor a_t = empty_output({na, lda}, at::kFloat);
+  {
+    const at::Tensor src = a_rows.contiguous();
+    const float* sp = src.const_data_ptr<float>();
+    float* dp = a_t.data_ptr<float>();
+    at::parallel_for(0, (na + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t c0 = b0 * kRows; c0 < std::min(na, b1 * kRows); c0 += 16) {
+        const int64_t cn = std::min<int64_t>(16, na - c0);
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t c = 0; c < cn; ++c) dp[(c0 + c) * lda + r] = sp[r * na + c0 + c];
+        }
+      }
+    });
+  }
+  const float* ap = a_t.const_data_ptr<float>();
+  const float* bp = b_rows.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // tasks: (panel of b_rows' columns, 64 rows of a_t), the row blocks of one panel together, so each thread
+  // copies a panel (R x kPanel) once for all of them
+  const int64_t m_blocks = (na + kRows - 1) / kRows, n_panels = (nb + kPanel - 1) / kPanel;
   at::parallel_for(0, m_blocks * n_panels, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(kRows * kPanel), part(K > kChunk ? kRows * kPanel : 0);
+    std::vector<float> acc(kRows * kPanel), part(R > kChunk ? kRows * kPanel : 0), panel(R * kPanel);
+    int64_t packed = -1;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t mb = t / n_panels, p = t % n_panels;
-      const int64_t m0 = mb * kRows, mr = std::min(kRows, rows - m0);
-      const int64_t n0 = p * kPanel, nb = std::min(kPanel, N - n0);
-      const float* a = xp + m0 * K;
-      const float* panel = pp + p * K * kPanel;
-      chunked_product(mr, kPanel, K, a, K, panel, acc.data(), part.data());
+      const int64_t p = t / m_blocks, mb = t % m_blocks;
+      const int64_t m0 = mb * kRows, mr = std::min(kRows, na - m0);
+      const int64_t c0 = p * kPanel, cn = std::min(kPanel, nb - c0);
+      if (p != packed) {
+        pack_panel(bp, R, nb, nb, p, panel.data());
+        packed = p;
+      }
+      chunked_product(mr, kPanel, R, ap + m0 * lda, lda, panel.data(), kPanel, acc.data(), part.data());
       for (int64_t m = 0; m < mr; ++m) {
-        float* row = op + (m0 + m) * N + n0;
         const float* src = acc.data() + m * kPanel;
-        if (b != nullptr) {
-          for (int64_t n = 0; n < nb; ++n) row[n] = src[n] + b[n0 + n];
+        if (grad_is_a) {
+          std::memcpy(op + (m0 + m) * K + c0, src, cn * sizeof(float));
         } else {
-          std::memcpy(row, src, nb * sizeof(float));
+          for (int64_t c = 0; c < cn; ++c) op[(c0 + c) * K + m0 + m] = src[c];
         }
       }
     }
@@ -158,7 +299,11 @@ at::Tensor linear_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedformer, CPU, m) { m.impl("linear_fwd", &linear_fwd_cpu); }
+TORCH_LIBRARY_IMPL(fusedformer, CPU, m) {
+  m.impl("linear_fwd", &linear_fwd_cpu);
+  m.impl("linear_bwd_input", &linear_bwd_input_cpu);
+  m.impl("linear_bwd_weight", &linear_bwd_weight_cpu);
+}
 
 }  // namespace cpu
 }  // namespace fusedformer

@@ -4,15 +4,18 @@ On a CPU, torch's float32 linear is MKL's sgemm; ``ff.linear`` is oneDNN's JIT-c
 faster depends on the CPU (MKL is at the hardware's peak on Intel and on its AVX2 path on AMD, where
 oneDNN runs about 2x faster on AVX-512) and on the shape (for a few rows the fused op's weight packing
 costs more than it saves). So it is measured, never assumed: the first call of each class (out and in
-features, bias or not, the rows rounded to a power of two, torch's thread count) times both on the call's
-own input, interleaved, and the faster serves every later call of that class in this process (torch only
-when it is at least ``MARGIN`` faster). ``FUSEDFORMER_HANDOVER=0`` and ``fusedformer.handover.off()``
+features, bias or not, the rows rounded to a power of two, torch's thread count, and whether it trains)
+times both on the call's own input, interleaved, and the faster serves every later call of that class in
+this process (torch only when it is at least ``MARGIN`` faster). A training call (grad mode on, and the
+input or a parameter requiring grad) is timed forward and backward together, with the same tensors
+requiring grad: the fused backward runs its products on the same engine, torch's on MKL. ``FUSEDFORMER_HANDOVER=0`` and ``fusedformer.handover.off()``
 keep the fused op (``ff.patch(verify=True)`` checks it that way). Under ``torch.compile``, on other
 devices and in other dtypes, ``F.linear`` serves; ``explain`` says which and why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -29,18 +32,36 @@ MARGIN = handover.MARGIN  # torch serves when its time is below MARGIN x the fus
 _DECISIONS: dict[tuple, tuple[float, float]] = {}  # class -> (fused ms, torch ms)
 
 
+def _trains(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> bool:
+    """Whether this call builds a graph for a backward (grad mode on, something requiring grad)."""
+    return torch.is_grad_enabled() and (
+        input.requires_grad or module.weight.requires_grad or (with_bias and module.bias.requires_grad)
+    )
+
+
 def _class(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple:
     rows = input.numel() // max(input.shape[-1], 1)
     return (module.out_features, module.in_features, with_bias, input.dtype, max(rows, 1).bit_length(),
-            torch.get_num_threads())
+            torch.get_num_threads(), _trains(module, input, with_bias))
 
 
 def _measure(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple[float, float]:
-    w, b = module.weight.detach(), module.bias.detach() if with_bias else None
-    x = input.detach()
+    originals = (input, module.weight) + ((module.bias,) if with_bias else ())
+    x, w, b = (t.detach() for t in (input, module.weight, module.bias if with_bias else input))
+    b = b if with_bias else None
     fns = (lambda: linear(x, w, b), lambda: F.linear(x, w, b))
+    if _trains(module, input, with_bias):  # forward and backward, the same leaves requiring grad
+        for t, original in zip((x, w, b), originals):
+            t.requires_grad_(original.requires_grad)
+        leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+        grad = torch.randn(*input.shape[:-1], module.out_features, dtype=input.dtype)
+
+        def step(fn):
+            return lambda: torch.autograd.grad(fn(), leaves, grad)
+
+        fns = (step(fns[0]), step(fns[1]))
     times: list[list[float]] = [[], []]
-    with torch.no_grad():
+    with contextlib.nullcontext() if _trains(module, input, with_bias) else torch.no_grad():
         first = []
         for fn in fns:  # warm-up: oneDNN compiles its kernels for this shape (so its first call is slow)
             t0 = time.perf_counter()
@@ -57,8 +78,8 @@ def _measure(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple[f
 
 
 def decisions() -> dict[tuple, tuple[float, float]]:
-    """Every class measured in this process: ``{(out, in, bias, dtype, log2 rows class, threads): (fused ms,
-    torch ms)}``."""
+    """Every class measured in this process: ``{(out, in, bias, dtype, log2 rows class, threads, training):
+    (fused ms, torch ms)}`` (a training class timed forward and backward)."""
     return dict(_DECISIONS)
 
 
@@ -93,9 +114,9 @@ class Linear(nn.Linear):
         """``input @ weight^T (+ bias)`` on the engine measured faster; ``bias=False`` leaves the bias out
         (a fused GELU that takes it instead). Shape: ``(*, in_features)`` -> ``(*, out_features)``."""
         # the module's memo first (one dict read per call): by input shape, dtype, device kind, the
-        # handover switches (handover.memo_key), torch's thread count and the bias
+        # handover switches (handover.memo_key), torch's thread count, the bias and whether it trains
         with_bias = bias and self.bias is not None
-        key = (handover.memo_key(input), torch.get_num_threads(), with_bias)
+        key = (handover.memo_key(input), torch.get_num_threads(), with_bias, _trains(self, input, with_bias))
         memo = self.__dict__.get("_ff_linear")
         use = memo.get(key) if memo is not None else None
         if use is None:

@@ -7,8 +7,10 @@ csrc/cpu/linear.cpp) run twice as fast. Which one serves a model's layer is deci
 ``fusedformer.nn.Linear`` (per shape class, once per process); ``ff.linear`` itself always runs the fused op
 where it can.
 
-The backward is torch's own products (``grad @ weight``, ``grad^T @ input``, a sum for the bias): the forward
-is the part inference pays for, and those products are what F.linear's backward runs as well.
+The backward runs its two products on the same engine (``fusedformer::linear_bwd_input``: grad weight,
+``fusedformer::linear_bwd_weight``: grad^T input, each summed in chunks as the forward is) and torch's sum for
+the bias. A backward that builds a graph (``create_graph=True``: double backward, gradient penalties) takes
+torch's differentiable products instead.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from fusedformer import backends
 
-__all__ = ["linear", "linear_fwd", "linear_available", "why_not_fused"]
+__all__ = ["linear", "linear_fwd", "linear_bwd_input", "linear_bwd_weight", "linear_available", "why_not_fused"]
 
 
 def linear_fwd(
@@ -29,8 +31,30 @@ def linear_fwd(
     return torch.ops.fusedformer.linear_fwd.default(input, weight, bias)
 
 
+def linear_bwd_input(
+    grad: torch.Tensor,  # (*, N) float32, CPU
+    weight: torch.Tensor,  # (N, K) float32, CPU
+) -> torch.Tensor:  # (*, K) = grad @ weight
+    return torch.ops.fusedformer.linear_bwd_input.default(grad, weight)
+
+
+def linear_bwd_weight(
+    grad: torch.Tensor,  # (*, N) float32, CPU
+    input: torch.Tensor,  # (*, K) float32, CPU, the same leading shape
+) -> torch.Tensor:  # (N, K) = grad^T @ input, summed over the leading indices
+    return torch.ops.fusedformer.linear_bwd_weight.default(grad, input)
+
+
 def _fake(input, weight, bias):
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+def _fake_bwd_input(grad, weight):
+    return grad.new_empty((*grad.shape[:-1], weight.shape[1]))
+
+
+def _fake_bwd_weight(grad, input):
+    return grad.new_empty((grad.shape[-1], input.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -43,19 +67,28 @@ def _backward(ctx, grad):
     input, weight = ctx.saved_tensors
     N, K = weight.shape
     g2 = grad.reshape(-1, N)
-    grad_input = grad.matmul(weight) if ctx.needs_input_grad[0] else None
-    grad_weight = g2.t().mm(input.reshape(-1, K)) if ctx.needs_input_grad[1] else None
+    if torch.is_grad_enabled():  # create_graph=True: differentiable products (double backward)
+        grad_input = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_weight = g2.t().mm(input.reshape(-1, K)) if ctx.needs_input_grad[1] else None
+    else:
+        grad_input = linear_bwd_input(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = linear_bwd_weight(grad, input) if ctx.needs_input_grad[1] else None
     grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_input, grad_weight, grad_bias
 
 
 def _registered() -> bool:
-    return backends._C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fusedformer::linear_fwd", "CPU")
+    return backends._C is not None and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedformer::{op}", "CPU")
+        for op in ("linear_fwd", "linear_bwd_input", "linear_bwd_weight")
+    )
 
 
 _AVAILABLE = _registered()
 if _AVAILABLE:
     torch.library.register_fake("fusedformer::linear_fwd", _fake)
+    torch.library.register_fake("fusedformer::linear_bwd_input", _fake_bwd_input)
+    torch.library.register_fake("fusedformer::linear_bwd_weight", _fake_bwd_weight)
     torch.library.register_autograd("fusedformer::linear_fwd", _backward, setup_context=_setup_context)
 
 
@@ -88,7 +121,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
     The reduction over K runs in chunks whose sums are added in order, so its float32 error is at most
     torch's (measured 0.65-0.9x of ``F.linear``'s against float64 at K = 384..2048). Other devices and dtypes
-    go to ``F.linear`` itself (``why_not_fused`` says why); gradients flow through torch's products.
+    go to ``F.linear`` itself (``why_not_fused`` says why). The backward's two products run on the same engine,
+    chunked the same way (torch's differentiable products when the backward builds a graph).
     """
     if why_not_fused(input, weight, bias) is not None or input.dim() == 0:
         return F.linear(input, weight, bias)
