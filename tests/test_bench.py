@@ -27,7 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = [
     "--quick", "--lengths", "64", "--rows", "64", "--widths", "128",
     "--layer-batch", "1", "--layer-length", "16", "--d-model", "32", "--nhead", "2", "--dim-feedforward", "64",
-    "--repeats", "2", "--budget", "0.05", "--no-progress",
+    "--linear-shapes", "70x33x24", "--repeats", "2", "--budget", "0.05", "--no-progress",
 ]  # fmt: skip
 
 
@@ -62,10 +62,11 @@ def test_cli_writes_csv_with_every_case_mode_provider(tiny_run):
     # attention: 2 dtypes (--quick: float32, bfloat16) x 1 length x 2 masks x 3 modes x 3 providers;
     # decode: 2 dtypes x 1 length x fwd x 4 providers (with "read", K and V read once); varlen: 2 masks x 3 modes x 3 providers (fusedformer,
     # torch on the padded batch, torch-loop);
-    # LayerNorm, RMSNorm, the add + norms, GELU: 1 shape x 3 x 3; encoder, decoder: fwd+bwd x 2 providers
+    # LayerNorm, RMSNorm, the add + norms, GELU: 1 shape x 3 x 3; linear: 1 shape x 3 modes x 2 providers
+    # (fusedformer, torch); encoder, decoder: fwd+bwd x 2 providers
     counts = {c: sum(r["case"] == c for r in rows) for c in cases.CASES}
     assert counts == {"attention": 36, "decode": 8, "layer_norm": 9, "rms_norm": 9, "add_layer_norm": 9,
-                      "add_rms_norm": 9, "gelu": 9, "encoder": 2, "decoder": 2, "varlen": 18}  # fmt: skip
+                      "add_rms_norm": 9, "gelu": 9, "linear": 6, "encoder": 2, "decoder": 2, "varlen": 18}  # fmt: skip
     dtypes = {(r["case"], r["dtype"]) for r in rows}
     assert {d for c, d in dtypes if c in ("attention", "decode")} == {"float32", "bfloat16"}
     assert {d for c, d in dtypes if c not in ("attention", "decode")} == {"float32"}

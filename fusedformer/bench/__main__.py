@@ -49,6 +49,17 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     return items
 
 
+def _shapes(text: str) -> tuple[tuple[int, int, int], ...]:
+    """``ROWSxINxOUT,...`` -> ((rows, in, out), ...)."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"expected ROWSxINxOUT with positive integers, got {item!r}")
+        out.append(tuple(int(p) for p in parts))
+    return tuple(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fusedformer-bench",
@@ -87,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--widths", type=_positive_ints, default=None,
                    help="widths (default: 512,1024,4096; --quick: 1024,4096)")  # fmt: skip
     g.add_argument("--gelu-approximate", choices=("none", "tanh"), default="none", help="default: none")
+    g = p.add_argument_group("linear layers (CPU, float32 and float16)")
+    g.add_argument("--linear-shapes", type=_shapes, default=None,
+                   help="ROWSxINxOUT,... (default: 3904x384x1536,3904x1536x384,8192x512x2048,8192x2048x512; "
+                   "--quick: 1024x256x1024)")  # fmt: skip
     g = p.add_argument_group("encoder and decoder layers")
     g.add_argument("--layer-batch", type=int, default=None, help="default: 8 (--quick: 4)")
     g.add_argument("--layer-length", type=int, default=None, help="default: 1024 (--quick: 256)")
@@ -159,6 +174,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]):
         rows=args.rows,
         widths=args.widths,
         gelu_approximate=args.gelu_approximate,
+        linear_shapes=args.linear_shapes,
         layer_batch=args.layer_batch,
         layer_length=args.layer_length,
         d_model=args.d_model,

@@ -56,7 +56,10 @@ __all__ = [
 PROVIDERS = ("fusedformer", "torch", "naive")
 ALL_PROVIDERS = (*PROVIDERS, "torch-loop", "read")  # with the varlen case's and the decode case's own
 MODES = ("fwd", "bwd", "fwd+bwd")
-CASES = ("attention", "decode", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "encoder", "decoder", "varlen")
+CASES = (
+    "attention", "decode", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "linear", "encoder",
+    "decoder", "varlen",
+)  # fmt: skip
 #: the cases of (rows, width) elementwise work, measured in bytes/s
 ROW_CASES = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu")
 
@@ -607,6 +610,67 @@ class GeluCase(_RowsCase):
         return [self.x, self.b]
 
 
+# ---- linear layers ---------------------------------------------------------------------------------
+
+
+class LinearCase(Case):
+    """``F.linear(x (rows, in), weight (out, in), bias (out,))``: ``ff.linear`` (oneDNN's brgemm, K summed in
+    chunks; its backward's two products likewise) against torch's (MKL's sgemm on the CPU). No naive
+    provider: a linear layer has no cheaper or costlier textbook form."""
+
+    name = "linear"
+    providers = ("fusedformer", "torch")
+
+    def __init__(self, spec: Spec):
+        super().__init__(spec)
+        self.rows, self.fin, self.fout = int(self.p["rows"]), int(self.p["in_features"]), int(self.p["out_features"])
+
+    def label(self) -> str:
+        return f"{self.rows}x{self.fin}->{self.fout}"
+
+    def tiny(self) -> Spec:
+        return self.spec.replace(rows=8, in_features=16, out_features=16)
+
+    def work(self, mode: str) -> tuple[str, float]:
+        # one GEMM forward (2·rows·in·out), two backward (grad_input, grad_weight); the bias is left out
+        gemm = 2.0 * self.rows * self.fin * self.fout
+        return "flop", gemm * {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[mode]
+
+    def estimate_bytes(self, provider: str, mode: str) -> int:
+        return 3 * (self.rows * (self.fin + self.fout) + self.fin * self.fout) * max(self.elt, _FP32)
+
+    def _why_not(self) -> str | None:
+        from fusedformer.ops.linear import why_not_fused
+
+        x = torch.empty(1, self.fin, device=self.device, dtype=self.dtype)
+        return why_not_fused(x, torch.empty(self.fout, self.fin, device=self.device, dtype=self.dtype), None)
+
+    def fallback_reason(self) -> str:
+        return self._why_not() or ""
+
+    def backend(self, provider: str) -> str:
+        if provider == "fusedformer":
+            return _fmt_backend("aten", True) if self._why_not() else "onednn-brgemm"
+        return "aten (mkl)" if self.device.type == "cpu" else "aten"
+
+    def is_fallback(self, provider: str) -> bool:
+        return provider == "fusedformer" and self._why_not() is not None
+
+    def build(self) -> None:
+        self.x = self._randn(self.rows, self.fin, requires_grad=True)  # (rows, in)
+        self.w = (self._randn(self.fout, self.fin) * self.fin**-0.5).requires_grad_(True)  # (out, in)
+        self.b = self._randn(self.fout, requires_grad=True)  # (out,)
+        self.grad_out = self._randn(self.rows, self.fout)  # (rows, out)
+
+    def forward_fn(self, provider: str) -> Callable[[], torch.Tensor]:
+        x, w, b = self.x, self.w, self.b
+        fn = ff.linear if provider == "fusedformer" else F.linear
+        return lambda: fn(x, w, b)
+
+    def leaves(self, provider: str) -> list[torch.Tensor]:
+        return [self.x, self.w, self.b]
+
+
 # ---- whole layers ---------------------------------------------------------------------------------
 
 
@@ -811,6 +875,7 @@ _CASE_TYPES: dict[str, type[Case]] = {
     "add_layer_norm": AddLayerNormCase,
     "add_rms_norm": AddRmsNormCase,
     "gelu": GeluCase,
+    "linear": LinearCase,
     "encoder": EncoderCase,
     "decoder": DecoderCase,
     "varlen": VarlenCase,

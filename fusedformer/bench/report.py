@@ -193,6 +193,7 @@ _TITLES = {
     "add_layer_norm": "residual add + LayerNorm (x + r, then LayerNorm with weight and bias)",
     "add_rms_norm": "residual add + RMSNorm (x + r, then RMSNorm with weight)",
     "gelu": "bias + GELU",
+    "linear": "linear layer (x W^T + b; fusedformer: oneDNN brgemm, torch: MKL sgemm)",
     "encoder": "TransformerEncoderLayer (train mode, batch_first)",
     "decoder": "TransformerDecoderLayer (train mode, causal self-attention, batch_first)",
     "varlen": "varlen attention (packed sequences; torch: SDPA on the padded batch; torch-loop: SDPA per sequence)",
@@ -222,6 +223,10 @@ def _case_section(result: Any, case: str, dtype: str) -> str:
         key_headers = ["rows x width"]
         detail = dtype + (f" approximate={first.get('approximate')}" if case == "gelu" else "")
         rate_unit = f"GB/s (% of copy {c.copy_gbps:.0f})"
+    elif case == "linear":
+        key_headers = ["rows x in -> out"]
+        detail = dtype + (" (computed in float32)" if dtype == "float16" else "")
+        rate_unit = gemm_unit
     else:
         key_headers = ["shape"]
         detail = f"{dtype} activation={first.get('activation')}"

@@ -73,6 +73,10 @@ class Config:
     rows: tuple[int, ...] = (2048, 8192)  # 8192 x 1024 (LayerNorm) and 8192 x 4096 (GELU): the issue's targets
     widths: tuple[int, ...] = (512, 1024, 4096)
     gelu_approximate: str = "none"
+    # linear layers, (rows, in, out): all-MiniLM-L6-v2's feed-forward at batch 32 x 122 tokens and the encoder
+    # layer case's; CPU only, at float32 (float16: computed in float32), elsewhere torch's linear is the engine
+    linear_shapes: tuple[tuple[int, int, int], ...] = ((3904, 384, 1536), (3904, 1536, 384), (8192, 512, 2048),
+                                                       (8192, 2048, 512))  # fmt: skip
     # encoder and decoder layers
     layer_batch: int = 8
     layer_length: int = 1024
@@ -112,6 +116,7 @@ def default_config(quick: bool = False, **overrides: Any) -> Config:
             decode_lengths=(4096,),
             rows=(4096,),
             widths=(1024, 4096),
+            linear_shapes=((1024, 256, 1024),),
             layer_batch=4,
             layer_length=256,
             d_model=256,
@@ -152,6 +157,10 @@ def specs(config: Config) -> list[Spec]:
                     if case == "gelu":
                         params["approximate"] = config.gelu_approximate
                     out.append(Spec(case, params, dev, dt))
+        elif case == "linear":
+            if config.device == "cpu" and dt in ("float32", "float16"):
+                for rows, fin, fout in config.linear_shapes:
+                    out.append(Spec("linear", dict(rows=rows, in_features=fin, out_features=fout), dev, dt))
         elif case in ("encoder", "decoder"):
             params = dict(
                 batch=config.layer_batch,
