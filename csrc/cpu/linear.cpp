@@ -36,6 +36,7 @@ namespace cpublas = at::native::cpublas;
 constexpr int64_t kPanel = 64;   // columns of out per product (one brgemm N block)
 constexpr int64_t kRows = 64;    // rows of out per task
 constexpr int64_t kChunk = 128;  // K per brgemm call; the chunks' sums are added in order
+constexpr int64_t kSlab = 1024;  // grad_weight: rows per slab (its scratch is one slab of the narrower operand)
 
 void check_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "fusedformer.linear: expected CPU tensors");
@@ -250,50 +251,50 @@ at::Tensor linear_bwd_weight_cpu(const at::Tensor& grad, const at::Tensor& input
   const at::Tensor a_rows = (grad_is_a ? grad : input).reshape({R, grad_is_a ? N : K});
   const at::Tensor b_rows = (grad_is_a ? input : grad).reshape({R, grad_is_a ? K : N}).contiguous();
   const int64_t na = a_rows.size(1), nb = b_rows.size(1);
-  // a_rows^T (na x R) at a padded leading dimension (padded_ld), 64 of its rows per task over the threads
-  const int64_t lda = padded_ld(R);
-  at::Tensor a_t = empty_output({na, lda}, at::kFloat);
-  {
-    const at::Tensor src = a_rows.contiguous();
-    const float* sp = src.const_data_ptr<float>();
-    float* dp = a_t.data_ptr<float>();
-    at::parallel_for(0, (na + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+  // The rows in slabs of kSlab: per slab, a_rows^T (na x slab, at a padded leading dimension) is written
+  // out, then tasks (panel of b_rows' columns, 64 rows of a_t) sum its chunks and add the slab's sum into
+  // out in slab order. The scratch stays na x kSlab however many rows there are.
+  const int64_t slab_max = std::min(R, kSlab), lda = padded_ld(slab_max);
+  at::Tensor a_t_keep = empty_output({na, lda}, at::kFloat);
+  float* a_t = a_t_keep.data_ptr<float>();
+  const at::Tensor a_src = a_rows.contiguous();
+  const float* sp = a_src.const_data_ptr<float>();
+  const float* bp = b_rows.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t m_blocks = (na + kRows - 1) / kRows, n_panels = (nb + kPanel - 1) / kPanel;
+  for (int64_t r0 = 0; r0 < R; r0 += kSlab) {
+    const int64_t rn = std::min(kSlab, R - r0);
+    at::parallel_for(0, m_blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t c0 = b0 * kRows; c0 < std::min(na, b1 * kRows); c0 += 16) {
         const int64_t cn = std::min<int64_t>(16, na - c0);
-        for (int64_t r = 0; r < R; ++r) {
-          for (int64_t c = 0; c < cn; ++c) dp[(c0 + c) * lda + r] = sp[r * na + c0 + c];
+        for (int64_t r = 0; r < rn; ++r) {
+          for (int64_t c = 0; c < cn; ++c) a_t[(c0 + c) * lda + r] = sp[(r0 + r) * na + c0 + c];
+        }
+      }
+    });
+    // the row blocks of one panel together, so each thread copies a panel (rn x kPanel) once for all of them
+    at::parallel_for(0, m_blocks * n_panels, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> acc(kRows * kPanel), part(rn > kChunk ? kRows * kPanel : 0), panel(rn * kPanel);
+      int64_t packed = -1;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p = t / m_blocks, mb = t % m_blocks;
+        const int64_t m0 = mb * kRows, mr = std::min(kRows, na - m0);
+        const int64_t c0 = p * kPanel, cn = std::min(kPanel, nb - c0);
+        if (p != packed) {
+          pack_panel(bp + r0 * nb, rn, nb, nb, p, panel.data());
+          packed = p;
+        }
+        chunked_product(mr, kPanel, rn, a_t + m0 * lda, lda, panel.data(), kPanel, acc.data(), part.data());
+        for (int64_t m = 0; m < mr; ++m) {
+          const float* src = acc.data() + m * kPanel;
+          for (int64_t c = 0; c < cn; ++c) {
+            float& dst = grad_is_a ? op[(m0 + m) * K + c0 + c] : op[(c0 + c) * K + m0 + m];
+            dst = r0 == 0 ? src[c] : dst + src[c];
+          }
         }
       }
     });
   }
-  const float* ap = a_t.const_data_ptr<float>();
-  const float* bp = b_rows.const_data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  // tasks: (panel of b_rows' columns, 64 rows of a_t), the row blocks of one panel together, so each thread
-  // copies a panel (R x kPanel) once for all of them
-  const int64_t m_blocks = (na + kRows - 1) / kRows, n_panels = (nb + kPanel - 1) / kPanel;
-  at::parallel_for(0, m_blocks * n_panels, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(kRows * kPanel), part(R > kChunk ? kRows * kPanel : 0), panel(R * kPanel);
-    int64_t packed = -1;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p = t / m_blocks, mb = t % m_blocks;
-      const int64_t m0 = mb * kRows, mr = std::min(kRows, na - m0);
-      const int64_t c0 = p * kPanel, cn = std::min(kPanel, nb - c0);
-      if (p != packed) {
-        pack_panel(bp, R, nb, nb, p, panel.data());
-        packed = p;
-      }
-      chunked_product(mr, kPanel, R, ap + m0 * lda, lda, panel.data(), kPanel, acc.data(), part.data());
-      for (int64_t m = 0; m < mr; ++m) {
-        const float* src = acc.data() + m * kPanel;
-        if (grad_is_a) {
-          std::memcpy(op + (m0 + m) * K + c0, src, cn * sizeof(float));
-        } else {
-          for (int64_t c = 0; c < cn; ++c) op[(c0 + c) * K + m0 + m] = src[c];
-        }
-      }
-    }
-  });
   return out;
 }
 
