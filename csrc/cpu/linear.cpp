@@ -285,11 +285,19 @@ at::Tensor linear_bwd_weight_cpu(const at::Tensor& grad, const at::Tensor& input
           packed = p;
         }
         chunked_product(mr, kPanel, rn, a_t + m0 * lda, lda, panel.data(), kPanel, acc.data(), part.data());
-        for (int64_t m = 0; m < mr; ++m) {
-          const float* src = acc.data() + m * kPanel;
+        // into out along its rows: out[m0 + m, c0 + c] (grad_is_a) or out[c0 + c, m0 + m] (transposed back)
+        const bool first = r0 == 0;
+        if (grad_is_a) {
+          for (int64_t m = 0; m < mr; ++m) {
+            float* dst = op + (m0 + m) * K + c0;
+            const float* src = acc.data() + m * kPanel;
+            for (int64_t c = 0; c < cn; ++c) dst[c] = first ? src[c] : dst[c] + src[c];
+          }
+        } else {
           for (int64_t c = 0; c < cn; ++c) {
-            float& dst = grad_is_a ? op[(m0 + m) * K + c0 + c] : op[(c0 + c) * K + m0 + m];
-            dst = r0 == 0 ? src[c] : dst + src[c];
+            float* dst = op + (c0 + c) * K + m0;
+            const float* src = acc.data() + c;
+            for (int64_t m = 0; m < mr; ++m) dst[m] = first ? src[m * kPanel] : dst[m] + src[m * kPanel];
           }
         }
       }
