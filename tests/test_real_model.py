@@ -68,3 +68,36 @@ def test_minilm_embeddings_agree_after_patch(model_and_batch):
     assert cosine.min().item() >= 0.99999, f"cosine similarities {cosine.tolist()}"
     # the embeddings carry meaning: sentences differ from one another
     assert (before @ before.T - torch.eye(len(SENTENCES))).abs().max() < 0.99
+
+
+def test_minilm_gradients_after_patch(model_and_batch):
+    """One fine-tuning step (dropout off) through the patched model, every fused kernel serving (handover
+    off): each parameter's gradient within 3x the plain float32 model's error against the float64 model."""
+    import copy
+
+    from fusedformer import handover
+    from tests.conftest import assert_error_within
+
+    model, batch = model_and_batch
+    torch.manual_seed(0)
+    target = torch.nn.functional.normalize(torch.randn(len(SENTENCES), 384, dtype=torch.float64), dim=-1)
+
+    def grads(m, dtype):
+        m.zero_grad(set_to_none=True)
+        tokens = m(**batch).last_hidden_state  # (B, L, 384)
+        mask = batch["attention_mask"].unsqueeze(-1).to(dtype)
+        pooled = torch.nn.functional.normalize((tokens * mask).sum(1) / mask.sum(1), dim=-1)
+        (pooled - target.to(dtype)).square().sum(-1).mean().backward()
+        return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    plain, patched, wide = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model).double()
+    patch(patched)
+    assert type(patched.encoder.layer[0].intermediate.dense).__name__ == "Linear" and isinstance(
+        patched.encoder.layer[0].intermediate.dense, ffnn.Linear
+    )
+    with handover.off():
+        ours = grads(patched, torch.float32)
+    torchs, truth = grads(plain, torch.float32), grads(wide, torch.float64)
+    assert ours.keys() == truth.keys() and len(ours) > 90
+    for name in truth:
+        assert_error_within(name, ours[name], torchs[name], truth[name], 3)
