@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import torch
@@ -471,24 +472,39 @@ def test_torch_compile():
 # ---- every CPU build of the kernels -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_cpu_capabilities(each_cpu_capability, dtype, request):
-    if each_cpu_capability == "default" and dtype == torch.float32:
-        # NOTE [2026-12-02] seen with this test's data (its per-test seed) on the baseline build only:
-        # at L=1, S=17, dV = P·dO directly, and our float32 P (a degree-6 exp2 polynomial) is a few ulp
-        # off where torch's exp is ~1 ulp: grad_value error 1.2e-7 against 3x torch's 3.4e-8. A known
-        # accuracy limit of the polynomial, not hidden: strict, so a fix turns this red until removed.
+@pytest.mark.parametrize(
+    "dtype,engine", [(torch.float32, "native"), (torch.float32, "brgemm-f32"), (torch.float64, "native")], ids=str
+)
+def test_cpu_capabilities(each_cpu_capability, dtype, engine, request):
+    """Each CPU build of the kernels, with the tile products on the kernels' own micro-kernel and (float32) on
+    oneDNN: the engine is set, not measured, so that the outcome does not depend on which one the
+    calibration picked in this process."""
+    if each_cpu_capability == "default" and dtype == torch.float32 and engine == "native":
+        # NOTE [2026-12-02] seen with this test's data (its per-test seed) on the baseline build only, on the
+        # micro-kernel: at L=1, S=17, dV = P·dO directly, and our float32 P (a degree-6 exp2 polynomial) is a
+        # few ulp off where torch's exp is ~1 ulp: grad_value error 1.2e-7 against 3x torch's 3.4e-8. A known
+        # accuracy limit of the polynomial, not hidden: strict, so a fix turns this red until removed. (With the
+        # engine left to the calibration this xfail passed or failed by the engine measured faster.)
         request.applymarker(pytest.mark.xfail(strict=True, reason="float32 exp2 polynomial at L=1 (NOTE above)"))
-    for L, S, E, Ev in [(1, 17, 16, 16), (97, 130, 59, 80), (130, 97, 64, 64)]:
-        for is_causal in (False, True):
-            check_attention(*qkv(1, 2, 2, L, S, E, Ev, dtype), is_causal=is_causal)
-    q, k, v = qkv(2, 4, 2, 70, 90, 40, 24, dtype)
-    mask = torch.randn(2, 1, 70, 90, dtype=dtype)
-    mask[..., 1:][torch.rand(2, 1, 70, 89) < 0.2] = float("-inf")  # key 0 stays: no row is all -inf
-    check_attention(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True)
-    keep = torch.rand(2, 4, 70, 90) < 0.8
-    keep[0, 0, :10] = False
-    check_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+    # the data: the seed this test had before it was split by engine (the NOTE's data), the same for both
+    # engines, and fixed (FUSEDFORMER_TEST_SEED does not move it: the strict xfail is about this data)
+    old_id = f"tests/test_attention.py::test_cpu_capabilities[{each_cpu_capability}-{dtype}]"
+    torch.manual_seed(zlib.crc32(old_id.encode()))
+    name = str(dtype).removeprefix("torch.")
+    _C.set_attention_engine(name, engine)
+    try:
+        for L, S, E, Ev in [(1, 17, 16, 16), (97, 130, 59, 80), (130, 97, 64, 64)]:
+            for is_causal in (False, True):
+                check_attention(*qkv(1, 2, 2, L, S, E, Ev, dtype), is_causal=is_causal)
+        q, k, v = qkv(2, 4, 2, 70, 90, 40, 24, dtype)
+        mask = torch.randn(2, 1, 70, 90, dtype=dtype)
+        mask[..., 1:][torch.rand(2, 1, 70, 89) < 0.2] = float("-inf")  # key 0 stays: no row is all -inf
+        check_attention(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True)
+        keep = torch.rand(2, 4, 70, 90) < 0.8
+        keep[0, 0, :10] = False
+        check_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+    finally:
+        _C.set_attention_engine(name, "auto")
 
 
 # ---- memory -------------------------------------------------------------------------------------
