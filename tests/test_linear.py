@@ -59,6 +59,27 @@ def test_matches_float64(lead, K, N, with_bias):
     _check(x, w, b)
 
 
+@pytest.mark.parametrize("lead,K,N", [((1,), 17, 5), ((17,), 130, 97), ((64,), 257, 130), ((65,), 97, 300),
+                                      ((1025,), 300, 97), ((3, 100), 65, 257)], ids=str)  # fmt: skip
+def test_weight_stored_in_out(lead, K, N):
+    """A weight stored (in, out) and passed transposed (transformers' Conv1D layout: ``x @ W + b``): read in
+    place by the forward (panels copied, not transposed) and by grad_input; every gradient, including the
+    stored weight's through the view, within the rule against float64."""
+    x, w_io, b = randn(*lead, K), randn(K, N, scale=K**-0.5), randn(N)
+    assert not w_io.t().is_contiguous() and w_io.t().t().is_contiguous()
+    grad = randn(*lead, N)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, w_io, b)]
+        out = fn(leaves[0], leaves[1].t(), leaves[2])
+        out.backward(grad.to(dtype))
+        return (out.detach(), *(t.grad for t in leaves))
+
+    ours, same, truth = run(ff.linear, torch.float32), run(F.linear, torch.float32), run(F.linear, torch.float64)
+    for name, o, s_, t, factor in zip(("out", "dx", "dw", "db"), ours, same, truth, (2, 3, 3, 3)):
+        assert_error_within(name, o, s_, t, factor)
+
+
 def test_long_reduction_error_is_torchs_or_less():
     """K = 2048: the chunked sums keep the error at or below MKL's (a single chain gives about 3x)."""
     x, w = randn(256, 2048), randn(512, 2048, scale=2048**-0.5)
@@ -283,6 +304,49 @@ def test_module_real_measurement_and_training(fresh_decisions, monkeypatch):
     assert "_ff_linear" not in vars(m)
     xb = x.detach().to(torch.bfloat16)
     assert torch.equal(m(xb), F.linear(xb, m.weight, m.bias)) and "F.linear serves" in m.explain(xb)
+
+
+def test_gpt2_conv1d_twin_runs_on_ff_linear(monkeypatch):
+    """ff.patch swaps transformers' Conv1D (GPT-2's linear layers, weight stored (in, out)) for its measured twin;
+    with every fused kernel serving (handover off), logits and the Conv1D weights' gradients within the rule
+    against the float64 model; unpatch restores the class."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    from fusedformer.patching import patch, unpatch
+
+    config = transformers.GPT2Config(vocab_size=99, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+                                     pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    plain, wide = copy.deepcopy(model), copy.deepcopy(model).double()
+    report = patch(model)
+    assert len(report.replaced["Conv1D -> ff.linear (measured)"]) == 8  # c_attn, c_proj, c_fc, c_proj per block
+    conv = model.transformer.h[0].mlp.c_fc
+    assert isinstance(conv, Conv1D) and type(conv) is fflinear.conv1d_twin(Conv1D)
+    calls = []
+    real = fflinear.linear
+    monkeypatch.setattr(fflinear, "linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    for ids in (torch.randint(0, 99, (3, 70)), torch.randint(0, 99, (1, 5))):  # 210 rows (panels) and 5
+        def run(m):
+            m.zero_grad(set_to_none=True)
+            logits = m(ids).logits
+            logits.float().square().mean().backward()
+            return [logits.detach()] + [c.weight.grad for c in m.modules() if isinstance(c, Conv1D)]
+
+        calls.clear()
+        with handover.off():
+            ours = run(model)
+        # the 8 Conv1D, and lm_head (an nn.Linear); c_attn first, its weight seen as (out, in) = (192, 64)
+        assert len(calls) == 9 and calls[0] == (3 * 64, 64)
+        for name, o, s_, t in zip(["logits"] + [f"conv{i}.weight.grad" for i in range(8)], ours, run(plain),
+                                  run(wide)):  # fmt: skip
+            assert_error_within(name, o, s_, t, 3)
+    unpatch(model)
+    assert type(conv) is Conv1D
 
 
 def test_patch_swaps_linear_and_back():

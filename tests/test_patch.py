@@ -341,6 +341,7 @@ def test_hf_patch_matches_unpatched_forward_and_backward(transformers, name, mon
     assert len(report.replaced.get("LayerNorm", [])) == n_layer_norm
     assert sum(len(p) for k, p in report.replaced.items() if "GELU" in k) == n_gelu
     assert sum(len(p) for k, p in report.replaced.items() if "ff.rms_norm" in k) == n_rms
+    assert len(report.replaced.get("Conv1D -> ff.linear (measured)", [])) == (8 if name == "gpt2" else 0)
     assert report.max_abs_diff < 1e-4
 
     monkeypatch.setattr(ffpatch_hf, "scaled_dot_product_attention", spy)

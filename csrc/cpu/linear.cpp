@@ -6,8 +6,11 @@
 // tile products are (csrc/cpu/matmul.cpp); which of the two serves a model's layer is measured, not
 // assumed (fusedformer/nn/linear.py).
 //
-// Two layouts: many rows take the weight packed into panels of weight^T (once per call, shared by every
-// row block); a few rows (<= 64) take the weight as brgemm's A operand unpacked (linear_few_rows).
+// Layouts: many rows take the weight packed into panels of weight^T (once per call, shared by every row
+// block); a few rows (<= 64) take the weight as brgemm's A operand unpacked (linear_few_rows). A weight stored
+// (in, out) (transformers' Conv1D) and passed transposed is weight^T as it lies: copied into panels for many
+// rows, read in place by a few. The backward: grad_input = grad weight on the same tasks (linear_bwd_input),
+// grad_weight = grad^T input over slabs of rows (linear_bwd_weight).
 //
 // Outputs and the per-call scratch (packed panels, a transposed operand) come from the fused ops' cache of
 // huge-page blocks (cpu/allocator.h): a fresh 64 MiB output otherwise costs its 4 KiB page faults on
@@ -104,13 +107,54 @@ void pack_panel(const float* src, int64_t R, int64_t C, int64_t ld, int64_t p, f
   }
 }
 
-// out blocks = A (rows x K, lda) B, B given as panels (panel p: K x kPanel row-major, panel_stride apart),
-// the sum over K in chunks. Tasks: kRows rows x one panel, the panels of a row block together, so each
-// thread copies a row block of A once (to padded_ld) for all of them. write(m0, mr, p, acc): acc is
-// mr x kPanel (ld kPanel).
+// B (Kr x Nc: the reduction first) in panels of kPanel columns (panel p: Kr x kPanel row-major, zero past Nc), from
+// row-major data of B itself (b_is_transposed false: Kr x Nc) or of B^T (true: Nc x Kr, as a linear layer's
+// weight holds the forward's B).
+at::Tensor b_panels(const float* data, bool b_is_transposed, int64_t Kr, int64_t Nc) {
+  const int64_t n_panels = (Nc + kPanel - 1) / kPanel;
+  at::Tensor panels = empty_output({n_panels, Kr, kPanel}, at::kFloat);
+  float* pp = panels.data_ptr<float>();
+  if (b_is_transposed) {
+    pack_weight(data, Nc, Kr, pp);
+  } else {
+    at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) pack_panel(data, Kr, Nc, Nc, p, pp + p * Kr * kPanel);
+    });
+  }
+  return panels;
+}
+
+// A 2-D weight as row-major data: itself when contiguous (transposed = false), else the data of its transpose
+// when that is contiguous (transposed = true: a weight stored (in, out), as transformers' Conv1D holds it,
+// passed as weight.t()), else a contiguous copy.
+struct RowMajor {
+  at::Tensor data;
+  bool transposed;
+};
+RowMajor row_major(const at::Tensor& w) {
+  if (w.is_contiguous()) return {w, false};
+  if (w.t().is_contiguous()) return {w.t(), true};
+  return {w.contiguous(), false};
+}
+
+// B of a product (K x N): in panels (b_panels: ldb kPanel, zero-padded), or row-major as it lies (ldb = N; its
+// last panel narrower), which a few rows prefer (one pass over B, no copy of it).
+struct BOperand {
+  const float* data;
+  int64_t K, N;
+  bool packed;
+  int64_t n_panels() const { return (N + kPanel - 1) / kPanel; }
+  const float* panel(int64_t p) const { return packed ? data + p * K * kPanel : data + p * kPanel; }
+  int64_t ldb() const { return packed ? kPanel : N; }
+  int64_t width(int64_t p) const { return packed ? kPanel : std::min(kPanel, N - p * kPanel); }
+};
+
+// out blocks = A (rows x K, lda) B, the sum over K in chunks. Tasks: kRows rows x one panel of B, the panels of
+// a row block together, so each thread copies a row block of A once (to padded_ld) for all of them.
+// write(m0, mr, p, acc, ld): acc is mr x B.width(p) (leading dimension ld).
 template <typename Write>
-void rows_by_panels(int64_t rows, int64_t n_panels, int64_t K, const float* A, int64_t lda, const float* panels,
-                    int64_t panel_stride, const Write& write) {
+void rows_by_panels(int64_t rows, int64_t K, const float* A, int64_t lda, const BOperand& B, const Write& write) {
+  const int64_t n_panels = B.n_panels();
   const int64_t m_blocks = (rows + kRows - 1) / kRows, ld = padded_ld(K);
   at::parallel_for(0, m_blocks * n_panels, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(kRows * kPanel), part(K > kChunk ? kRows * kPanel : 0), a_rows(kRows * ld);
@@ -122,8 +166,9 @@ void rows_by_panels(int64_t rows, int64_t n_panels, int64_t K, const float* A, i
         for (int64_t m = 0; m < mr; ++m) std::memcpy(a_rows.data() + m * ld, A + (m0 + m) * lda, K * sizeof(float));
         copied = mb;
       }
-      chunked_product(mr, kPanel, K, a_rows.data(), ld, panels + p * panel_stride, kPanel, acc.data(), part.data());
-      write(m0, mr, p, acc.data());
+      const int64_t w = B.width(p);
+      chunked_product(mr, w, K, a_rows.data(), ld, B.panel(p), B.ldb(), acc.data(), part.data());
+      write(m0, mr, p, acc.data(), w);
     }
   });
 }
@@ -150,6 +195,15 @@ void linear_few_rows(const float* x, const float* w, const float* b, int64_t row
   });
 }
 
+// B (Kr x Nc) for rows_by_panels, from row-major data of B (b_is_transposed false) or of B^T (true). B^T is
+// packed (transposed into panels); B itself is read in place by a few rows (<= kRows: one pass over it, where
+// a copy would be a second), packed for more (its rows at any stride then, see padded_ld). keep: the panels.
+BOperand b_operand(const float* data, bool b_is_transposed, int64_t Kr, int64_t Nc, int64_t rows, at::Tensor& keep) {
+  if (!b_is_transposed && rows <= kRows) return {data, Kr, Nc, false};
+  keep = b_panels(data, b_is_transposed, Kr, Nc);
+  return {keep.const_data_ptr<float>(), Kr, Nc, true};
+}
+
 at::Tensor linear_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_args(input, weight, bias);
   const int64_t K = weight.size(1), N = weight.size(0);
@@ -169,21 +223,22 @@ at::Tensor linear_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
     return out;
   }
   const at::Tensor x = input.contiguous();
-  const at::Tensor w = weight.contiguous();
-  if (rows <= kPanel) {
-    linear_few_rows(x.const_data_ptr<float>(), w.const_data_ptr<float>(), b, rows, N, K, out.data_ptr<float>());
+  // B = weight^T (K x N): packed from the weight (N x K) as it lies, or copied in panels from an (in, out)
+  // weight passed transposed; a few rows take an (out, in) weight unpacked (linear_few_rows)
+  const RowMajor w = row_major(weight);
+  if (rows <= kPanel && !w.transposed) {
+    linear_few_rows(x.const_data_ptr<float>(), w.data.const_data_ptr<float>(), b, rows, N, K, out.data_ptr<float>());
     return out;
   }
-  const int64_t n_panels = (N + kPanel - 1) / kPanel;
-  at::Tensor panels = empty_output({n_panels, K, kPanel}, at::kFloat);
-  pack_weight(w.const_data_ptr<float>(), N, K, panels.data_ptr<float>());
+  at::Tensor panels;
+  const BOperand B = b_operand(w.data.const_data_ptr<float>(), !w.transposed, K, N, rows, panels);
   float* op = out.data_ptr<float>();
-  rows_by_panels(rows, n_panels, K, x.const_data_ptr<float>(), K, panels.const_data_ptr<float>(), K * kPanel,
-                 [&](int64_t m0, int64_t mr, int64_t p, const float* acc) {
+  rows_by_panels(rows, K, x.const_data_ptr<float>(), K, B,
+                 [&](int64_t m0, int64_t mr, int64_t p, const float* acc, int64_t ld) {
                    const int64_t n0 = p * kPanel, nb = std::min(kPanel, N - n0);
                    for (int64_t m = 0; m < mr; ++m) {
                      float* row = op + (m0 + m) * N + n0;
-                     const float* src = acc + m * kPanel;
+                     const float* src = acc + m * ld;
                      if (b != nullptr) {
                        for (int64_t n = 0; n < nb; ++n) row[n] = src[n] + b[n0 + n];
                      } else {
@@ -202,7 +257,8 @@ void check_float_cpu(const char* op, const at::Tensor& a, const char* a_name, co
 }
 
 // grad_input (*, K) = grad (*, N) weight (N, K): the weight cut into panels of kPanel of its columns (a
-// copy, no transposition), then the forward's tasks, the sum over N in chunks.
+// copy, no transposition; an (in, out) weight passed transposed is packed instead), then the forward's
+// tasks, the sum over N in chunks.
 at::Tensor linear_bwd_input_cpu(const at::Tensor& grad, const at::Tensor& weight) {
   check_float_cpu("linear_bwd_input", grad, "grad", weight, "weight");
   TORCH_CHECK(weight.dim() == 2 && grad.dim() >= 1 && grad.size(-1) == weight.size(0),
@@ -216,19 +272,14 @@ at::Tensor linear_bwd_input_cpu(const at::Tensor& grad, const at::Tensor& weight
   if (N == 0) return out.zero_();
   const int64_t rows = out.numel() / K;
   const at::Tensor g = grad.contiguous();
-  const at::Tensor w = weight.contiguous();
-  const int64_t n_panels = (K + kPanel - 1) / kPanel;
-  at::Tensor panels = empty_output({n_panels, N, kPanel}, at::kFloat);
-  const float* wp = w.const_data_ptr<float>();
-  float* pp = panels.data_ptr<float>();
-  at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) pack_panel(wp, N, K, K, p, pp + p * N * kPanel);
-  });
+  const RowMajor w = row_major(weight);  // B = weight (N x K): as it lies, or from an (in, out) weight's data
+  at::Tensor panels;
+  const BOperand B = b_operand(w.data.const_data_ptr<float>(), w.transposed, N, K, rows, panels);
   float* op = out.data_ptr<float>();
-  rows_by_panels(rows, n_panels, N, g.const_data_ptr<float>(), N, pp, N * kPanel,
-                 [&](int64_t m0, int64_t mr, int64_t p, const float* acc) {
+  rows_by_panels(rows, N, g.const_data_ptr<float>(), N, B,
+                 [&](int64_t m0, int64_t mr, int64_t p, const float* acc, int64_t ld) {
                    const int64_t c0 = p * kPanel, cn = std::min(kPanel, K - c0);
-                   for (int64_t m = 0; m < mr; ++m) std::memcpy(op + (m0 + m) * K + c0, acc + m * kPanel, cn * sizeof(float));
+                   for (int64_t m = 0; m < mr; ++m) std::memcpy(op + (m0 + m) * K + c0, acc + m * ld, cn * sizeof(float));
                  });
   return out;
 }

@@ -26,35 +26,42 @@ from torch import nn
 from fusedformer import handover
 from fusedformer.ops.linear import linear, why_not_fused
 
-__all__ = ["Linear", "decisions", "reset"]
+__all__ = ["Linear", "conv1d_twin", "decisions", "reset"]
 
 MARGIN = handover.MARGIN  # torch serves when its time is below MARGIN x the fused op's (the handover's rule)
 _DECISIONS: dict[tuple, tuple[float, float]] = {}  # class -> (fused ms, torch ms)
 
 
-def _trains(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> bool:
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in): ``nn.Linear``'s own; transformers' ``Conv1D`` stores (in, out), seen transposed
+    (``ff.linear`` reads that layout in place)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def _trains(module: nn.Module, input: torch.Tensor, with_bias: bool) -> bool:
     """Whether this call builds a graph for a backward (grad mode on, something requiring grad)."""
     return torch.is_grad_enabled() and (
         input.requires_grad or module.weight.requires_grad or (with_bias and module.bias.requires_grad)
     )
 
 
-def _class(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple:
+def _class(module: nn.Module, input: torch.Tensor, with_bias: bool) -> tuple:
     rows = input.numel() // max(input.shape[-1], 1)
-    return (module.out_features, module.in_features, with_bias, input.dtype, max(rows, 1).bit_length(),
+    out_features, in_features = _weight(module).shape
+    return (out_features, in_features, with_bias, input.dtype, max(rows, 1).bit_length(),
             torch.get_num_threads(), _trains(module, input, with_bias))
 
 
-def _measure(module: nn.Linear, input: torch.Tensor, with_bias: bool) -> tuple[float, float]:
+def _measure(module: nn.Module, input: torch.Tensor, with_bias: bool) -> tuple[float, float]:
     originals = (input, module.weight) + ((module.bias,) if with_bias else ())
-    x, w, b = (t.detach() for t in (input, module.weight, module.bias if with_bias else input))
+    x, w, b = (t.detach() for t in (input, _weight(module), module.bias if with_bias else input))
     b = b if with_bias else None
     fns = (lambda: linear(x, w, b), lambda: F.linear(x, w, b))
     if _trains(module, input, with_bias):  # forward and backward, the same leaves requiring grad
         for t, original in zip((x, w, b), originals):
             t.requires_grad_(original.requires_grad)
         leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
-        grad = torch.randn(*input.shape[:-1], module.out_features, dtype=input.dtype)
+        grad = torch.randn(*input.shape[:-1], w.shape[0], dtype=input.dtype)
 
         def step(fn):
             return lambda: torch.autograd.grad(fn(), leaves, grad)
@@ -88,19 +95,15 @@ def reset() -> None:
     _DECISIONS.clear()
 
 
-class Linear(nn.Linear):
-    """``torch.nn.Linear`` (same constructor, parameters and semantics) whose float32 CPU calls run on
-    ``ff.linear`` (oneDNN's brgemm) or ``F.linear`` (MKL), whichever measured faster for the call's class
-    (float16 calls likewise, ``ff.linear`` computing them in float32).
-
-    Shape: input ``(*, in_features)`` -> output ``(*, out_features)``.
-    """
+class _Measured:
+    """The measured projection of ``Linear`` and of the ``Conv1D`` twins: ``self.weight`` (seen as (out, in)
+    through ``_weight``) and ``self.bias`` (or None)."""
 
     def _fused_serves(self, input: torch.Tensor, with_bias: bool) -> bool:
         bias = self.bias if with_bias else None
         if torch.compiler.is_compiling() or input.numel() == 0:
             return False
-        if why_not_fused(input, self.weight, bias) is not None:
+        if why_not_fused(input, _weight(self), bias) is not None:
             return False
         if not handover._enabled():  # FUSEDFORMER_HANDOVER=0, handover.off(): the fused op, unmeasured
             return True
@@ -127,11 +130,8 @@ class Linear(nn.Linear):
                 memo[key] = use
         b = self.bias if with_bias else None
         if use:
-            return linear(input, self.weight, b)
-        return F.linear(input, self.weight, b)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # (*, in_features) -> (*, out_features)
-        return self.project(input)
+            return linear(input, _weight(self), b)
+        return F.linear(input, _weight(self), b)
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_ff_linear", None)  # parameters moved or cast: decide again
@@ -139,7 +139,7 @@ class Linear(nn.Linear):
 
     def explain(self, input: torch.Tensor) -> str:
         """Which engine serves this module's call on ``input``, and why (measured times where known)."""
-        why = why_not_fused(input, self.weight, self.bias)
+        why = why_not_fused(input, _weight(self), self.bias)
         if torch.compiler.is_compiling():
             why = "under torch.compile (Inductor plans its own GEMMs)"
         if why is not None:
@@ -151,3 +151,36 @@ class Linear(nn.Linear):
             return "linear: not measured yet; the first call of this class times both and the faster serves"
         who = "fusedformer's oneDNN brgemm" if not times[1] < MARGIN * times[0] else "F.linear (MKL)"
         return f"linear: {who} serves (measured: fused {times[0]:.3f} ms, torch {times[1]:.3f} ms)"
+
+
+class Linear(_Measured, nn.Linear):
+    """``torch.nn.Linear`` (same constructor, parameters and semantics) whose float32 CPU calls run on
+    ``ff.linear`` (oneDNN's brgemm) or ``F.linear`` (MKL), whichever measured faster for the call's class
+    (float16 calls likewise, ``ff.linear`` computing them in float32).
+
+    Shape: input ``(*, in_features)`` -> output ``(*, out_features)``.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # (*, in_features) -> (*, out_features)
+        return self.project(input)
+
+
+_CONV1D_TWINS: dict[type, type] = {}
+
+
+def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:  # (*, nx) -> (*, nf)
+    """transformers' ``Conv1D`` (``x @ weight + bias``, weight stored (nx, nf)) on the engine measured faster:
+    ``ff.linear`` reads the weight in place as its transpose."""
+    return self.project(x)
+
+
+def conv1d_twin(cls: type) -> type:
+    """A subclass of transformers' ``Conv1D`` class ``cls`` (GPT-2's linear layer, weight stored (in, out)) whose
+    forward runs on ``ff.linear`` or torch's GEMM, whichever measured faster, as ``Linear`` does. It adds no
+    state, so ``ff.patch`` swaps an instance's class to it and back."""
+    if cls not in _CONV1D_TWINS:
+        _CONV1D_TWINS[cls] = type(
+            f"Fused{cls.__name__}", (_Measured, cls),
+            {"forward": _conv1d_forward, "__module__": __name__, "__doc__": conv1d_twin.__doc__},
+        )  # fmt: skip
+    return _CONV1D_TWINS[cls]

@@ -16,6 +16,7 @@ from torch import nn
 
 from fusedformer import handover
 from fusedformer.nn.activation import GELU
+from fusedformer.nn.linear import conv1d_twin
 from fusedformer.ops.attention import scaled_dot_product_attention
 from fusedformer.ops.rms_norm import rms_norm
 from fusedformer.ops.varlen import varlen_attention
@@ -357,6 +358,21 @@ def swap_rms_norms(model: nn.Module, state: PatchState, paths: dict[int, str], h
         handled.add(id(m))
 
 
+def swap_conv1d(model: nn.Module, state: PatchState, paths: dict[int, str], handled: set[int]) -> None:
+    """Swaps the class of every transformers ``Conv1D`` (GPT-2's linear layers; exactly that class, not a
+    subclass, which may override forward) to its measured twin (``fusedformer.nn.linear.conv1d_twin``)."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if conv1d is None:
+        return
+    for m in model.modules():
+        if type(m) is not conv1d or id(m) in handled:
+            continue
+        m.__class__ = conv1d_twin(conv1d)
+        state.swapped.append((m, conv1d))
+        state.report.replaced.setdefault("Conv1D -> ff.linear (measured)", []).append(paths[id(m)])
+        handled.add(id(m))
+
+
 # ---- everything transformers --------------------------------------------------------------------
 
 
@@ -383,6 +399,7 @@ def patch_transformers(model: nn.Module, state: PatchState, paths: dict[int, str
             parent._modules[name] = replacements[id(child)]
             state.replaced.append((parent, name, child))
     swap_rms_norms(model, state, paths, handled)
+    swap_conv1d(model, state, paths, handled)
 
     if not any(isinstance(m, transformers.PreTrainedModel) for m in model.modules()):
         return
