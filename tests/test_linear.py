@@ -146,6 +146,22 @@ def test_other_dtypes_and_devices_go_to_torch():
     assert ff.linear(x, randn(3, 8)).shape == (4, 3)
 
 
+def test_explain_and_forced_backends(monkeypatch):
+    x, w = randn(4, 8), randn(3, 8)
+    e = ff.explain(ff.linear, x, w)
+    assert e.backend == "cpp" and "brgemm" in e.detail and not e.forced
+    assert "stored (in, out)" in ff.explain("linear", x, randn(8, 3).t()).detail
+    e = ff.explain(ff.linear, x.bfloat16(), w.bfloat16())
+    assert e.backend == "torch" and "bfloat16" in e.reasons["cpp"][0]
+    for forced in ("reference", "triton"):  # no kernel of those for linear: F.linear, said so
+        monkeypatch.setenv("FUSEDFORMER_BACKEND", forced)
+        e = ff.explain(ff.linear, x, w)
+        assert e.backend == "torch" and e.forced and forced in e.reasons["cpp"][0]
+        assert torch.equal(ff.linear(x, w), F.linear(x, w))
+    monkeypatch.setenv("FUSEDFORMER_BACKEND", "cpp")
+    assert ff.explain(ff.linear, x, w).backend == "cpp"
+
+
 def test_opcheck():
     x, w, b = randn(5, 17, requires_grad=True), randn(9, 17, requires_grad=True), randn(9, requires_grad=True)
     torch.library.opcheck(torch.ops.fusedformer.linear_fwd.default, (x, w, b))

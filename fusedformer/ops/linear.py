@@ -94,6 +94,11 @@ if _AVAILABLE:
 
 def why_not_fused(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     """Why the fused op cannot serve this call (torch's F.linear then does), or None when it can."""
+    forced = backends._forced_backend()
+    if forced == "reference":
+        return "FUSEDFORMER_BACKEND=reference: the plain F.linear"
+    if forced == "triton":
+        return "FUSEDFORMER_BACKEND=triton: fusedformer has no Triton linear (on a GPU torch's linear is cuBLAS)"
     if not _AVAILABLE:
         return backends._C_ERROR or "fusedformer._C has no linear_fwd kernel"
     tensors = [t for t in (input, weight, bias) if t is not None]
