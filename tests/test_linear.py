@@ -101,6 +101,18 @@ def test_non_contiguous_and_edge_shapes():
     assert torch.equal(ff.linear(randn(2, 0), randn(3, 0)), torch.zeros(2, 3))
 
 
+def test_backward_of_strided_inputs():
+    """Gradients through ff.linear of a transposed 2-D input and a permuted 3-D one, against F.linear's."""
+    for x in (randn(40, 20).t(), randn(7, 9, 24).permute(1, 0, 2)):
+        w, b = randn(13, x.shape[-1]), randn(13)
+        leaves = [[t.detach().clone().requires_grad_(True) for t in (x, w, b)] for _ in range(2)]
+        grad = randn(*x.shape[:-1], 13)
+        ff.linear(*leaves[0]).backward(grad)
+        F.linear(*leaves[1]).backward(grad)
+        for ours, ref in zip(leaves[0], leaves[1]):
+            torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input_raises_clearly():
     with pytest.raises(RuntimeError, match="in_features"):
         ff.linear(randn(4, 5), randn(3, 6))
