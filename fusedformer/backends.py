@@ -26,6 +26,8 @@ __all__ = [
     "ExtensionWarning",
     "FallbackWarning",
     "Request",
+    "autocast_dtype",
+    "autocast_cast",
     "register_triton_op",
     "report_fallback",
     "select",
@@ -255,6 +257,24 @@ class Explanation:
             if name != self.backend and why:
                 lines.append(f"  {name}: " + "; ".join(why))
         return "\n".join(lines)
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch's autocast computes its lower-precision ops (linear, matmul, scaled dot-product
+    attention) of ``t`` in, or None: autocast off for ``t``'s device, or ``t`` not a tensor autocast casts
+    (not floating, float64) or already in that dtype."""
+    device = t.device.type
+    if not torch.is_autocast_enabled(device) or not t.is_floating_point() or t.dtype == torch.float64:
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return None if t.dtype == dtype else dtype
+
+
+def autocast_cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` as autocast would hand it to a lower-precision op: floating tensors but float64 in ``dtype``."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
 
 
 def _forced_backend() -> str | None:

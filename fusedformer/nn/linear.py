@@ -101,8 +101,8 @@ class _Measured:
 
     def _fused_serves(self, input: torch.Tensor, with_bias: bool) -> bool:
         bias = self.bias if with_bias else None
-        if torch.compiler.is_compiling() or input.numel() == 0:
-            return False
+        if torch.compiler.is_compiling() or input.numel() == 0 or torch.is_autocast_enabled(input.device.type):
+            return False  # (under autocast: F.linear, autocast's own casts and engine)
         if why_not_fused(input, _weight(self), bias) is not None:
             return False
         if not handover._enabled():  # FUSEDFORMER_HANDOVER=0, handover.off(): the fused op, unmeasured
@@ -117,9 +117,10 @@ class _Measured:
         """``input @ weight^T (+ bias)`` on the engine measured faster; ``bias=False`` leaves the bias out
         (a fused GELU that takes it instead). Shape: ``(*, in_features)`` -> ``(*, out_features)``."""
         # the module's memo first (one dict read per call): by input shape, dtype, device kind, the
-        # handover switches (handover.memo_key), torch's thread count, the bias and whether it trains
+        # handover switches (handover.memo_key), torch's thread count, the bias, whether it trains and autocast
         with_bias = bias and self.bias is not None
-        key = (handover.memo_key(input), torch.get_num_threads(), with_bias, _trains(self, input, with_bias))
+        key = (handover.memo_key(input), torch.get_num_threads(), with_bias, _trains(self, input, with_bias),
+               torch.is_autocast_enabled(input.device.type))
         memo = self.__dict__.get("_ff_linear")
         use = memo.get(key) if memo is not None else None
         if use is None:
@@ -142,6 +143,8 @@ class _Measured:
         why = why_not_fused(input, _weight(self), self.bias)
         if torch.compiler.is_compiling():
             why = "under torch.compile (Inductor plans its own GEMMs)"
+        elif torch.is_autocast_enabled(input.device.type):
+            why = "under torch.autocast (F.linear with autocast's casts)"
         if why is not None:
             return f"linear: F.linear serves ({why})"
         if not handover._enabled():

@@ -481,10 +481,18 @@ def scaled_dot_product_attention(
     it), so shards draw independent masks (not the unsharded call's mask); the backward runs on the
     forward's shards and redraws the same ones; key and value must then arrive laid out as query.
 
+    Under ``torch.autocast`` the floating inputs are cast to autocast's dtype first, as autocast does for
+    torch's SDPA (float32 in, bfloat16 out under a CPU bfloat16 autocast).
+
     Returns ``(..., Hq, L, Ev)`` in query's dtype. A query row whose keys are all masked out gives 0
     (and gradient 0), never NaN. No ``(L, S)`` score matrix is ever built: the kernels stream key tiles
     with an online softmax and save only the log-sum-exp for the backward.
     """
+    dtype = backends.autocast_dtype(query)
+    if dtype is not None:  # under torch.autocast: the inputs cast as autocast casts them for torch's SDPA
+        cast = [backends.autocast_cast(t, dtype) for t in (query, key, value, attn_mask)]
+        with torch.autocast(query.device.type, enabled=False):
+            return scaled_dot_product_attention(*cast, dropout_p, is_causal, scale, enable_gqa)
     request = _request(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     backend = backends.select(request)
     if backend == "reference":

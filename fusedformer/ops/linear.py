@@ -122,13 +122,20 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     (float16 ones are computed in float32 and rounded once: torch's float16 CPU GEMM is slow without
     AVX512-FP16).
 
-    Shapes: input ``(*, K)``, weight ``(N, K)``, bias ``(N,)`` -> ``(*, N)`` in input's dtype.
+    Shapes: input ``(*, K)``, weight ``(N, K)``, bias ``(N,)`` -> ``(*, N)`` in input's dtype. Under
+    ``torch.autocast`` the floating inputs are cast to autocast's dtype first, as for ``F.linear`` (bfloat16
+    then runs on torch's own bfloat16 linear, float16 on this op in float32).
 
     The reduction over K runs in chunks whose sums are added in order, so its float32 error is at most
     torch's (measured 0.65-0.9x of ``F.linear``'s against float64 at K = 384..2048). Other devices and dtypes
     go to ``F.linear`` itself (``why_not_fused`` says why). The backward's two products run on the same engine,
     chunked the same way (torch's differentiable products when the backward builds a graph).
     """
+    dtype = backends.autocast_dtype(input)
+    if dtype is not None:  # under torch.autocast: the inputs cast as autocast casts them for F.linear
+        cast = [backends.autocast_cast(t, dtype) for t in (input, weight, bias)]
+        with torch.autocast(input.device.type, enabled=False):
+            return linear(*cast)
     if why_not_fused(input, weight, bias) is not None or input.dim() == 0:
         return F.linear(input, weight, bias)
     if input.dtype == torch.float16:
