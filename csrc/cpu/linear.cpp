@@ -41,11 +41,15 @@ constexpr int64_t kRows = 64;    // rows of out per task
 constexpr int64_t kChunk = 128;  // K per brgemm call; the chunks' sums are added in order
 constexpr int64_t kSlab = 1024;  // grad_weight: rows per slab (its scratch is one slab of the narrower operand)
 
+void check_float_cpu(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "fusedformer.", op, ": expected CPU tensors");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "fusedformer.", op,
+              ": the CPU kernel takes float32 ", a_name, " and ", b_name, ", got ", a.scalar_type(), " and ",
+              b.scalar_type());
+}
+
 void check_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "fusedformer.linear: expected CPU tensors");
-  TORCH_CHECK(input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-              "fusedformer.linear: the CPU kernel takes float32 input and weight, got ", input.scalar_type(), " and ",
-              weight.scalar_type());
+  check_float_cpu("linear", input, "input", weight, "weight");
   TORCH_CHECK(weight.dim() == 2, "fusedformer.linear: expected a 2-D weight (out_features, in_features), got ",
               weight.dim(), "-D");
   TORCH_CHECK(input.dim() >= 1 && input.size(-1) == weight.size(1), "fusedformer.linear: input's last dimension (",
@@ -96,6 +100,18 @@ void chunked_product(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld
 inline int64_t padded_ld(int64_t K) {
   const int64_t ld = (K + 15) / 16 * 16;
   return (ld / 16) % 2 == 0 ? ld + 16 : ld;
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for rows [0, R) and columns [c_begin, c_end), in strips of 16
+// columns (one cache line of each source row per strip).
+void transpose_columns(const float* src, int64_t R, int64_t ld_src, int64_t c_begin, int64_t c_end, float* dst,
+                       int64_t ld_dst) {
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += 16) {
+    const int64_t cn = std::min<int64_t>(16, c_end - c0);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < cn; ++c) dst[(c0 + c) * ld_dst + r] = src[r * ld_src + c0 + c];
+    }
+  }
 }
 
 // Panel p of src (R x C, ld): R x kPanel row-major, columns p * kPanel.., zero past C.
@@ -173,14 +189,12 @@ void rows_by_panels(int64_t rows, int64_t K, const float* A, int64_t lda, const 
   });
 }
 
-// Few rows (at most kPanel): out^T = weight input^T, so that the weight is brgemm's A operand as it lies
+// Few rows (at most kRows): out^T = weight input^T, so that the weight is brgemm's A operand as it lies
 // (row-major N x K, no packing) and only input^T (K x rows, small) is written out; each task takes 64
 // rows of the weight (64 outputs) and writes its block of out transposed back, bias added.
 void linear_few_rows(const float* x, const float* w, const float* b, int64_t rows, int64_t N, int64_t K, float* out) {
   std::vector<float> xt(K * rows);
-  for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t k = 0; k < K; ++k) xt[k * rows + m] = x[m * K + k];
-  }
+  transpose_columns(x, rows, K, 0, K, xt.data(), rows);
   const int64_t n_blocks = (N + kRows - 1) / kRows;
   at::parallel_for(0, n_blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(kRows * rows), part(K > kChunk ? kRows * rows : 0);
@@ -226,7 +240,7 @@ at::Tensor linear_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
   // B = weight^T (K x N): packed from the weight (N x K) as it lies, or copied in panels from an (in, out)
   // weight passed transposed; a few rows take an (out, in) weight unpacked (linear_few_rows)
   const RowMajor w = row_major(weight);
-  if (rows <= kPanel && !w.transposed) {
+  if (rows <= kRows && !w.transposed) {
     linear_few_rows(x.const_data_ptr<float>(), w.data.const_data_ptr<float>(), b, rows, N, K, out.data_ptr<float>());
     return out;
   }
@@ -247,13 +261,6 @@ at::Tensor linear_fwd_cpu(const at::Tensor& input, const at::Tensor& weight, con
                    }
                  });
   return out;
-}
-
-void check_float_cpu(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "fusedformer.", op, ": expected CPU tensors");
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "fusedformer.", op,
-              ": the CPU kernel takes float32 ", a_name, " and ", b_name, ", got ", a.scalar_type(), " and ",
-              b.scalar_type());
 }
 
 // grad_input (*, K) = grad (*, N) weight (N, K): the weight cut into panels of kPanel of its columns (a
@@ -316,12 +323,7 @@ at::Tensor linear_bwd_weight_cpu(const at::Tensor& grad, const at::Tensor& input
   for (int64_t r0 = 0; r0 < R; r0 += kSlab) {
     const int64_t rn = std::min(kSlab, R - r0);
     at::parallel_for(0, m_blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t c0 = b0 * kRows; c0 < std::min(na, b1 * kRows); c0 += 16) {
-        const int64_t cn = std::min<int64_t>(16, na - c0);
-        for (int64_t r = 0; r < rn; ++r) {
-          for (int64_t c = 0; c < cn; ++c) a_t[(c0 + c) * lda + r] = sp[(r0 + r) * na + c0 + c];
-        }
-      }
+      transpose_columns(sp + r0 * na, rn, na, b0 * kRows, std::min(na, b1 * kRows), a_t, lda);
     });
     // the row blocks of one panel together, so each thread copies a panel (rn x kPanel) once for all of them
     at::parallel_for(0, m_blocks * n_panels, 1, [&](int64_t t0, int64_t t1) {

@@ -54,8 +54,8 @@ def _class(module: nn.Module, input: torch.Tensor, with_bias: bool) -> tuple:
 
 def _measure(module: nn.Module, input: torch.Tensor, with_bias: bool) -> tuple[float, float]:
     originals = (input, module.weight) + ((module.bias,) if with_bias else ())
-    x, w, b = (t.detach() for t in (input, _weight(module), module.bias if with_bias else input))
-    b = b if with_bias else None
+    x, w = input.detach(), _weight(module).detach()
+    b = module.bias.detach() if with_bias else None
     fns = (lambda: linear(x, w, b), lambda: F.linear(x, w, b))
     if _trains(module, input, with_bias):  # forward and backward, the same leaves requiring grad
         for t, original in zip((x, w, b), originals):
